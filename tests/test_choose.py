@@ -1,0 +1,47 @@
+"""Choosing the variant to ship from synthetic rows."""
+
+from __future__ import annotations
+
+from toolchain.choose import choose_variant
+from toolchain.recipe import BudgetSection
+
+
+def row(name: str, fmt: str, acc: float, p50: float, mb: float, base_acc: float = 0.90) -> dict:
+    return {
+        "name": name,
+        "format": fmt,
+        "accuracy": acc,
+        "accuracy_drop": base_acc - acc,
+        "size_bytes": int(mb * 1e6),
+        "latency_ms": {"b1_s128": {"p50": p50}},
+    }
+
+
+ROWS = [
+    row("pytorch-fp32", "pytorch", 0.90, 20.0, 91),
+    row("onnx-fp32", "onnx", 0.90, 19.0, 91),
+    row("onnx-int8", "onnx", 0.895, 10.0, 23),
+    row("onnx-int4", "onnx", 0.85, 8.0, 15),
+]
+
+
+def test_fastest_within_accuracy_budget_is_shipped() -> None:
+    c = choose_variant(ROWS, BudgetSection(max_accuracy_drop=0.01))
+    assert c.shipped == "onnx-int8"
+    assert c.verdicts["onnx-int4"].startswith("rejected: accuracy drop 5.00 pts")
+    assert "baseline" in c.verdicts["pytorch-fp32"]
+    assert "slower than onnx-int8" in c.verdicts["onnx-fp32"]
+
+
+def test_size_and_latency_budgets() -> None:
+    c = choose_variant(ROWS, BudgetSection(max_accuracy_drop=0.1, max_size_mb=20))
+    assert c.shipped == "onnx-int4"
+    c = choose_variant(ROWS, BudgetSection(max_accuracy_drop=0.0, max_latency_ms=5))
+    assert c.shipped is None
+    table = c.table()
+    assert "onnx-fp32" in table and "p50 19.00 ms > budget 5.00 ms" in table
+
+
+def test_exact_budget_edge_is_inclusive() -> None:
+    rows = [row("pytorch-fp32", "pytorch", 0.90, 20, 91), row("q", "onnx", 0.89, 10, 23)]
+    assert choose_variant(rows, BudgetSection(max_accuracy_drop=0.01)).shipped == "q"

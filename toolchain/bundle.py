@@ -1,0 +1,125 @@
+"""The bundle stage: what an app embeds. model.onnx, tokenizer files, labels.json and manifest.json (format version,
+sha256 of every file, input/output spec, preprocessing, the metrics measured for this exact file, the target and the
+lineage). `toolchain.runtime.Predictor` loads it with numpy, onnxruntime and tokenizers alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+from toolchain.models import copy_tokenizer, source_identity
+from toolchain.pipeline import Artifact, RunContext, StageCall, sha256_file
+from toolchain.registry import register
+from toolchain.runtime import MANIFEST_VERSION, BundleError
+
+ONNX_TYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 9: "bool", 8: "string"}
+
+
+def io_spec(model_path: Path) -> dict[str, list[dict[str, Any]]]:
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+
+    def spec(values: Any) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": v.name,
+                "type": ONNX_TYPES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return {"inputs": spec(graph.input), "outputs": spec(graph.output)}
+
+
+@register("bundle", kind="bundle", help="Package the chosen variant with its tokenizer, labels and manifest.")
+def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    recipe = ctx.recipe
+    shipped = call.config["shipped"]
+    variant_key = next(k for k in call.inputs if k not in ("finetune", "bench") and not k.startswith("evaluate."))
+    shutil.copy2(inputs[variant_key].file("model.onnx"), out / "model.onnx")
+    tokenizer_files = copy_tokenizer(inputs["finetune"].path, out)
+    (out / "labels.json").write_text(json.dumps(recipe.data.labels))
+    metrics = json.loads(inputs[f"evaluate.{shipped}"].file("metrics.json").read_text())
+    bench = json.loads(inputs["bench"].file("bench.json").read_text())
+    latency = {
+        case: {k: r[k] for k in ("p50", "p90", "p99")} for case, r in bench["variants"][shipped]["cases"].items()
+    }
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())}
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "name": recipe.name,
+        "variant": shipped,
+        "model": "model.onnx",
+        "labels": recipe.data.labels,
+        "preprocessing": {
+            "tokenizer": "tokenizer.json",
+            "tokenizer_files": tokenizer_files,
+            "max_length": call.config["max_length"],
+            "truncation": "longest_first, at max_length tokens (special tokens included)",
+            "padding": "right, to the longest text in the batch, attention_mask 0 on padding",
+            "outputs": "logits; softmax gives the label probabilities in the order of labels",
+        },
+        **io_spec(out / "model.onnx"),
+        "metrics": {
+            "accuracy": metrics["accuracy"],
+            "eval_rows": metrics["rows"],
+            "eval_file": recipe.data.eval,
+            "latency_ms": latency,
+            "size_bytes": files["model.onnx"]["bytes"],
+        },
+        "target": {
+            "provider": "CPUExecutionProvider",
+            "threads": bench["threads"],
+            "machine": platform.machine(),
+            "budget": call.config["budget"],
+        },
+        "lineage": {
+            "recipe": call.identity["recipe"],
+            "base_model": source_identity(recipe.model.source),
+            "stages": [{"key": r.key, "stage": r.stage, "id": r.id, "config": r.config} for r in ctx.records],
+            "versions": ctx.versions,
+        },
+        "files": files,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return {"shipped": shipped, "files": sorted(files)}
+
+
+def publish_bundle(art: Artifact, dest: Path) -> Path:
+    """Copy the bundle artifact to `dest` (runs/<recipe>/bundle) atomically, unless it is already there intact."""
+    manifest = art.file("manifest.json")
+    current = dest / "manifest.json"
+    if current.is_file() and current.read_bytes() == manifest.read_bytes() and _intact(dest):
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(art.path, tmp, ignore=shutil.ignore_patterns("artifact.json"))
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _intact(folder: Path) -> bool:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name, info in manifest["files"].items():
+        p = folder / name
+        if not p.is_file() or sha256_file(p) != info["sha256"]:
+            return False
+    return True
+
+
+def verify_bundle(folder: Path) -> None:
+    """Raise BundleError if a bundle folder is missing files or any file changed."""
+    if not (folder / "manifest.json").is_file():
+        raise BundleError(f"{folder}: no manifest.json")
+    if not _intact(folder):
+        raise BundleError(f"{folder}: files do not match manifest.json")

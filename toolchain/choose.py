@@ -1,0 +1,69 @@
+"""Choosing the variant to ship: the fastest ONNX variant that meets every budget of the recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from toolchain.recipe import BudgetSection
+
+BASELINE = "pytorch-fp32"
+
+
+@dataclass
+class Choice:
+    shipped: str | None
+    latency_case: str
+    verdicts: dict[str, str] = field(default_factory=dict)  # variant -> why chosen / rejected
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [
+            f"| variant | accuracy | drop (pts) | p50 {self.latency_case} ms | MB | verdict |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r['name']} | {r['accuracy'] * 100:.2f} | {r['accuracy_drop'] * 100:+.2f} | "
+                f"{r['latency_ms'][self.latency_case]['p50']:.2f} | {r['size_bytes'] / 1e6:.1f} | "
+                f"{self.verdicts.get(r['name'], '')} |"
+            )
+        return "\n".join(lines)
+
+
+def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:
+    """Rows carry name, format, accuracy, accuracy_drop, size_bytes and latency_ms[case]['p50']."""
+    case = budget.latency_case
+    choice = Choice(shipped=None, latency_case=case, rows=rows)
+    qualified = []
+    for r in rows:
+        reasons = []
+        if r["format"] != "onnx":
+            choice.verdicts[r["name"]] = "baseline (not shippable: the bundle is ONNX)"
+            continue
+        drop = r["accuracy_drop"]
+        # Accuracy is a count over the eval rows: compare in rows, not in floats, so 1 row == 1 row.
+        if drop > budget.max_accuracy_drop + 1e-9:
+            reasons.append(f"accuracy drop {drop * 100:.2f} pts > budget {budget.max_accuracy_drop * 100:.2f}")
+        p50 = r["latency_ms"][case]["p50"]
+        if budget.max_latency_ms is not None and p50 > budget.max_latency_ms:
+            reasons.append(f"p50 {p50:.2f} ms > budget {budget.max_latency_ms:.2f} ms")
+        mb = r["size_bytes"] / 1e6
+        if budget.max_size_mb is not None and mb > budget.max_size_mb:
+            reasons.append(f"size {mb:.1f} MB > budget {budget.max_size_mb:.1f} MB")
+        if reasons:
+            choice.verdicts[r["name"]] = "rejected: " + "; ".join(reasons)
+        else:
+            qualified.append(r)
+    qualified.sort(key=lambda r: (r["latency_ms"][case]["p50"], r["size_bytes"]))
+    for rank, r in enumerate(qualified):
+        if rank == 0:
+            choice.shipped = r["name"]
+            choice.verdicts[r["name"]] = f"shipped: fastest within budget at {case}"
+        else:
+            choice.verdicts[r["name"]] = (
+                f"within budget, slower than {qualified[0]['name']} "
+                f"({r['latency_ms'][case]['p50']:.2f} ms vs "
+                f"{qualified[0]['latency_ms'][case]['p50']:.2f} ms)"
+            )
+    return choice

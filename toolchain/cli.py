@@ -1,0 +1,140 @@
+"""Command line: `python -m toolchain {validate,run,list,report} ...`.
+
+Exit codes: 0 success; 2 invalid recipe, data or model source (found before any compute); 3 a stage check failed
+(parity, budget); 1 any other toolchain error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from toolchain.errors import RecipeError, ToolchainError
+
+log = logging.getLogger("toolchain")
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Libraries log at WARNING and above (onnxruntime's quantizer is chatty at INFO on the root logger);
+    # the toolchain's own stage lines at INFO.
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(
+        f"{args.recipe}: valid recipe '{recipe.name}' (method {recipe.finetune.method}, "
+        f"{len(recipe.compile.quantize)} quantized variant(s), data root {recipe.data_root()})"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from toolchain import pipeline
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    torch.set_num_threads(recipe.bench.threads or pipeline.default_threads())
+    ctx = pipeline.run(recipe, Path(args.runs) if args.runs else None, force=tuple(args.force))
+    run_dir = ctx.run_dir
+    reused = sum(r.status == "reused" for r in ctx.records)
+    print(f"\nrun {recipe.name}: {len(ctx.records)} stages ({reused} reused)")
+    print(f"  bundle: {run_dir / 'bundle'}")
+    print(f"  report: {run_dir / 'report.md'} (+ report.json, report.png)")
+    if args.readme:
+        from toolchain.report import update_readme
+
+        update_readme(Path(args.readme), run_dir / "report.json")
+        print(f"  README results table updated: {args.readme}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from toolchain.recipe import list_recipes
+    from toolchain.registry import load_all
+
+    print("recipes (make <name>):")
+    for name in list_recipes():
+        print(f"  {name}")
+    print("stages:")
+    for stage in load_all().values():
+        print(f"  {stage.name:<10} {stage.kind:<10} {stage.help}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from toolchain.report import render, results_table, update_readme
+
+    path = Path(args.run_dir) / "report.json"
+    if not path.is_file():
+        raise ToolchainError(f"{path} does not exist; run the recipe first (make <recipe>)")
+    render(path)
+    if args.readme:
+        update_readme(Path(args.readme), path)
+    import json
+
+    print(results_table(json.loads(path.read_text())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="toolchain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a recipe, its data and model source without running anything")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. finetune.epochs=2")
+    v.set_defaults(fn=cmd_validate)
+
+    r = sub.add_parser("run", help="run a recipe: fine-tune, compile, evaluate, benchmark, bundle, report")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. data.max_train_rows=1000")
+    r.add_argument("--runs", help="folder that holds run folders (default: runs/ in the project)")
+    r.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="rerun this stage (key or stage name) even if its artifact is complete; repeatable",
+    )
+    r.add_argument("--readme", help="also write the results table into this README")
+    r.set_defaults(fn=cmd_run)
+
+    ls = sub.add_parser("list", help="list recipes and registered stages")
+    ls.set_defaults(fn=cmd_list)
+
+    rep = sub.add_parser("report", help="rebuild report.md/png from a run's report.json and print the table")
+    rep.add_argument("run_dir")
+    rep.add_argument("--readme", help="also write the results table into this README")
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ToolchainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: completed stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Compile stages: export to ONNX, fuse the graph, quantize."""

@@ -1,0 +1,52 @@
+"""The optimize stage: onnxruntime's transformer optimizer (attention, LayerNorm, GELU fusions).
+
+The fused graph stays portable: only the optimizer's fusions and ORT's basic graph rewrites (opt level 1) are saved,
+not the machine-specific layouts of higher levels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from toolchain.compile.export import check_parity
+from toolchain.compile.parity import REFERENCE
+from toolchain.pipeline import Artifact, RunContext, StageCall
+from toolchain.registry import register
+
+# Model families the ORT transformer optimizer knows, by transformers' model_type.
+ORT_MODEL_TYPES = {
+    "bert": "bert",
+    "distilbert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "deberta-v2": "bert",
+    "electra": "bert",
+}
+
+
+@register("optimize", kind="onnx", help="Fuse attention/LayerNorm/GELU with onnxruntime's transformer optimizer.")
+def optimize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    exported = inputs["export"]
+    hf_dir = ctx.artifacts["finetune"].path
+    config = json.loads((hf_dir / "config.json").read_text())
+    model = optimize_model(
+        str(exported.file("model.onnx")),
+        model_type=ORT_MODEL_TYPES.get(config["model_type"], "bert"),
+        num_heads=config.get("num_attention_heads", 0),
+        hidden_size=config.get("hidden_size", 0),
+        opt_level=1,
+    )
+    model.save_model_to_file(str(out / "model.onnx"))
+    fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    meta = check_parity(
+        out / "model.onnx",
+        hf_dir / "tokenizer.json",
+        exported.file(REFERENCE),
+        call.config["atol"],
+        ctx.threads,
+        "optimize",
+    )
+    return {**meta, "fused_operators": fused}

@@ -1,0 +1,164 @@
+"""Labelled text splits from local TSV/CSV/JSONL files, read through `datasets`.
+
+Labels come as names (AG News: "Sports") or as integer indices into the recipe's `labels` (SST-2: 0/1);
+either way a split holds integer class ids in the recipe's order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from toolchain.recipe import Recipe
+
+FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+@dataclass(frozen=True)
+class Split:
+    """One labelled split: texts and integer class ids, plus where it came from."""
+
+    path: Path
+    texts: list[str]
+    labels: np.ndarray  # (rows,) int64 class ids
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def head(self, n: int | None) -> Split:
+        if n is None or n >= len(self):
+            return self
+        return Split(self.path, self.texts[:n], self.labels[:n], self.sha256)
+
+    def sample(self, n: int | None, seed: int) -> Split:
+        """A seeded random subset of n rows (the whole split when n is None or too large)."""
+        if n is None or n >= len(self):
+            return self
+        idx = sorted(random.Random(seed).sample(range(len(self)), n))
+        return Split(self.path, [self.texts[i] for i in idx], self.labels[idx], self.sha256)
+
+
+class DataError(ValueError):
+    """A data file does not fit the recipe; the message names the file, the column and the fix."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=16)
+def _load_columns(path: Path, mtime_ns: int) -> dict[str, list]:
+    """All columns of a file as python lists (cached per file version)."""
+    from datasets import load_dataset  # heavy import, deferred
+
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .tsv, .csv or .jsonl")
+    with path.open("rb") as f:
+        non_empty = sum(1 for _, line in zip(range(2), f, strict=False) if line.strip())
+    if non_empty < (1 if fmt == "jsonl" else 2):
+        raise DataError(f"{path}: the split is empty (no data rows{'' if fmt == 'jsonl' else ' after the header'})")
+    if fmt == "jsonl":
+        ds = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+    else:
+        # SST-2/AG News fields are unquoted and may contain quote characters: read them with QUOTE_NONE.
+        kwargs = {"sep": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+        ds = load_dataset("csv", data_files=str(path), split="train", keep_in_memory=True, **kwargs)
+    return ds.to_dict()
+
+
+def read_split(path: Path, text: str, label: str, labels: list[str]) -> Split:
+    """Read one split and map its labels to class ids. Raises DataError with a precise message."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set data.root or $TOOLCHAIN_DATA to the folder that holds it)")
+    try:
+        cols = _load_columns(path, path.stat().st_mtime_ns)
+    except DataError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
+    missing = [c for c in (text, label) if c not in cols]
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; the file has: {', '.join(cols)}")
+    texts, raw = cols[text], cols[label]
+    if not texts:
+        raise DataError(f"{path}: the split is empty (no data rows after the header)")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(
+                f"{path}: column {text!r} must hold text, row {i + 1} has {t!r} ({type(t).__name__}); "
+                "check data.text names the text column"
+            )
+    ids = np.empty(len(raw), dtype=np.int64)
+    index = {name: i for i, name in enumerate(labels)}
+    for i, v in enumerate(raw):
+        if isinstance(v, bool) or v is None:
+            cid = None
+        elif isinstance(v, int | np.integer):
+            cid = int(v) if 0 <= int(v) < len(labels) else None
+        else:
+            cid = index.get(str(v).strip())
+        if cid is None:
+            raise DataError(
+                f"{path}: column {label!r} row {i + 1} has {v!r}, which is not one of data.labels "
+                f"{labels} nor an index 0..{len(labels) - 1}; fix data.labels or the file"
+            )
+        ids[i] = cid
+    return Split(path, [t.strip() for t in texts], ids, file_sha256(path))
+
+
+def load_splits(recipe: Recipe) -> tuple[Split, Split]:
+    """(train, eval) as the recipe asks: train sampled to max_train_rows, eval cut to max_eval_rows."""
+    d = recipe.data
+    root = recipe.data_root()
+    train = read_split(root / d.train, d.text, d.label, d.labels).sample(d.max_train_rows, recipe.finetune.seed)
+    evl = read_split(root / d.eval, d.text, d.label, d.labels).head(d.max_eval_rows)
+    return train, evl
+
+
+def check_data(recipe: Recipe) -> list[str]:
+    """Problems with the recipe's data, as `data.<field>: message` lines (empty when all is well)."""
+    d = recipe.data
+    root = recipe.data_root()
+    if not root.is_dir():
+        return [f"data.root: folder {root} does not exist; set data.root or $TOOLCHAIN_DATA"]
+    problems = []
+    for field in ("train", "eval"):
+        rel = getattr(d, field)
+        try:
+            read_split(root / rel, d.text, d.label, d.labels)
+        except DataError as e:
+            problems.append(f"data.{field}: {e}")
+    return problems
+
+
+def bucketed_batches(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Row indices in batches of similar length, in a seeded random order.
+
+    Rows are shuffled, cut into pools of 50 batches, each pool sorted by length and cut into batches, and the
+    batches shuffled: padding per batch stays small while the order stays random.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    pool = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    yield from batches

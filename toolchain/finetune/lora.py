@@ -1,0 +1,29 @@
+"""LoRA through peft: adapters on the chosen linear layers, the head trained in full, merged for export."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+from toolchain.recipe import FinetuneSection
+
+
+def prepare(model: torch.nn.Module, cfg: FinetuneSection) -> torch.nn.Module:
+    assert cfg.lora is not None  # filled in by the recipe validator
+    names = {n for n, _ in model.named_modules()}
+    to_save = [m for m in cfg.lora.modules_to_save if any(n == m or n.endswith("." + m) for n in names)]
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        modules_to_save=to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def finalize(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold the adapters into the base weights: the export sees a plain transformers model."""
+    assert isinstance(model, PeftModel)
+    return model.merge_and_unload()

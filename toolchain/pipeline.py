@@ -1,0 +1,425 @@
+"""Runs a recipe's stages in order with content-addressed caching, atomic writes and a lineage record.
+
+A stage's id is a hash of (stage name and version, its config, its inputs' ids, what else it reads, library
+versions). Its artifact lives in `runs/<recipe>/stages/<key>-<id>/` and is complete only when `artifact.json`
+(written last, with the sha256 of every file) is there and the files still match it. A complete artifact is
+reused; anything else is rebuilt in a temporary folder that is renamed into place, so an interrupted stage never
+leaves a half artifact that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from toolchain.data import Split, load_splits
+from toolchain.errors import StageError, ToolchainError
+from toolchain.recipe import PROJECT_ROOT, Recipe
+from toolchain.registry import STAGES, load_all
+
+log = logging.getLogger("toolchain")
+
+LIBRARIES = (
+    "toolchain",
+    "torch",
+    "transformers",
+    "optimum",
+    "optimum-onnx",
+    "onnx",
+    "onnxruntime",
+    "peft",
+    "tokenizers",
+    "numpy",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        dist = "edge-toolchain" if name == "toolchain" else name
+        try:
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder`, by relative path (artifact.json itself excluded)."""
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "artifact.json"
+    }
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a stage produced: a folder of files, identified by the hash of everything that made it."""
+
+    key: str
+    stage: str
+    kind: str
+    id: str
+    path: Path
+    meta: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One use of a registered stage in a plan: its key in the run, config, upstream keys and extra identity."""
+
+    key: str
+    stage: str
+    config: dict[str, Any]
+    inputs: tuple[str, ...] = ()
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageRecord:
+    """How a stage went in this run (for the lineage and the log)."""
+
+    key: str
+    stage: str
+    id: str
+    status: str  # ran | reused | rebuilt
+    seconds: float
+    path: str
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    meta: dict[str, Any]
+
+
+class RunContext:
+    """What stages share during one run: the recipe, its run folder, the data splits, thread settings."""
+
+    def __init__(self, recipe: Recipe, runs_root: Path | None = None):
+        self.recipe = recipe
+        self.run_dir = (runs_root or PROJECT_ROOT / "runs") / recipe.name
+        self.stages_dir = self.run_dir / "stages"
+        self.versions = library_versions()
+        self.records: list[StageRecord] = []
+        self.artifacts: dict[str, Artifact] = {}
+
+    @cached_property
+    def splits(self) -> tuple[Split, Split]:
+        return load_splits(self.recipe)
+
+    @property
+    def train(self) -> Split:
+        return self.splits[0]
+
+    @property
+    def eval(self) -> Split:
+        return self.splits[1]
+
+    @property
+    def threads(self) -> int:
+        return self.recipe.bench.threads or default_threads()
+
+
+def default_threads() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def stage_id(call: StageCall, input_ids: dict[str, str], versions: dict[str, str]) -> str:
+    stage = STAGES[call.stage]
+    payload = {
+        "stage": call.stage,
+        "stage_version": stage.version,
+        "config": call.config,
+        "inputs": input_ids,
+        "identity": call.identity,
+        "versions": versions,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def _complete(folder: Path, sid: str) -> tuple[bool, str]:
+    """Is `folder` a whole artifact with id `sid`? Returns (ok, why not)."""
+    record = folder / "artifact.json"
+    if not record.is_file():
+        return False, "absent"
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False, "its artifact.json is unreadable"
+    if data.get("id") != sid:
+        return False, "its id does not match"
+    files = data.get("files", {})
+    for rel, digest in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return False, f"{rel} is missing"
+        if sha256_file(p) != digest:
+            return False, f"{rel} no longer matches its recorded sha256"
+    return True, ""
+
+
+def run_stage(ctx: RunContext, call: StageCall, force: bool = False) -> Artifact:
+    """Reuse the stage's artifact if it is complete, else build it atomically."""
+    stage = STAGES[call.stage]
+    inputs = {k: ctx.artifacts[k] for k in call.inputs}
+    input_ids = {k: a.id for k, a in inputs.items()}
+    sid = stage_id(call, input_ids, ctx.versions)
+    folder = ctx.stages_dir / f"{call.key}-{sid[:12]}"
+    ok, why = _complete(folder, sid)
+    t0 = time.perf_counter()
+    if ok and not force:
+        meta = json.loads((folder / "artifact.json").read_text())["meta"]
+        status = "reused"
+    else:
+        if why not in ("absent", "") and not force:
+            log.warning("stage %s: cached artifact %s is damaged (%s); rebuilding it", call.key, folder, why)
+        status = "rebuilt" if why not in ("absent", "") or force else "ran"
+        log.info("stage %s: running -> %s", call.key, _rel(folder))
+        meta = _build(ctx, call, stage.fn, inputs, folder, sid, input_ids)
+    seconds = time.perf_counter() - t0
+    art = Artifact(call.key, call.stage, stage.kind, sid, folder, meta)
+    ctx.artifacts[call.key] = art
+    ctx.records.append(
+        StageRecord(call.key, call.stage, sid, status, round(seconds, 3), _rel(folder), call.config, input_ids, meta)
+    )
+    verb = "reused" if status == "reused" else "done"
+    log.info("stage %-28s %s in %s -> %s", call.key, verb, _fmt_seconds(seconds), _rel(folder))
+    return art
+
+
+def _build(
+    ctx: RunContext,
+    call: StageCall,
+    fn: Any,
+    inputs: dict[str, Artifact],
+    folder: Path,
+    sid: str,
+    input_ids: dict[str, str],
+) -> dict[str, Any]:
+    ctx.stages_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ctx.stages_dir / f".tmp-{call.key}-{sid[:12]}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = fn(ctx, call, inputs, tmp) or {}
+        record = {
+            "id": sid,
+            "key": call.key,
+            "stage": call.stage,
+            "config": call.config,
+            "inputs": input_ids,
+            "identity": call.identity,
+            "versions": ctx.versions,
+            "meta": meta,
+            "files": hash_tree(tmp),
+        }
+        (tmp / "artifact.json").write_text(json.dumps(record, indent=2, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder so that two runs of one recipe never interleave writes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / ".lock"
+    with lock_path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ToolchainError(
+                f"{run_dir} is in use by {holder}; wait for that run to finish (or stop it) and try again"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(p)
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan: which stages a recipe runs, and the model variants they produce.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model the report compares: where it comes from (an artifact key) and how it runs."""
+
+    name: str
+    source: str  # key of the artifact that holds the model
+    format: str  # pytorch | onnx
+    precision: str  # fp32 | int8
+
+
+def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
+    """The stage calls for a recipe, in order, and the variants they produce."""
+    from toolchain.models import source_identity
+
+    d, ft, comp = recipe.data, recipe.finetune, recipe.compile
+    train, evl = ctx.splits
+    data_identity = {"text": d.text, "label": d.label, "labels": d.labels}
+    eval_identity = {**data_identity, "eval_sha256": evl.sha256, "eval_rows": len(evl)}
+    calls = [
+        StageCall(
+            "finetune",
+            "finetune",
+            ft.model_dump(mode="json"),
+            identity={
+                "model": source_identity(recipe.model.source),
+                **data_identity,
+                "train_sha256": train.sha256,
+                "max_train_rows": d.max_train_rows,
+            },
+        ),
+        StageCall("export", "export", comp.export.model_dump(mode="json"), ("finetune",), eval_identity),
+    ]
+    variants = [Variant("pytorch-fp32", "finetune", "pytorch", "fp32"), Variant("onnx-fp32", "export", "onnx", "fp32")]
+    fp32 = "export"
+    if comp.optimize:
+        calls.append(StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export",), eval_identity))
+        variants.append(Variant("onnx-fp32-optimized", "optimize", "onnx", "fp32"))
+        fp32 = "optimize"
+    for q in comp.quantize:
+        key = f"quantize.{q.variant_name}"
+        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (fp32,)))
+        variants.append(Variant(q.variant_name, key, "onnx", "int8"))
+    eval_cfg = {"max_length": recipe.bundle.max_length}
+    for v in variants:
+        inputs = (v.source, "finetune") if v.source != "finetune" else ("finetune",)
+        calls.append(
+            StageCall(
+                f"evaluate.{v.name}",
+                "evaluate",
+                {**eval_cfg, "variant": v.name, "format": v.format},
+                inputs,
+                eval_identity,
+            )
+        )
+    bench_cfg = {
+        **recipe.bench.model_dump(mode="json"),
+        "threads": ctx.threads,
+        "max_length": recipe.bundle.max_length,
+        "variants": [v.__dict__ for v in variants],
+    }
+    calls.append(
+        StageCall(
+            "bench",
+            "bench",
+            bench_cfg,
+            tuple(dict.fromkeys([v.source for v in variants] + ["finetune"])),
+            eval_identity,
+        )
+    )
+    return calls, variants
+
+
+def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = ()) -> RunContext:
+    """Run every stage of a recipe; write the bundle and the report. Returns the context (records, artifacts)."""
+    from toolchain import report
+    from toolchain.bundle import publish_bundle
+    from toolchain.choose import choose_variant
+
+    load_all()
+    ctx = RunContext(recipe, runs_root)
+    with run_lock(ctx.run_dir):
+        log.info("run %s -> %s", recipe.name, _rel(ctx.run_dir))
+        calls, variants = plan(recipe, ctx)
+        unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls}]
+        if unknown:
+            raise ToolchainError(
+                f"--force {', '.join(unknown)}: no such stage; stages: {', '.join(c.key for c in calls)}"
+            )
+        for call in calls:
+            run_stage(ctx, call, force=call.key in force or call.stage in force)
+        rows = report.variant_rows(ctx, variants)
+        choice = choose_variant(rows, recipe.budget)
+        if choice.shipped is None:
+            report.write(ctx, rows, choice, bundle=None)
+            raise StageError("bundle", "no variant meets the recipe's budget:\n" + choice.table())
+        bundle_call = StageCall(
+            "bundle",
+            "bundle",
+            {
+                "shipped": choice.shipped,
+                "max_length": recipe.bundle.max_length,
+                "budget": recipe.budget.model_dump(mode="json"),
+            },
+            tuple(
+                dict.fromkeys(
+                    [
+                        "finetune",
+                        *(v.source for v in variants if v.name == choice.shipped),
+                        *(f"evaluate.{v.name}" for v in variants),
+                        "bench",
+                    ]
+                )
+            ),
+            {"recipe": recipe.model_dump(mode="json")},
+        )
+        art = run_stage(ctx, bundle_call, force="bundle" in force)
+        bundle_dir = publish_bundle(art, ctx.run_dir / "bundle")
+        report.write(ctx, rows, choice, bundle=bundle_dir)
+        write_lineage(ctx)
+    return ctx
+
+
+def write_lineage(ctx: RunContext) -> Path:
+    path = ctx.run_dir / "lineage.json"
+    data = {
+        "recipe": ctx.recipe.name,
+        "recipe_file": str(ctx.recipe.path) if ctx.recipe.path else None,
+        "versions": ctx.versions,
+        "stages": [r.__dict__ for r in ctx.records],
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

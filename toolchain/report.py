@@ -1,0 +1,267 @@
+"""Reports: report.json (the contract CI and later tools read), report.md (for people), report.png (accuracy vs
+latency). Both text forms are generated from the same rows; `toolchain report` rebuilds md/png from the JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from toolchain.choose import BASELINE, Choice
+
+if TYPE_CHECKING:
+    from toolchain.pipeline import RunContext, Variant
+
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+
+def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
+    """One row per variant: accuracy (whole eval split), size, latency percentiles per case, raw samples."""
+    bench = json.loads(ctx.artifacts["bench"].file("bench.json").read_text())
+    rows = []
+    for v in variants:
+        metrics = json.loads(ctx.artifacts[f"evaluate.{v.name}"].file("metrics.json").read_text())
+        b = bench["variants"][v.name]
+        meta = ctx.artifacts[v.source].meta
+        rows.append(
+            {
+                "name": v.name,
+                "format": v.format,
+                "precision": v.precision,
+                "accuracy": metrics["accuracy"],
+                "correct": metrics["correct"],
+                "eval_rows": metrics["rows"],
+                "size_bytes": b["size_bytes"],
+                "latency_ms": {
+                    c: {k: r[k] for k in ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")}
+                    for c, r in b["cases"].items()
+                },
+                "latency_samples_ms": {c: r["samples_ms"] for c, r in b["cases"].items()},
+                "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
+                "artifact": ctx.artifacts[v.source].id,
+            }
+        )
+    base = next((r for r in rows if r["name"] == BASELINE), rows[0])
+    for r in rows:
+        r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
+        r["latency_ratio_to_pytorch"] = {
+            c: r["latency_ms"][c]["p50"] / base["latency_ms"][c]["p50"] for c in r["latency_ms"]
+        }
+    return rows
+
+
+def environment(threads: int, versions: dict[str, str]) -> dict[str, Any]:
+    import psutil
+
+    cpu_model, flags = platform.processor() or "unknown", []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        for line in info.splitlines():
+            if line.startswith("model name") and cpu_model in ("unknown", "", platform.machine()):
+                cpu_model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = sorted(
+                    have & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}
+                )
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cpu_flags": flags,
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_logical": psutil.cpu_count(logical=True),
+        "threads": threads,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
+    """Write report.json, report.md and report.png into the run folder; returns the JSON path."""
+    recipe = ctx.recipe
+    finetune = ctx.artifacts["finetune"].meta
+    data = {
+        "recipe": recipe.name,
+        "recipe_file": str(recipe.path) if recipe.path else None,
+        "environment": environment(ctx.threads, ctx.versions),
+        "data": {
+            "train": recipe.data.train,
+            "train_rows": len(ctx.train),
+            "eval": recipe.data.eval,
+            "eval_rows": len(ctx.eval),
+        },
+        "finetune": {"method": recipe.finetune.method, **finetune},
+        "latency_case": choice.latency_case,
+        "budget": recipe.budget.model_dump(mode="json"),
+        "variants": rows,
+        "verdicts": choice.verdicts,
+        "shipped": choice.shipped,
+        "bundle": str(bundle) if bundle else None,
+        "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
+    }
+    path = ctx.run_dir / "report.json"
+    _atomic_write(path, json.dumps(data, indent=1))
+    render(path)
+    return path
+
+
+def render(report_json: Path) -> None:
+    """(Re)build report.md and report.png beside a report.json."""
+    data = json.loads(report_json.read_text())
+    _atomic_write(report_json.with_name("report.md"), markdown(data))
+    plot(data, report_json.with_name("report.png"))
+
+
+def results_table(data: dict[str, Any]) -> str:
+    """The variants side by side: the table the README and CI print."""
+    rows = data["variants"]
+    cases = list(rows[0]["latency_ms"])
+    head = "| variant | accuracy % | Δ vs fp32 (pts) | MB | " + " | ".join(f"{c} p50 ms" for c in cases)
+    head += f" | {data['latency_case']} vs PyTorch |"
+    lines = [head, "|" + " --- |" * (5 + len(cases))]
+    for r in rows:
+        mark = " **(shipped)**" if r["name"] == data["shipped"] else ""
+        lat = " | ".join(f"{r['latency_ms'][c]['p50']:.2f}" for c in cases)
+        ratio = r["latency_ratio_to_pytorch"][data["latency_case"]]
+        lines.append(
+            f"| {r['name']}{mark} | {r['accuracy'] * 100:.2f} | {(-r['accuracy_drop'] * 100) + 0.0:+.2f} | "
+            f"{r['size_bytes'] / 1e6:.1f} | {lat} | {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    env = data["environment"]
+    rows = data["variants"]
+    out = [
+        f"# Report: {data['recipe']}",
+        "",
+        f"Shipped: **{data['shipped'] or 'nothing (no variant met the budget)'}**"
+        + (f" → `{data['bundle']}`" if data.get("bundle") else ""),
+        "",
+        f"Eval: `{data['data']['eval']}` ({data['data']['eval_rows']} rows). Train: `{data['data']['train']}` "
+        f"({data['data']['train_rows']} rows, {data['finetune']['method']}, "
+        f"{data['finetune'].get('train_seconds', 0):.0f} s).",
+        "",
+        "## Variants",
+        "",
+        results_table(data),
+        "",
+        "Latency: median (p50) of repeated runs after warm-up, "
+        f"{env['threads']} intra-op threads. `bB_sN`: batch B of N tokens; `bB_real`: eval rows at their own length.",
+        "",
+        "## Latency percentiles (ms)",
+        "",
+        "| variant | case | p50 | p90 | p99 | p50 95% CI | cv | runs | items/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        for c, s in r["latency_ms"].items():
+            lo, hi = s["p50_ci95"]
+            out.append(
+                f"| {r['name']} | {c} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | "
+                f"{lo:.2f}–{hi:.2f} | {s['cv']:.3f} | {s['n']} | {s['items_per_second']:.1f} |"
+            )
+    out += ["", "## Choice", "", f"Budget: {json.dumps(data['budget'])}", "", "| variant | verdict |", "| --- | --- |"]
+    out += [f"| {name} | {verdict} |" for name, verdict in data["verdicts"].items()]
+    out += [
+        "",
+        "## Parity with PyTorch (parity rows of the eval split)",
+        "",
+        "| variant | max abs logit diff | argmax agreement |",
+        "| --- | --- | --- |",
+    ]
+    for r in rows:
+        if r.get("parity"):
+            out.append(f"| {r['name']} | {r['parity']['max_abs_diff']:.2e} | {r['parity']['argmax_agreement']:.4f} |")
+    out += ["", "## Stages", "", "| stage | status | seconds | id |", "| --- | --- | --- | --- |"]
+    out += [f"| {s['key']} | {s['status']} | {s['seconds']:.1f} | {s['id']} |" for s in data["stages"]]
+    out += [
+        "",
+        "## Environment",
+        "",
+        f"- CPU: {env['cpu_model']} ({env['cores_physical']} cores, flags: {', '.join(env['cpu_flags'])})",
+        f"- Python {env['python']}, " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- git commit: {env['git_commit']}",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    case = data["latency_case"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in data["variants"]:
+        x, y = r["latency_ms"][case]["p50"], r["accuracy"] * 100
+        shipped = r["name"] == data["shipped"]
+        ax.scatter([x], [y], s=90 if shipped else 40, marker="*" if shipped else "o")
+        ax.annotate(
+            r["name"] + (" (shipped)" if shipped else ""), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
+    ax.set_xlabel(f"p50 latency, {case} (ms)")
+    ax.set_ylabel("accuracy on eval split (%)")
+    ax.set_title(f"{data['recipe']}: accuracy vs latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def update_readme(readme: Path, report_json: Path) -> None:
+    """Replace the README's generated results block with the table from a report."""
+    data = json.loads(report_json.read_text())
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to fill")
+    env = data["environment"]
+    block = "\n".join(
+        [
+            README_START,
+            f"<!-- generated by `python -m toolchain report {report_json.parent} --readme README.md` -->",
+            f"`{data['recipe']}` on {env['cpu_model']}, {env['threads']} threads, eval `{data['data']['eval']}` "
+            f"({data['data']['eval_rows']} rows), commit `{(env['git_commit'] or '?')[:12]}`:",
+            "",
+            results_table(data),
+            README_END,
+        ]
+    )
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    _atomic_write(readme, text[:start] + block + text[end:])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
