@@ -193,3 +193,24 @@ def test_run_lock_refuses_a_second_writer(tmp_path: Path) -> None:
 
     with run_lock(tmp_path), pytest.raises(ToolchainError, match="in use"), run_lock(tmp_path):
         pass
+
+
+def test_cli_run_says_each_stage_was_reused(first_run, capsys, caplog) -> None:
+    from toolchain.cli import main
+
+    recipe_path, runs, first = first_run
+    caplog.set_level("INFO", logger="toolchain")
+    assert main(["run", str(recipe_path), "--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(first.records)} stages ({len(first.records)} reused)" in out
+    assert str(runs / "tiny" / "bundle") in out
+    reused_lines = [r.getMessage() for r in caplog.records if " reused in " in r.getMessage()]
+    assert len(reused_lines) == len(first.records)
+
+
+def test_cli_force_unknown_stage_is_an_error(first_run, capsys) -> None:
+    from toolchain.cli import main
+
+    recipe_path, runs, _ = first_run
+    assert main(["run", str(recipe_path), "--runs", str(runs), "--force", "nosuch"]) == 1
+    assert "no such stage" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import torch
 
 from toolchain.compile.parity import REFERENCE, compare
 from toolchain.errors import StageError
+from toolchain.evaluate.accuracy import load_pytorch
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.registry import register
 from toolchain.runtime import TextEncoder
@@ -22,7 +23,6 @@ log = logging.getLogger("toolchain")
 @register("export", kind="onnx", help="Export the fine-tuned model to ONNX (optimum) and check parity with PyTorch.")
 def export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from optimum.exporters.onnx import main_export
-    from transformers import AutoModelForSequenceClassification
 
     cfg = ctx.recipe.compile.export
     src = inputs["finetune"].path
@@ -44,7 +44,7 @@ def export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
     max_length = ctx.recipe.bundle.max_length
     texts = ctx.eval.texts[: cfg.parity_rows]
     feeds = TextEncoder(src / "tokenizer.json", max_length).encode(texts)
-    model = AutoModelForSequenceClassification.from_pretrained(src, use_safetensors=True).eval()
+    model = load_pytorch(src)
     with torch.inference_mode():
         logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
     np.savez(out / REFERENCE, logits=logits, max_length=max_length, **feeds)

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.registry import register
 from toolchain.runtime import OnnxClassifier, TextEncoder, softmax
 
 
-def pytorch_logits(model_dir: Path, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
-    """Logits (N, labels) of a transformers model, tokenized exactly as the ONNX runtime tokenizes."""
-    import torch
+def load_pytorch(model_dir: Path) -> Any:
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
-    encoder = TextEncoder(model_dir / "tokenizer.json", max_length)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
+
+
+def pytorch_logits(model: Any, encoder: TextEncoder, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """Logits (N, labels) of a transformers model, fed exactly the arrays the ONNX runtime is fed."""
+    import torch
+
     order = np.argsort(encoder.lengths(texts), kind="stable")
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     with torch.inference_mode():
@@ -36,13 +41,15 @@ def evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     max_length = call.config["max_length"]
     hf_dir = inputs["finetune"].path
     if call.config["format"] == "pytorch":
-        logits = pytorch_logits(hf_dir, texts, max_length)
+        run = partial(pytorch_logits, load_pytorch(hf_dir), TextEncoder(hf_dir / "tokenizer.json", max_length))
     else:
         (model_key,) = [k for k in call.inputs if k != "finetune"]
-        clf = OnnxClassifier(
+        run = OnnxClassifier(
             inputs[model_key].file("model.onnx"), hf_dir / "tokenizer.json", max_length, threads=ctx.threads
-        )
-        logits = clf.logits(texts)
+        ).logits
+    chunk = 512  # rows per progress step; each chunk is batched by length inside
+    parts = [run(texts[i : i + chunk]) for i in tqdm(range(0, len(texts), chunk), desc=call.key, unit="chunk")]
+    logits = np.concatenate(parts)
     probs = softmax(logits)
     pred = probs.argmax(-1)
     correct = int((pred == labels).sum())

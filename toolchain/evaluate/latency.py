@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from toolchain.evaluate.accuracy import load_pytorch
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.registry import register
 from toolchain.runtime import OnnxClassifier, TextEncoder
@@ -82,10 +83,9 @@ def case_inputs(tokenizer_file: Path, max_length: int, texts: list[str], batch: 
 
 def _pytorch_step(model_dir: Path, threads: int) -> Callable[[Feeds], Any]:
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     torch.set_num_threads(threads)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
+    model = load_pytorch(model_dir)
 
     def step(feeds: dict[str, Any]) -> Any:
         with torch.inference_mode():
