@@ -114,9 +114,22 @@ def test_lora_defaults_and_mismatch(tmp_path: Path, tiny_model: Path) -> None:
 
 def test_quantize_shorthand_and_latency_case(tmp_path: Path, tiny_model: Path) -> None:
     data = tiny_recipe_dict(tiny_model)
-    data["compile"]["quantize"] = ["dynamic-int8", {"mode": "dynamic-int8", "per_channel": False}]
+    data["compile"]["quantize"] = [
+        "dynamic-int8",
+        {"mode": "dynamic-int8", "per_channel": False},
+        {"mode": "dynamic-int8", "op_types": ["MatMul"]},
+        {"mode": "dynamic-int8", "name": "mine"},
+    ]
     r = load_recipe(write_recipe(tmp_path, data))
-    assert [q.variant_name for q in r.compile.quantize] == ["onnx-int8-dynamic", "onnx-int8-dynamic-per-tensor"]
+    assert [q.variant_name for q in r.compile.quantize] == [
+        "onnx-int8-dynamic",
+        "onnx-int8-dynamic-per-tensor",
+        "onnx-int8-dynamic-matmul",
+        "mine",
+    ]
+    data["compile"]["quantize"] = ["dynamic-int8", "dynamic-int8"]
+    assert any("same variant" in p for p in _problems(tmp_path, data))
+    data["compile"]["quantize"] = ["dynamic-int8"]
     data["budget"]["latency_case"] = "b3_s7"
     assert any("latency_case" in p and "b1_s32" in p for p in _problems(tmp_path, data))
 

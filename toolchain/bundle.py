@@ -61,6 +61,7 @@ def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
             "tokenizer": "tokenizer.json",
             "tokenizer_files": tokenizer_files,
             "max_length": call.config["max_length"],
+            "batch_size": call.config["batch_size"],
             "truncation": "longest_first, at max_length tokens (special tokens included)",
             "padding": "right, to the longest text in the batch, attention_mask 0 on padding",
             "outputs": "logits; softmax gives the label probabilities in the order of labels",

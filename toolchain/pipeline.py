@@ -331,7 +331,7 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
         key = f"quantize.{q.variant_name}"
         calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (fp32,)))
         variants.append(Variant(q.variant_name, key, "onnx", "int8"))
-    eval_cfg = {"max_length": recipe.bundle.max_length}
+    eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
     for v in variants:
         inputs = (v.source, "finetune") if v.source != "finetune" else ("finetune",)
         calls.append(
@@ -390,6 +390,7 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
             {
                 "shipped": choice.shipped,
                 "max_length": recipe.bundle.max_length,
+                "batch_size": recipe.evaluate.batch_size,
                 "budget": recipe.budget.model_dump(mode="json"),
             },
             tuple(

@@ -112,10 +112,25 @@ class QuantizeSpec(Strict):
     mode: Literal["dynamic-int8"] = Field(description="Quantization method.")
     per_channel: bool = Field(True, description="Per-output-channel weight scales (recovers most accuracy).")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI.")
+    op_types: list[str] | None = Field(
+        None,
+        description="Operator types to quantize (default: every type onnxruntime can). [MatMul] keeps the fused "
+        "Attention op, whose QKV projection is the most sensitive part of BERT-class models, in float.",
+    )
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$", description="Variant name in the report.")
 
     @property
     def variant_name(self) -> str:
-        return f"onnx-int8-dynamic{'' if self.per_channel else '-per-tensor'}"
+        if self.name:
+            return self.name
+        name = "onnx-int8-dynamic"
+        if not self.per_channel:
+            name += "-per-tensor"
+        if self.reduce_range:
+            name += "-reduce-range"
+        if self.op_types:
+            name += "-" + "-".join(t.lower() for t in self.op_types)
+        return name
 
 
 def _quantize_shorthand(v: Any) -> Any:
@@ -177,6 +192,15 @@ class BudgetSection(Strict):
         return v
 
 
+class EvaluateSection(Strict):
+    batch_size: int = Field(
+        1,
+        gt=0,
+        description="Rows per inference call when measuring accuracy. Dynamic int8 computes activation scales per "
+        "call, so a row's prediction can depend on what shares its batch; 1 is what a per-request app sees.",
+    )
+
+
 class BundleSection(Strict):
     max_length: int = Field(
         128, gt=0, le=512, description="Tokens kept per text at inference and evaluation (longer texts are cut)."
@@ -191,6 +215,7 @@ class Recipe(Strict):
     compile: CompileSection = Field(default_factory=CompileSection)
     bench: BenchSection = Field(default_factory=BenchSection)
     budget: BudgetSection = Field(default_factory=BudgetSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     bundle: BundleSection = Field(default_factory=BundleSection)
 
     @model_validator(mode="after")

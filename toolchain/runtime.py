@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +106,12 @@ class OnnxClassifier:
         """Logits (B, labels) for already-encoded inputs."""
         return self.session.run(None, {k: feeds[k] for k in self.input_names})[0]
 
-    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Logits (N, labels) in the order of `texts`; batches of similar length to keep padding small."""
+    def logits(
+        self, texts: list[str], batch_size: int = 1, on_batch: Callable[[int], object] | None = None
+    ) -> np.ndarray:
+        """Logits (N, labels) in the order of `texts`; batches of similar length to keep padding small.
+
+        `on_batch(rows)` is called after each batch (for progress bars)."""
         order = np.argsort(self.encoder.lengths(texts), kind="stable")
         out: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
         for start in range(0, len(order), batch_size):
@@ -114,6 +119,8 @@ class OnnxClassifier:
             batch = self.run(self.encoder.encode([texts[i] for i in idx]))
             for j, i in enumerate(idx):
                 out[i] = batch[j]
+            if on_batch is not None:
+                on_batch(len(idx))
         return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
@@ -164,7 +171,10 @@ class Predictor:
         )
         return cls(folder, manifest, classifier)
 
-    def predict(self, texts: list[str], batch_size: int = 32) -> list[Prediction]:
+    def predict(self, texts: list[str], batch_size: int | None = None) -> list[Prediction]:
+        """Label and probabilities per text. `batch_size` defaults to the one the bundle's accuracy was measured
+        with: a dynamically quantized model's outputs depend slightly on what shares a batch."""
+        batch_size = batch_size or self.manifest["preprocessing"].get("batch_size", 1)
         probs = softmax(self.classifier.logits(list(texts), batch_size))
         out = []
         for row in probs:

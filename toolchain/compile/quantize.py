@@ -23,6 +23,7 @@ def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
         out / "model.onnx",
         per_channel=spec.per_channel,
         reduce_range=spec.reduce_range,
+        op_types_to_quantize=spec.op_types,
         weight_type=QuantType.QInt8,
         # The ORT transformer optimizer leaves some weights without a recorded type; without a default the
         # quantizer fails with "Unable to find data type for weight_name".

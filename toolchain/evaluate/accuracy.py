@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,14 @@ def load_pytorch(model_dir: Path) -> Any:
     return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
 
 
-def pytorch_logits(model: Any, encoder: TextEncoder, texts: list[str], batch_size: int = 32) -> np.ndarray:
-    """Logits (N, labels) of a transformers model, fed exactly the arrays the ONNX runtime is fed."""
+def pytorch_logits(
+    model: Any,
+    encoder: TextEncoder,
+    texts: list[str],
+    batch_size: int = 1,
+    on_batch: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """Logits (N, labels) of a transformers model, fed exactly the arrays the ONNX runtime is fed, batched the same."""
     import torch
 
     order = np.argsort(encoder.lengths(texts), kind="stable")
@@ -32,6 +38,8 @@ def pytorch_logits(model: Any, encoder: TextEncoder, texts: list[str], batch_siz
             idx = order[start : start + batch_size]
             feeds = encoder.encode([texts[i] for i in idx])
             out[idx] = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
     return out
 
 
@@ -40,16 +48,18 @@ def evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     texts, labels = ctx.eval.texts, ctx.eval.labels
     max_length = call.config["max_length"]
     hf_dir = inputs["finetune"].path
+    batch_size = call.config["batch_size"]
+    bar = tqdm(total=len(texts), desc=call.key, unit="row", mininterval=2.0)
     if call.config["format"] == "pytorch":
-        run = partial(pytorch_logits, load_pytorch(hf_dir), TextEncoder(hf_dir / "tokenizer.json", max_length))
+        encoder = TextEncoder(hf_dir / "tokenizer.json", max_length)
+        logits = pytorch_logits(load_pytorch(hf_dir), encoder, texts, batch_size, bar.update)
     else:
         (model_key,) = [k for k in call.inputs if k != "finetune"]
-        run = OnnxClassifier(
+        clf = OnnxClassifier(
             inputs[model_key].file("model.onnx"), hf_dir / "tokenizer.json", max_length, threads=ctx.threads
-        ).logits
-    chunk = 512  # rows per progress step; each chunk is batched by length inside
-    parts = [run(texts[i : i + chunk]) for i in tqdm(range(0, len(texts), chunk), desc=call.key, unit="chunk")]
-    logits = np.concatenate(parts)
+        )
+        logits = clf.logits(texts, batch_size, bar.update)
+    bar.close()
     probs = softmax(logits)
     pred = probs.argmax(-1)
     correct = int((pred == labels).sum())
