@@ -109,7 +109,7 @@ def test_lora_defaults_and_mismatch(tmp_path: Path, tiny_model: Path) -> None:
     assert r.finetune.lora is not None and r.finetune.lora.r == 16
     data["finetune"]["method"] = "full"
     data["finetune"]["lora"] = {"r": 4}
-    assert any("method is not 'lora'" in p for p in _problems(tmp_path, data))
+    assert any("'lora' section is set but method is 'full'" in p for p in _problems(tmp_path, data))
 
 
 def test_quantize_shorthand_and_latency_case(tmp_path: Path, tiny_model: Path) -> None:

@@ -47,8 +47,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from toolchain.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    torch.set_num_threads(recipe.bench.threads or pipeline.default_threads())
-    ctx = pipeline.run(recipe, Path(args.runs) if args.runs else None, force=tuple(args.force))
+    distributed = pipeline.init_distributed()
+    if not distributed:
+        torch.set_num_threads(recipe.bench.threads or pipeline.default_threads())
+    try:
+        ctx = pipeline.run(recipe, Path(args.runs) if args.runs else None, force=tuple(args.force))
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if distributed and torch.distributed.is_available() and int(os.environ.get("RANK", "0")) != 0:
+        return 0
     run_dir = ctx.run_dir
     reused = sum(r.status == "reused" for r in ctx.records)
     print(f"\nrun {recipe.name}: {len(ctx.records)} stages ({reused} reused)")

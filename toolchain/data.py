@@ -137,13 +137,24 @@ def check_data(recipe: Recipe) -> list[str]:
     if not root.is_dir():
         return [f"data.root: folder {root} does not exist; set data.root or $TOOLCHAIN_DATA"]
     problems = []
-    for field in ("train", "eval"):
-        rel = getattr(d, field)
+    files = {"data.train": d.train, "data.eval": d.eval}
+    if recipe.finetune.validation is not None:
+        files["finetune.validation.file"] = recipe.finetune.validation.file
+    for field, rel in files.items():
         try:
             read_split(root / rel, d.text, d.label, d.labels)
         except DataError as e:
-            problems.append(f"data.{field}: {e}")
+            problems.append(f"{field}: {e}")
     return problems
+
+
+def load_validation(recipe: Recipe) -> Split | None:
+    """The validation split for early stopping (first `max_rows` rows), or None when the recipe sets none."""
+    v = recipe.finetune.validation
+    if v is None:
+        return None
+    d = recipe.data
+    return read_split(recipe.data_root() / v.file, d.text, d.label, d.labels).head(v.max_rows)
 
 
 def bucketed_batches(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:

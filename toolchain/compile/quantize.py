@@ -1,26 +1,59 @@
-"""The quantize stage: onnxruntime's dynamic int8 quantization of the (fused) fp32 graph."""
+"""The quantize stage, one variant per recipe entry.
+
+- dynamic-int8: onnxruntime's dynamic quantization of the (fused) fp32 graph: int8 weights, activation ranges
+  computed at run time.
+- qat-qdq: the graph exported from quantization-aware training, with the learned scales kept as they are
+  (QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels). It is never re-quantized.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from toolchain.compile.parity import REFERENCE, compare
+from toolchain.errors import StageError
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.recipe import QuantizeSpec
 from toolchain.registry import register
 
+log = logging.getLogger("toolchain")
 
-@register("quantize", kind="onnx-int8", help="Quantize weights to int8 (onnxruntime.quantization, dynamic).")
-def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+
+def qdq_coverage(model_path: Path) -> dict[str, int]:
+    """How many MatMul/Gemm nodes take both inputs from DequantizeLinear (int8 kernels once ORT fuses them)."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def source(name: str) -> str | None:
+        """The op behind a tensor, looking through layout-only ops (Transpose, Reshape, Identity)."""
+        node = producers.get(name)
+        while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
+            node = producers.get(node.input[0])
+        return node.op_type if node is not None else None
+
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    covered = [n for n in matmuls if all(source(i) == "DequantizeLinear" for i in n.input[:2])]
+    linear = [n for n in matmuls if source(n.input[1]) == "DequantizeLinear"]
+    return {
+        "matmuls": len(matmuls),
+        "matmuls_with_qdq_inputs": len(covered),
+        "matmuls_with_qdq_weights": len(linear),
+        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in graph.node),
+        "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in graph.node),
+    }
+
+
+def _dynamic(spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    spec = QuantizeSpec.model_validate(call.config)
-    (src,) = inputs.values()
     quantize_dynamic(
-        src.file("model.onnx"),
-        out / "model.onnx",
+        src,
+        out,
         per_channel=spec.per_channel,
         reduce_range=spec.reduce_range,
         op_types_to_quantize=spec.op_types,
@@ -29,11 +62,67 @@ def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
         # quantizer fails with "Unable to find data type for weight_name".
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+    graph = onnx.load(str(out)).graph
+    return {
+        "quantized_nodes": sum(
+            n.op_type in ("MatMulInteger", "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeMatMul")
+            for n in graph.node
+        )
+    }
+
+
+def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> dict[str, Any]:
+    """Rebuild the fake-quant model from the finetune artifact, export its Q/DQ graph, check it against PyTorch."""
+    from safetensors.torch import load_file
+
+    from toolchain.compile.parity import compare
+    from toolchain.finetune import qat
+    from toolchain.finetune.stage import QAT_STATE
+    from toolchain.runtime import TextEncoder
+
+    recipe = ctx.recipe
+    cfg = recipe.finetune
+    assert cfg.qat is not None
+    model = qat.load(finetune.path, recipe.data.labels, cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(finetune.file(QAT_STATE))), strict=False)
+    if missing or unexpected:
+        raise StageError(
+            "quantize", f"QAT state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    feeds = TextEncoder(finetune.file("tokenizer.json"), recipe.bundle.max_length).encode(
+        ctx.eval.texts[: recipe.compile.export.parity_rows]
+    )
+    qat.export_qdq(model, out, {**feeds, "max_length": recipe.bundle.max_length}, recipe.compile.export.opset)
+    (out / qat.QDQ_MODEL).rename(out / "model.onnx")
+    folded = qat.fold_weight_quantization(out / "model.onnx")
+    parity = compare(out / "model.onnx", finetune.file("tokenizer.json"), out / qat.QDQ_REFERENCE, ctx.threads)
+    log.info(
+        "quantize: QAT Q/DQ graph vs PyTorch fake-quant on %d eval rows: max |diff| %.3e (tolerance %.0e), "
+        "argmax agreement %.4f",
+        parity["rows"],
+        parity["max_abs_diff"],
+        spec.atol,
+        parity["argmax_agreement"],
+    )
+    if not parity["max_abs_diff"] <= spec.atol:
+        raise StageError(
+            "quantize",
+            f"the QAT ONNX graph differs from the PyTorch fake-quant model by "
+            f"{parity['max_abs_diff']:.3e}, more than compile.quantize[].atol={spec.atol}",
+        )
+    return {"parity_vs_fake_quant": parity, "atol": spec.atol, "int8_weights": folded}
+
+
+@register(
+    "quantize", kind="onnx-int8", help="Quantize to int8: onnxruntime dynamic, or keep a QAT Q/DQ export.", version=2
+)
+def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    spec = QuantizeSpec.model_validate(call.config)
+    (src,) = inputs.values()
+    if spec.mode == "qat-qdq":
+        meta = _qat(ctx, spec, src, out)
+    else:
+        meta = _dynamic(spec, src.file("model.onnx"), out / "model.onnx")
     reference = ctx.artifacts["export"].file(REFERENCE)
     drift = compare(out / "model.onnx", ctx.artifacts["finetune"].file("tokenizer.json"), reference, ctx.threads)
-    quantized = sum(
-        1
-        for n in onnx.load(str(out / "model.onnx")).graph.node
-        if n.op_type.startswith(("MatMulInteger", "DynamicQuantize", "QLinear", "QAttention"))
-    )
-    return {"mode": spec.mode, "per_channel": spec.per_channel, "drift_vs_pytorch": drift, "quantized_nodes": quantized}
+    return {"mode": spec.mode, **meta, "drift_vs_pytorch": drift, "qdq": qdq_coverage(out / "model.onnx")}

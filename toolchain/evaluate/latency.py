@@ -94,7 +94,9 @@ def _pytorch_step(model_dir: Path, threads: int) -> Callable[[Feeds], Any]:
     return step
 
 
-@register("bench", kind="bench", help="Latency percentiles and throughput of every variant on every bench case.")
+@register(
+    "bench", kind="bench", help="Latency percentiles and throughput of every variant on every bench case.", version=2
+)
 def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = call.config
     threads = cfg["threads"]
@@ -109,7 +111,7 @@ def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Pa
 
             step = _pytorch_step(hf_dir, threads)
             convert: Callable[[Feeds], Any] = lambda f: {k: torch.from_numpy(a) for k, a in f.items()}  # noqa: E731
-            size = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors"))
+            size = (hf_dir / "model.safetensors").stat().st_size
         else:
             path = inputs[v["source"]].file("model.onnx")
             clf = OnnxClassifier(path, hf_dir / "tokenizer.json", cfg["max_length"], threads=threads)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from toolchain.models import load_classifier
 from toolchain.recipe import FinetuneSection
 
 
-def prepare(model: torch.nn.Module, cfg: FinetuneSection) -> torch.nn.Module:
-    return model
+def load(src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
+    return load_classifier(src, labels)
 
 
-def finalize(model: torch.nn.Module) -> torch.nn.Module:
+def finalize(model: torch.nn.Module, src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
     return model

@@ -1,30 +1,46 @@
 """The one training loop every fine-tuning method uses: length-bucketed batches, AdamW, linear warm-up and decay,
-autocast, gradient clipping, a tqdm bar. Methods differ only in how they wrap the model before and after."""
+autocast, gradient clipping, validation with best-checkpoint keeping and early stopping, a tqdm bar.
+
+It runs unchanged in one process or under `torchrun` / `accelerate launch`: when torch.distributed is initialised,
+the model is wrapped in DistributedDataParallel and each rank takes every WORLD_SIZE-th batch, so an optimizer
+step sees WORLD_SIZE x batch_size rows. Methods differ only in how they load and finalize the model.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from toolchain.data import Split, bucketed_batches
 from toolchain.recipe import FinetuneSection
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
+log = logging.getLogger("toolchain")
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int) -> None:
     import random
 
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def train_device() -> torch.device:
+    """CUDA when present (this rank's GPU under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else 0)
+    return torch.device("cpu")
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -38,54 +54,124 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def accuracy(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, split: Split, max_length: int, dtype: Any
+) -> float:
+    """Accuracy on a split (batches of 64 rows of similar length), with the model's own precision settings."""
+    ids = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    device = next(p.device for p in model.parameters())
+    correct = 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for start in range(0, len(order), 64):
+            idx = order[start : start + 64]
+            batch = {k: v.to(device) for k, v in pad_batch([ids[i] for i in idx], tokenizer.pad_token_id or 0).items()}
+            pred = model(**batch).logits.argmax(-1).cpu().numpy()
+            correct += int((pred == split.labels[idx]).sum())
+    model.train(was_training)
+    return correct / len(split)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what training changes: trainable parameters and float buffers (QAT observers)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n for n, b in model.named_buffers() if b.is_floating_point() or n.endswith(("scale", "zero_point"))}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
+
+
 def train_classifier(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, train: Split, cfg: FinetuneSection
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Split,
+    cfg: FinetuneSection,
+    validation: Split | None = None,
 ) -> dict[str, Any]:
-    """Train `model` in place on `train`; returns the loss curve and timings."""
+    """Train `model` in place on `train`; returns the curves and timings. Under torchrun every rank calls this."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = train_device()
+    model.to(device)
     ids = tokenizer(train.texts, truncation=True, max_length=cfg.max_length)["input_ids"]
     lengths = [len(x) for x in ids]
     batches_per_epoch = math.ceil(len(ids) / cfg.batch_size)
-    total_steps = max(1, math.ceil(batches_per_epoch * cfg.epochs))
+    total_steps = max(1, math.ceil(batches_per_epoch * cfg.epochs / world))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     dtype = AUTOCAST[cfg.precision]
     labels = torch.as_tensor(train.labels)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
-    def batches():
+    def rank_batches() -> Iterator[list[int]]:
         epoch = 0
-        while True:
-            yield from bucketed_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        while True:  # every rank builds the same order from the same seed and takes its share
+            for k, rows in enumerate(bucketed_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)):
+                if k % world == rank:
+                    yield rows
             epoch += 1
 
-    model.train()
+    val = cfg.validation
     curve: list[dict[str, float]] = []
+    val_curve: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (-1.0, 0, None)
+    since_best = 0
+    stopped_early = False
+    steps_run = 0
     running, tokens, t0 = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc="finetune", unit="step", mininterval=2.0)
-    for step, rows in zip(range(total_steps), batches(), strict=False):
+    model.train()
+    bar = tqdm(total=total_steps, desc="finetune", unit="step", mininterval=2.0, disable=rank != 0)
+    for step, rows in zip(range(total_steps), rank_batches(), strict=False):
         batch = pad_batch([ids[i] for i in rows], tokenizer.pad_token_id or 0)  # (B, T), T = longest in batch
         tokens += int(batch["attention_mask"].sum())
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = model(**batch, labels=labels[rows]).loss
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = trained(**batch, labels=labels[rows].to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         running += loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == total_steps:
+        done = steps_run = step + 1
+        if done % 50 == 0 or done == total_steps:
             n = (step % 50) + 1
-            curve.append({"step": step + 1, "loss": round(running / n, 5), "lr": scheduler.get_last_lr()[0]})
+            curve.append({"step": done, "loss": round(running / n, 5), "lr": scheduler.get_last_lr()[0]})
             bar.set_postfix(loss=f"{running / n:.4f}")
             running = 0.0
+        if validation is not None and val is not None and (done % val.every_steps == 0 or done == total_steps):
+            acc = accuracy(model, tokenizer, validation, cfg.max_length, dtype)
+            val_curve.append({"step": done, "accuracy": acc})
+            if acc > best[0]:
+                best, since_best = (acc, done, _snapshot(model)), 0
+            else:
+                since_best += 1
+            log.info("finetune: step %d validation accuracy %.4f (best %.4f at step %d)", done, acc, best[0], best[1])
+            if val.patience is not None and since_best >= val.patience:
+                stopped_early = True
+                break
         bar.update(1)
     bar.close()
+    if best[2] is not None and best[1] != steps_run:
+        model.load_state_dict(best[2], strict=False)
+        log.info("finetune: restored the best checkpoint (step %d, validation accuracy %.4f)", best[1], best[0])
     model.eval()
     seconds = time.perf_counter() - t0
     return {
         "steps": total_steps,
+        "steps_run": steps_run,
         "rows": len(ids),
+        "world_size": world,
+        "device": str(device),
         "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "tokens_per_second": round(tokens * world / max(seconds, 1e-9), 1),
+        "best_step": best[1] if best[2] is not None else None,
+        "best_validation_accuracy": best[0] if best[2] is not None else None,
+        "stopped_early": stopped_early,
         "loss_curve": curve,
+        "validation_curve": val_curve,
     }
