@@ -5,6 +5,7 @@ weights dequantized, not the original fp32 ones: the merged model then computes 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -42,6 +43,14 @@ def load(src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
         trust_remote_code=False,
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # bitsandbytes repacks 4-bit weights for its AVX512-BF16 kernel at the first no-grad forward on the
+            # CPU (our validation passes); the repack fails for layers narrower than its 32x64 tiles. Keep the
+            # portable layout: validation is a little slower, training is unchanged.
+            module.support_avx512bf16_for_cpu = False
     return get_peft_model(model, lora_config(model, cfg))
 
 
@@ -55,7 +64,12 @@ def finalize(model: torch.nn.Module, src: Path, labels: list[str], cfg: Finetune
     for name, module in model.get_base_model().named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             target = plain_modules[name.removesuffix(".base_layer")]
-            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            data, state = module.weight.data, module.weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                # bitsandbytes' CPU kernel repacks the 4-bit weight at its first forward; dequantize_4bit reads
+                # only the original layout, and this (private) inverse is how bitsandbytes itself undoes it.
+                data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+            weight = bnbf.dequantize_4bit(data, state)
             target.weight.data.copy_(weight.to(torch.float32).cpu())
     peft_plain = get_peft_model(plain, lora_config(plain, cfg))
     state = {k: v.detach().to(torch.float32).cpu() for k, v in get_peft_model_state_dict(model).items()}

@@ -1,0 +1,179 @@
+"""Every fine-tuning method on the tiny model: QAT -> Q/DQ ONNX, QLoRA merge, freezing, validation, precision
+checks, and the finetune stage under torchrun with two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_recipe_dict, write_recipe
+
+from toolchain import pipeline
+from toolchain.errors import RecipeError
+from toolchain.pipeline import RunContext, plan, run_stage
+from toolchain.recipe import load_recipe
+from toolchain.registry import load_all
+
+
+def small(tiny_model: Path, name: str, **finetune: object) -> dict:
+    data = tiny_recipe_dict(tiny_model, name=name)
+    data["data"].update(max_train_rows=400, max_eval_rows=64)
+    data["finetune"].update(finetune)
+    data["compile"] = {"optimize": False, "quantize": [], "export": {"parity_rows": 16}}
+    data["bench"].update(batch_sizes=[1], seq_lens=[16])
+    data["budget"] = {"max_accuracy_drop": 0.5, "latency_case": "b1_s16"}
+    return data
+
+
+def finetune_only(data: dict, tmp_path: Path) -> pipeline.Artifact:
+    load_all()
+    ctx = RunContext(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+    calls, _ = plan(ctx.recipe, ctx)
+    return run_stage(ctx, calls[0])
+
+
+def test_freeze_keeps_embeddings_and_first_layer(tiny_model: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    art = finetune_only(small(tiny_model, "freeze", freeze={"embeddings": True, "layers": 1}), tmp_path)
+    before = load_file(str(tiny_model / "model.safetensors"))
+    after = {k.removeprefix("bert."): v for k, v in load_file(str(art.file("model.safetensors"))).items()}
+    for key in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight"):
+        assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(
+        before["encoder.layer.1.attention.self.query.weight"], after["encoder.layer.1.attention.self.query.weight"]
+    )
+    assert art.meta["frozen_parameters"] > 0.9 * art.meta["parameters"]  # the vocabulary dominates the tiny model
+
+
+def test_validation_keeps_the_best_step(tiny_model: Path, tmp_path: Path) -> None:
+    data = small(tiny_model, "val", validation={"file": "sst2/heldout.tsv", "every_steps": 3, "max_rows": 100})
+    art = finetune_only(data, tmp_path)
+    log = json.loads(art.file("train_log.json").read_text())
+    accs = [p["accuracy"] for p in log["validation_curve"]]
+    assert len(accs) >= 4
+    assert log["best_validation_accuracy"] == max(accs)
+    assert log["best_step"] == log["validation_curve"][accs.index(max(accs))]["step"]
+
+
+def test_fp16_training_needs_cuda(tiny_model: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RecipeError, match="fp16 autocast needs a CUDA GPU"):
+        load_recipe(write_recipe(tmp_path, small(tiny_model, "fp16", precision="fp16")))
+
+
+def test_qat_export_has_qdq_around_every_encoder_linear(tiny_model: Path, tmp_path: Path) -> None:
+    import onnx
+
+    data = small(tiny_model, "qat", method="qat", precision="fp32")
+    data["compile"]["quantize"] = ["qat-qdq", "dynamic-int8"]
+    ctx = pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+    art = ctx.artifacts["quantize.onnx-int8-qat"]
+    assert art.meta["qdq"]["matmuls_with_qdq_weights"] >= 12  # 2 layers x 6 Linear (+ attention matmuls)
+    assert art.meta["int8_weights"] == 12  # stored as int8, not float + QuantizeLinear
+    assert art.meta["parity_vs_fake_quant"]["max_abs_diff"] <= art.meta["atol"]
+    graph = onnx.load(str(art.file("model.onnx"))).graph
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def src(name: str) -> str | None:
+        node = producers.get(name)
+        while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
+            node = producers.get(node.input[0])
+        return node.op_type if node is not None else None
+
+    linears = [n for n in graph.node if n.op_type == "MatMul" and "/module/" in n.name]
+    assert len(linears) == 12
+    assert all(src(n.input[0]) == "DequantizeLinear" and src(n.input[1]) == "DequantizeLinear" for n in linears)
+    weights = {i.name: i for i in graph.initializer}
+    assert sum(w.data_type == onnx.TensorProto.INT8 for w in weights.values()) >= 12
+    report = json.loads((tmp_path / "runs" / "qat" / "report.json").read_text())
+    names = {v["name"] for v in report["variants"]}
+    assert {"onnx-int8-qat", "onnx-int8-dynamic", "pytorch-fp32"} <= names
+
+
+def test_qlora_merge_reproduces_the_trained_4bit_model(tiny_model: Path) -> None:
+    from toolchain.finetune import qlora
+    from toolchain.recipe import FinetuneSection
+
+    cfg = FinetuneSection.model_validate(
+        {"method": "qlora", "precision": "fp32", "lora": {"r": 4, "alpha": 8}, "qlora": {"compute_dtype": "fp32"}}
+    )
+    torch.manual_seed(0)
+    model = qlora.load(tiny_model, ["negative", "positive"], cfg)
+    with torch.no_grad():  # pretend training moved the adapters and the head
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ids = torch.randint(1000, 5000, (3, 12))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask).logits.float()
+    plain = qlora.finalize(model, tiny_model, ["negative", "positive"], cfg).eval()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    with torch.inference_mode():
+        got = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_qlora_finetune_stage_runs_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    art = finetune_only(small(tiny_model, "qlora", method="qlora", lora={"r": 4, "alpha": 8}), tmp_path)
+    assert art.meta["method"] == "qlora" and art.meta["device"] == "cpu"
+    config = json.loads(art.file("config.json").read_text())
+    assert "quantization_config" not in config  # the saved model is plain full precision
+
+
+def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path) -> None:
+    data = small(tiny_model, "ddp")
+    recipe = write_recipe(tmp_path, data)
+    runs = tmp_path / "runs"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "toolchain",
+            "run",
+            str(recipe),
+            "--runs",
+            str(runs),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lineage = json.loads((runs / "ddp" / "lineage.json").read_text())
+    meta = lineage["stages"][0]["meta"]
+    assert meta["world_size"] == 2 and meta["ranks_agree"] is True
+    views = meta["rank_predictions"]
+    assert len(views) == 2 and len(views[0]) == 32
+    # The saved weights, loaded fresh, predict what every rank's in-memory model predicted.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from toolchain.finetune.train import pad_batch
+
+    folder = Path(lineage["stages"][0]["path"])
+    folder = folder if folder.is_absolute() else pipeline.PROJECT_ROOT / folder
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = load_recipe(recipe).data_root() / "sst2/dev.tsv"
+    from toolchain.data import read_split
+
+    rows = read_split(texts, "sentence", "label", ["negative", "positive"]).texts[:32]
+    batch = pad_batch(tok(rows, truncation=True, max_length=128)["input_ids"], tok.pad_token_id)
+    with torch.inference_mode():
+        pred = model(**batch).logits.argmax(-1).tolist()
+    assert pred == views[0] == views[1]
+    assert np.isfinite(json.loads((runs / "ddp" / "report.json").read_text())["variants"][0]["accuracy"])
