@@ -58,6 +58,8 @@ def test_report_contract_and_numbers(first_run) -> None:
     assert rep["shipped"] in names[1:]
     assert (runs / "tiny" / "report.md").read_text().count("|") > 50
     assert (runs / "tiny" / "report.png").stat().st_size > 5000
+    assert (runs / "tiny" / "report_training.png").stat().st_size > 5000
+    assert rep["training"]["loss_curve"][-1]["step"] == ctx.artifacts["finetune"].meta["steps"]
 
 
 def test_accuracy_is_recomputed_from_stored_predictions(first_run) -> None:

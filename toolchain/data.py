@@ -7,7 +7,6 @@ either way a split holds integer class ids in the recipe's order.
 from __future__ import annotations
 
 import csv
-import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from toolchain.runtime import sha256_file
 
 if TYPE_CHECKING:
     from toolchain.recipe import Recipe
@@ -50,14 +51,6 @@ class Split:
 
 class DataError(ValueError):
     """A data file does not fit the recipe; the message names the file, the column and the fix."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=16)
@@ -118,7 +111,7 @@ def read_split(path: Path, text: str, label: str, labels: list[str]) -> Split:
                 f"{labels} nor an index 0..{len(labels) - 1}; fix data.labels or the file"
             )
         ids[i] = cid
-    return Split(path, [t.strip() for t in texts], ids, file_sha256(path))
+    return Split(path, [t.strip() for t in texts], ids, sha256_file(path))
 
 
 def load_splits(recipe: Recipe) -> tuple[Split, Split]:

@@ -29,6 +29,7 @@ from toolchain.data import Split, load_splits
 from toolchain.errors import StageError, ToolchainError
 from toolchain.recipe import PROJECT_ROOT, Recipe
 from toolchain.registry import STAGES, load_all
+from toolchain.runtime import sha256_file
 
 log = logging.getLogger("toolchain")
 
@@ -55,14 +56,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_tree(folder: Path) -> dict[str, str]:

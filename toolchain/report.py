@@ -124,6 +124,10 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
         "bundle": str(bundle) if bundle else None,
         "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
     }
+    train_log = ctx.artifacts["finetune"].path / "train_log.json"
+    if train_log.is_file():
+        log = json.loads(train_log.read_text())
+        data["training"] = {"loss_curve": log["loss_curve"], "validation_curve": log.get("validation_curve", [])}
     path = ctx.run_dir / "report.json"
     _atomic_write(path, json.dumps(data, indent=1))
     render(path)
@@ -135,6 +139,8 @@ def render(report_json: Path) -> None:
     data = json.loads(report_json.read_text())
     _atomic_write(report_json.with_name("report.md"), markdown(data))
     plot(data, report_json.with_name("report.png"))
+    if data.get("training", {}).get("loss_curve"):
+        plot_training(data, report_json.with_name("report_training.png"))
 
 
 def results_table(data: dict[str, Any]) -> str:
@@ -187,6 +193,20 @@ def markdown(data: dict[str, Any]) -> str:
                 f"| {r['name']} | {c} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | "
                 f"{lo:.2f}–{hi:.2f} | {s['cv']:.3f} | {s['n']} | {s['items_per_second']:.1f} |"
             )
+    if data.get("training", {}).get("validation_curve"):
+        val = data["training"]["validation_curve"]
+        best = max(val, key=lambda p: p["accuracy"])
+        out += [
+            "",
+            "## Fine-tuning",
+            "",
+            f"Validation accuracy every {val[0]['step']} steps; the best, "
+            f"{best['accuracy'] * 100:.2f}% at step {best['step']}, was kept. Curve: `report_training.png`.",
+            "",
+            "| step | validation accuracy % |",
+            "| --- | --- |",
+        ]
+        out += [f"| {p['step']} | {p['accuracy'] * 100:.2f} |" for p in val]
     out += ["", "## Choice", "", f"Budget: {json.dumps(data['budget'])}", "", "| variant | verdict |", "| --- | --- |"]
     out += [f"| {name} | {verdict} |" for name, verdict in data["verdicts"].items()]
     out += [
@@ -232,6 +252,45 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("accuracy on eval split (%)")
     ax.set_title(f"{data['recipe']}: accuracy vs latency")
     ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def plot_training(data: dict[str, Any], path: Path) -> None:
+    """Training loss and validation accuracy against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    training = data["training"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [p["step"] for p in training["loss_curve"]]
+    ax.plot(
+        steps, [p["loss"] for p in training["loss_curve"]], color="tab:blue", label="training loss (mean of 50 steps)"
+    )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if training["validation_curve"]:
+        ax2 = ax.twinx()
+        val = training["validation_curve"]
+        ax2.plot([p["step"] for p in val], [p["accuracy"] * 100 for p in val], "o-", color="tab:orange")
+        ax2.set_ylabel("validation accuracy (%)", color="tab:orange")
+        best = max(val, key=lambda p: p["accuracy"])
+        ax2.annotate(
+            "best (kept)",
+            (best["step"], best["accuracy"] * 100),
+            textcoords="offset points",
+            xytext=(-20, 8),
+            fontsize=8,
+        )
+    ax.set_title(f"{data['recipe']}: fine-tuning ({data['finetune']['method']})")
+    ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
