@@ -43,6 +43,7 @@ def test_report_contract_and_numbers(first_run) -> None:
     for v in rep["variants"]:
         assert v["format"] in ("pytorch", "onnx") and v["precision"] in ("fp32", "int8")
         assert 0 <= v["accuracy"] <= 1 and v["size_bytes"] > 0
+        assert v["peak_rss_bytes"] > 50e6 and v["cold_start_seconds"] > 0  # measured in its own process
         assert set(v["latency_ms"]) == {"b1_s32", "b4_s32", "b1_real", "b4_real"}
         for stats in v["latency_ms"].values():
             assert stats["p50"] <= stats["p90"] <= stats["p99"] and stats["n"] >= 5

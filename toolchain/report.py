@@ -36,6 +36,8 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any
                 "correct": metrics["correct"],
                 "eval_rows": metrics["rows"],
                 "size_bytes": b["size_bytes"],
+                "peak_rss_bytes": b.get("peak_rss_bytes"),
+                "cold_start_seconds": b.get("cold_start_seconds"),
                 "latency_ms": {
                     c: {k: r[k] for k in ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")}
                     for c, r in b["cases"].items()
@@ -209,6 +211,19 @@ def markdown(data: dict[str, Any]) -> str:
         out += [f"| {p['step']} | {p['accuracy'] * 100:.2f} |" for p in val]
     out += ["", "## Choice", "", f"Budget: {json.dumps(data['budget'])}", "", "| variant | verdict |", "| --- | --- |"]
     out += [f"| {name} | {verdict} |" for name, verdict in data["verdicts"].items()]
+    out += [
+        "",
+        "## Memory and load (each variant in a fresh process)",
+        "",
+        "| variant | file MB | peak RSS MB | load + first result s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r.get("peak_rss_bytes"):
+            out.append(
+                f"| {r['name']} | {r['size_bytes'] / 1e6:.1f} | {r['peak_rss_bytes'] / 1e6:.0f} | "
+                f"{r['cold_start_seconds']:.2f} |"
+            )
     out += [
         "",
         "## Parity with PyTorch (parity rows of the eval split)",
