@@ -98,6 +98,13 @@ class QatSection(Strict):
     observer_momentum: float = Field(
         0.01, gt=0, le=1, description="Averaging constant of the activation range observers."
     )
+    freeze_observers_at: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Fraction of the steps after which the quantization ranges stop moving, so the weights "
+        "spend the rest of training adapting to a fixed int8 grid (1.0: never freeze).",
+    )
 
 
 class ValidationSection(Strict):

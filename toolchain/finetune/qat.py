@@ -10,6 +10,7 @@ export at all (see ../shared/ENVIRONMENT.md), so the wrapping and the qconfig ar
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,26 @@ def load(src: Path, labels: list[str], cfg: FinetuneSection) -> nn.Module:
         wrapped += 1
     model.train()  # prepare_qat insists; from_pretrained returns eval mode
     prepare_qat(model, inplace=True)
+    for _, _, wrapper in _wrappers(model):
+        # prepare_qat also fake-quantizes each Linear's output. An int8 matmul needs only its inputs quantized
+        # (onnxruntime then runs MatMulIntegerToFloat with a float output); quantizing the outputs too adds a
+        # rounding step that the int8 kernels do not need and cost SST-2 accuracy. Keep the outputs in float.
+        wrapper.module.activation_post_process = nn.Identity()
     log.info("finetune: qat wraps %d Linear layers with int8 fake quantization", wrapped)
     return model
+
+
+def on_step(cfg: FinetuneSection) -> Callable[[nn.Module, int, int], None]:
+    """Freeze the observed ranges once `freeze_observers_at` of the steps are done."""
+    assert cfg.qat is not None
+    fraction = cfg.qat.freeze_observers_at
+
+    def hook(model: nn.Module, step: int, total: int) -> None:
+        if fraction < 1.0 and step == max(1, int(fraction * total)):
+            model.apply(disable_observer)
+            log.info("finetune: qat ranges frozen at step %d of %d", step, total)
+
+    return hook
 
 
 class _Logits(nn.Module):

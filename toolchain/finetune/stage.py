@@ -60,7 +60,12 @@ def _rank_predictions(model: torch.nn.Module, tokenizer: Any, texts: list[str]) 
     return views
 
 
-@register("finetune", kind="hf-model", help="Fine-tune the source model on the train split (full, lora, qlora, qat).")
+@register(
+    "finetune",
+    kind="hf-model",
+    help="Fine-tune the source model on the train split (full, lora, qlora, qat).",
+    version=2,  # 2: QAT keeps Linear outputs in float
+)
 def finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     recipe = ctx.recipe
     cfg = recipe.finetune
@@ -74,7 +79,8 @@ def finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("finetune: %s on %d rows, %d of %d parameters trainable", cfg.method, len(ctx.train), trainable, total)
-    stats = train_classifier(model, tokenizer, ctx.train, cfg, load_validation(recipe))
+    hook = method.on_step(cfg) if hasattr(method, "on_step") else None
+    stats = train_classifier(model, tokenizer, ctx.train, cfg, load_validation(recipe), on_step=hook)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if cfg.method == "qat" and main_rank:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

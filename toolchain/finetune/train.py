@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,7 @@ def train_classifier(
     train: Split,
     cfg: FinetuneSection,
     validation: Split | None = None,
+    on_step: Callable[[torch.nn.Module, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place on `train`; returns the curves and timings. Under torchrun every rank calls this."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -138,6 +139,8 @@ def train_classifier(
         optimizer.zero_grad(set_to_none=True)
         running += loss.item()
         done = steps_run = step + 1
+        if on_step is not None:
+            on_step(model, done, total_steps)
         if done % 50 == 0 or done == total_steps:
             n = (step % 50) + 1
             curve.append({"step": done, "loss": round(running / n, 5), "lr": scheduler.get_last_lr()[0]})
