@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_recipe_dict, write_recipe
 
 from toolchain import pipeline
+from toolchain.compile.quantize import matmul_input_sources
 from toolchain.errors import RecipeError
 from toolchain.pipeline import RunContext, plan, run_stage
 from toolchain.recipe import load_recipe
@@ -80,17 +81,10 @@ def test_qat_export_has_qdq_around_every_encoder_linear(tiny_model: Path, tmp_pa
     assert art.meta["int8_weights"] == 12  # stored as int8, not float + QuantizeLinear
     assert art.meta["parity_vs_fake_quant"]["max_abs_diff"] <= art.meta["atol"]
     graph = onnx.load(str(art.file("model.onnx"))).graph
-    producers = {o: n for n in graph.node for o in n.output}
-
-    def src(name: str) -> str | None:
-        node = producers.get(name)
-        while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
-            node = producers.get(node.input[0])
-        return node.op_type if node is not None else None
-
-    linears = [n for n in graph.node if n.op_type == "MatMul" and "/module/" in n.name]
+    sources = matmul_input_sources(graph)
+    linears = {name: s for name, s in sources.items() if "/module/" in name}  # the wrapped encoder Linears
     assert len(linears) == 12
-    assert all(src(n.input[0]) == "DequantizeLinear" and src(n.input[1]) == "DequantizeLinear" for n in linears)
+    assert set(linears.values()) == {("DequantizeLinear", "DequantizeLinear")}
     weights = {i.name: i for i in graph.initializer}
     assert sum(w.data_type == onnx.TensorProto.INT8 for w in weights.values()) >= 12
     report = json.loads((tmp_path / "runs" / "qat" / "report.json").read_text())

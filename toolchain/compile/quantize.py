@@ -21,23 +21,28 @@ from toolchain.registry import register
 log = logging.getLogger("toolchain")
 
 
-def qdq_coverage(model_path: Path) -> dict[str, int]:
-    """How many MatMul/Gemm nodes take both inputs from DequantizeLinear (int8 kernels once ORT fuses them)."""
-    import onnx
-
-    graph = onnx.load(str(model_path)).graph
+def matmul_input_sources(graph: Any) -> dict[str, tuple[str | None, str | None]]:
+    """For each MatMul/Gemm node: the ops behind its two inputs, looking through layout-only ops."""
     producers = {o: n for n in graph.node for o in n.output}
 
     def source(name: str) -> str | None:
-        """The op behind a tensor, looking through layout-only ops (Transpose, Reshape, Identity)."""
         node = producers.get(name)
         while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
             node = producers.get(node.input[0])
         return node.op_type if node is not None else None
 
-    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
-    covered = [n for n in matmuls if all(source(i) == "DequantizeLinear" for i in n.input[:2])]
-    linear = [n for n in matmuls if source(n.input[1]) == "DequantizeLinear"]
+    return {n.name: (source(n.input[0]), source(n.input[1])) for n in graph.node if n.op_type in ("MatMul", "Gemm")}
+
+
+def qdq_coverage(model_path: Path) -> dict[str, int]:
+    """How many MatMul/Gemm nodes take both inputs from DequantizeLinear (int8 kernels once ORT fuses them)."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    sources = matmul_input_sources(graph).values()
+    matmuls = list(sources)
+    covered = [s for s in sources if s == ("DequantizeLinear", "DequantizeLinear")]
+    linear = [s for s in sources if s[1] == "DequantizeLinear"]
     return {
         "matmuls": len(matmuls),
         "matmuls_with_qdq_inputs": len(covered),

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from toolchain.data import load_validation
+from toolchain.errors import StageError
 from toolchain.finetune import full, lora, qat, qlora
 from toolchain.finetune.train import pad_batch, seed_everything, train_classifier
 from toolchain.models import copy_tokenizer, resolve_source
@@ -42,7 +43,11 @@ def apply_freeze(model: torch.nn.Module, freeze: FreezeSection) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     if frozen == 0:
-        raise ValueError("finetune.freeze matched no parameters; this model has no 'embeddings'/'encoder.layer.N'")
+        raise StageError(
+            "finetune",
+            "finetune.freeze matched no parameters: this model has no 'embeddings' or 'encoder.layer.N' "
+            "modules; remove the freeze section for this model",
+        )
     return frozen
 
 
