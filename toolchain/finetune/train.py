@@ -1,9 +1,9 @@
 """The one training loop every fine-tuning method uses: length-bucketed batches, AdamW, linear warm-up and decay,
 autocast, gradient clipping, validation with best-checkpoint keeping and early stopping, a tqdm bar.
 
-It runs unchanged in one process or under `torchrun` / `accelerate launch`: when torch.distributed is initialised,
-the model is wrapped in DistributedDataParallel and each rank takes every WORLD_SIZE-th batch, so an optimizer
-step sees WORLD_SIZE x batch_size rows. Methods differ only in how they load and finalize the model.
+It runs unchanged in one process or under `torchrun` (tested with 2 CPU processes): when torch.distributed is
+initialised, the model is wrapped in DistributedDataParallel and each rank takes every WORLD_SIZE-th batch, so an
+optimizer step sees WORLD_SIZE x batch_size rows. Methods differ only in how they load and finalize the model.
 """
 
 from __future__ import annotations
