@@ -45,3 +45,24 @@ def test_size_and_latency_budgets() -> None:
 def test_exact_budget_edge_is_inclusive() -> None:
     rows = [row("pytorch-fp32", "pytorch", 0.90, 20, 91), row("q", "onnx", 0.89, 10, 23)]
     assert choose_variant(rows, BudgetSection(max_accuracy_drop=0.01)).shipped == "q"
+
+
+def test_changed_predictions_counts_by_direction() -> None:
+    from toolchain.report import changed_predictions
+
+    labels = [0, 1, 1, 0, 2]
+    base = {"predictions": [0, 1, 0, 1, 2], "confidences": [0.9, 0.8, 0.6, 0.7, 0.99]}
+    other = {"predictions": [1, 1, 1, 2, 2], "confidences": [0.55, 0.8, 0.51, 0.5, 0.98]}
+    c = changed_predictions(base, other, ["a", "b", "c", "d", "e"], labels, ["x", "y", "z"])
+    assert (c["broken"], c["fixed"], c["other"], c["changed"]) == (1, 1, 1, 3)
+    assert [r["row"] for r in c["rows"]] == [0, 2, 3]
+    assert c["rows"][0] == {
+        "row": 0,
+        "direction": "broken",
+        "text": "a",
+        "label": "x",
+        "fp32": "x",
+        "fp32_confidence": 0.9,
+        "variant": "y",
+        "variant_confidence": 0.55,
+    }

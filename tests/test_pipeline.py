@@ -70,6 +70,10 @@ def test_accuracy_is_recomputed_from_stored_predictions(first_run) -> None:
         pred = np.array(metrics["predictions"])
         assert len(pred) == len(ctx.eval) == 300
         assert v["accuracy"] == pytest.approx(float((pred == ctx.eval.labels).mean()))
+        if v["name"] != "pytorch-fp32":  # rows gained minus rows lost is the accuracy difference, exactly
+            c = v["changed_vs_fp32"]
+            base = next(x for x in _report(runs)["variants"] if x["name"] == "pytorch-fp32")
+            assert v["correct"] - base["correct"] == c["fixed"] - c["broken"]
 
 
 def test_export_parity_within_tolerance(first_run) -> None:

@@ -23,8 +23,10 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any
     """One row per variant: accuracy (whole eval split), size, latency percentiles per case, raw samples."""
     bench = json.loads(ctx.artifacts["bench"].file("bench.json").read_text())
     rows = []
+    predictions = {}
     for v in variants:
         metrics = json.loads(ctx.artifacts[f"evaluate.{v.name}"].file("metrics.json").read_text())
+        predictions[v.name] = metrics
         b = bench["variants"][v.name]
         meta = ctx.artifacts[v.source].meta
         rows.append(
@@ -49,11 +51,48 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any
         )
     base = next((r for r in rows if r["name"] == BASELINE), rows[0])
     for r in rows:
+        if r["name"] != base["name"]:
+            r["changed_vs_fp32"] = changed_predictions(
+                predictions[base["name"]],
+                predictions[r["name"]],
+                ctx.eval.texts,
+                ctx.eval.labels.tolist(),
+                ctx.recipe.data.labels,
+            )
         r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
         r["latency_ratio_to_pytorch"] = {
             c: r["latency_ms"][c]["p50"] / base["latency_ms"][c]["p50"] for c in r["latency_ms"]
         }
     return rows
+
+
+def changed_predictions(
+    base: dict[str, Any], other: dict[str, Any], texts: list[str], labels: list[int], names: list[str], keep: int = 50
+) -> dict[str, Any]:
+    """Eval rows whose prediction differs from the fp32 baseline, counted by direction: `broken` (baseline right,
+    variant wrong), `fixed` (the reverse), `other` (both wrong, differently). The first `keep` changed rows, in
+    eval order, are listed with both predictions and confidences."""
+    counts = {"broken": 0, "fixed": 0, "other": 0}
+    rows = []
+    for i, (a, b) in enumerate(zip(base["predictions"], other["predictions"], strict=True)):
+        if a == b:
+            continue
+        kind = "broken" if a == labels[i] else "fixed" if b == labels[i] else "other"
+        counts[kind] += 1
+        if len(rows) < keep:
+            rows.append(
+                {
+                    "row": i,
+                    "direction": kind,
+                    "text": texts[i],
+                    "label": names[labels[i]],
+                    "fp32": names[a],
+                    "fp32_confidence": base["confidences"][i],
+                    "variant": names[b],
+                    "variant_confidence": other["confidences"][i],
+                }
+            )
+    return {**counts, "changed": sum(counts.values()), "rows": rows}
 
 
 def environment(threads: int, versions: dict[str, str]) -> dict[str, Any]:
@@ -211,6 +250,34 @@ def markdown(data: dict[str, Any]) -> str:
         out += [f"| {p['step']} | {p['accuracy'] * 100:.2f} |" for p in val]
     out += ["", "## Choice", "", f"Budget: {json.dumps(data['budget'])}", "", "| variant | verdict |", "| --- | --- |"]
     out += [f"| {name} | {verdict} |" for name, verdict in data["verdicts"].items()]
+    out += [
+        "",
+        "## Where accuracy went (predictions that differ from PyTorch fp32)",
+        "",
+        "| variant | changed rows | broken (fp32 right, variant wrong) | fixed | both wrong |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    changed = [r for r in rows if r.get("changed_vs_fp32")]
+    for r in changed:
+        c = r["changed_vs_fp32"]
+        out.append(f"| {r['name']} | {c['changed']} | {c['broken']} | {c['fixed']} | {c['other']} |")
+    for r in changed:
+        c = r["changed_vs_fp32"]
+        if r["format"] == "onnx" and r["precision"] != "fp32" and c["rows"]:
+            out += [
+                "",
+                f"`{r['name']}`, first {min(10, len(c['rows']))} of {c['changed']} changed rows:",
+                "",
+                "| row | text | label | fp32 (conf) | variant (conf) |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for x in c["rows"][:10]:
+                text = x["text"].replace("|", "\\|")
+                text = text if len(text) <= 90 else text[:87] + "..."
+                out.append(
+                    f"| {x['row']} | {text} | {x['label']} | {x['fp32']} ({x['fp32_confidence']:.2f}) | "
+                    f"{x['variant']} ({x['variant_confidence']:.2f}) |"
+                )
     out += [
         "",
         "## Memory and load (each variant in a fresh process)",
