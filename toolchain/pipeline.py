@@ -324,14 +324,18 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
     for q in comp.quantize:
         key = f"quantize.{q.variant_name}"
         # A QAT export starts from the fake-quant model in the finetune artifact, not from the fp32 graph.
-        source = "finetune" if q.mode == "qat-qdq" else fp32
+        # Static QDQ starts from the unfused export: ONNX shape inference cannot type the outputs of the fused
+        # contrib ops (Attention, SkipLayerNormalization), and untyped activations are silently left unquantized.
+        source = {"qat-qdq": "finetune", "static-int8": "export"}.get(q.mode, fp32)
         identity = {
             **eval_identity,
             "export": comp.export.model_dump(mode="json"),
             "max_length": recipe.bundle.max_length,
         }
+        if q.mode == "static-int8":  # calibrated on training rows
+            identity["train_sha256"] = train.sha256
         calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (source,), identity))
-        variants.append(Variant(q.variant_name, key, "onnx", "int8"))
+        variants.append(Variant(q.variant_name, key, "onnx", q.precision))
     eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
     for v in variants:
         inputs = (v.source, "finetune") if v.source != "finetune" else ("finetune",)

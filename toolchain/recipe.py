@@ -162,9 +162,10 @@ class ExportSection(Strict):
 
 
 class QuantizeSpec(Strict):
-    mode: Literal["dynamic-int8", "qat-qdq"] = Field(
-        description="'dynamic-int8': onnxruntime dynamic quantization of the fp32 graph; 'qat-qdq': keep the "
-        "Q/DQ graph exported from quantization-aware training (finetune.method: qat) with its learned scales."
+    mode: Literal["dynamic-int8", "static-int8", "int4", "qat-qdq"] = Field(
+        description="'dynamic-int8': onnxruntime dynamic quantization of the fp32 graph; 'static-int8': QDQ with "
+        "activation ranges calibrated on training rows; 'int4': weight-only MatMulNBits; 'qat-qdq': keep the Q/DQ "
+        "graph exported from quantization-aware training (finetune.method: qat) with its learned scales."
     )
     per_channel: bool = Field(True, description="Per-output-channel weight scales (recovers most accuracy).")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI.")
@@ -174,6 +175,20 @@ class QuantizeSpec(Strict):
         "Attention op, whose QKV projection is the most sensitive part of BERT-class models, in float.",
     )
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$", description="Variant name in the report.")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="static-int8 only: how activation ranges are computed from the calibration rows."
+    )
+    calibration_rows: int = Field(
+        200, gt=0, le=5000, description="static-int8 only: training rows used for calibration (bounds memory)."
+    )
+    calibration_length: int = Field(
+        128, gt=0, le=512, description="static-int8 only: tokens per calibration row (rows are padded to it)."
+    )
+    block_size: int = Field(32, ge=16, description="int4 only: weights per quantization block (a power of two).")
+    accuracy_level: int | None = Field(
+        4, ge=0, le=4, description="int4 only: onnxruntime's compute type for MatMulNBits (4 = int8 on the CPU)."
+    )
+    symmetric: bool = Field(True, description="int4 only: symmetric blocks (no zero point).")
     atol: float = Field(
         0.25,
         gt=0,
@@ -182,12 +197,27 @@ class QuantizeSpec(Strict):
         "layers (MiniLM-L6 on SST-2: 0.12 with every prediction equal).",
     )
 
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
+        return v
+
+    @property
+    def precision(self) -> str:
+        return "int4" if self.mode == "int4" else "int8"
+
     @property
     def variant_name(self) -> str:
         if self.name:
             return self.name
         if self.mode == "qat-qdq":
             return "onnx-int8-qat"
+        if self.mode == "static-int8":
+            return f"onnx-int8-static-{self.calibration_method}"
+        if self.mode == "int4":
+            return f"onnx-int4-b{self.block_size}"
         name = "onnx-int8-dynamic"
         if not self.per_channel:
             name += "-per-tensor"

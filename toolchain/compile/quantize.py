@@ -9,8 +9,12 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
 
 from toolchain.compile.parity import REFERENCE, compare
 from toolchain.errors import StageError
@@ -76,6 +80,97 @@ def _dynamic(spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
     }
 
 
+class _CalibrationRows(CalibrationDataReader):
+    """onnxruntime CalibrationDataReader over real training rows, one row per call, all padded to one length
+    (the calibrators stack activations across calls, so shapes must agree)."""
+
+    def __init__(self, tokenizer: Path, texts: list[str], length: int, input_names: list[str]):
+        from toolchain.runtime import TextEncoder
+
+        encoder = TextEncoder(tokenizer, length)
+        self.rows = []
+        for text in texts:
+            feeds = encoder.encode([text])
+            pad = length - feeds["input_ids"].shape[1]
+            self.rows.append(
+                {
+                    k: np.pad(v, ((0, 0), (0, pad)), constant_values=encoder.pad_id if k == "input_ids" else 0)
+                    for k, v in feeds.items()
+                    if k in input_names
+                }
+            )
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.rows):
+            return None
+        self.position += 1
+        return self.rows[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def _static(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, quant_pre_process
+
+    names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
+    texts = ctx.train.sample(spec.calibration_rows, seed=ctx.recipe.finetune.seed + 1).texts
+    reader = _CalibrationRows(ctx.artifacts["finetune"].file("tokenizer.json"), texts, spec.calibration_length, names)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[spec.calibration_method]
+    with tempfile.TemporaryDirectory() as tmp:
+        # Shape inference first, or the quantizer cannot type the activations and leaves them in float.
+        # skip_symbolic_shape: symbolic inference fails on optimum's export ("Incomplete symbolic shape inference").
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True, skip_optimization=False)
+        _quantize_static(prepared, out, reader, spec, method)
+    return {"calibration_rows": len(texts), "calibration_method": spec.calibration_method}
+
+
+def _quantize_static(src: Path, out: Path, reader: CalibrationDataReader, spec: QuantizeSpec, method: Any) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        src,
+        out,
+        reader,
+        quant_format=QuantFormat.QDQ,
+        # The default op types ruin BERT-class accuracy (../shared/ENVIRONMENT.md), and the pooler's Gemm has no
+        # calibrated input range after the fused graph's Gather: MatMul only unless the recipe says otherwise.
+        op_types_to_quantize=spec.op_types or ["MatMul"],
+        per_channel=spec.per_channel,
+        reduce_range=spec.reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=method,
+        calibration_cache_path=None,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "CalibTensorRangeSymmetric": False},
+    )
+
+
+def _int4(spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)),
+        block_size=spec.block_size,
+        is_symmetric=spec.symmetric,
+        accuracy_level=spec.accuracy_level,
+        op_types_to_quantize=("MatMul",),
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    nodes = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(out)).graph.node)
+    return {"matmul_nbits": nodes, "block_size": spec.block_size, "accuracy_level": spec.accuracy_level}
+
+
 def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> dict[str, Any]:
     """Rebuild the fake-quant model from the finetune artifact, export its Q/DQ graph, check it against PyTorch."""
     from safetensors.torch import load_file
@@ -126,6 +221,10 @@ def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     (src,) = inputs.values()
     if spec.mode == "qat-qdq":
         meta = _qat(ctx, spec, src, out)
+    elif spec.mode == "static-int8":
+        meta = _static(ctx, spec, src.file("model.onnx"), out / "model.onnx")
+    elif spec.mode == "int4":
+        meta = _int4(spec, src.file("model.onnx"), out / "model.onnx")
     else:
         meta = _dynamic(spec, src.file("model.onnx"), out / "model.onnx")
     reference = ctx.artifacts["export"].file(REFERENCE)
