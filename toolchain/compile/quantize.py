@@ -1,5 +1,7 @@
 """The quantize stage, one variant per recipe entry.
 
+- static-int8: onnxruntime's static QDQ quantization, activation ranges calibrated on training rows.
+- int4: onnxruntime's MatMulNBits weight-only quantization (block-wise 4-bit weights, float activations).
 - dynamic-int8: onnxruntime's dynamic quantization of the (fused) fp32 graph: int8 weights, activation ranges
   computed at run time.
 - qat-qdq: the graph exported from quantization-aware training, with the learned scales kept as they are
@@ -214,7 +216,10 @@ def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> 
 
 
 @register(
-    "quantize", kind="onnx-int8", help="Quantize to int8: onnxruntime dynamic, or keep a QAT Q/DQ export.", version=2
+    "quantize",
+    kind="onnx-quantized",
+    help="Quantize: dynamic int8, static int8 (calibrated QDQ), int4 weight-only, or keep a QAT Q/DQ export.",
+    version=2,
 )
 def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     spec = QuantizeSpec.model_validate(call.config)
