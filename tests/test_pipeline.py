@@ -221,3 +221,17 @@ def test_cli_force_unknown_stage_is_an_error(first_run, capsys) -> None:
     recipe_path, runs, _ = first_run
     assert main(["run", str(recipe_path), "--runs", str(runs), "--force", "nosuch"]) == 1
     assert "no such stage" in capsys.readouterr().err
+
+
+def test_force_reruns_the_stage_and_everything_after_it(first_run, tmp_path: Path) -> None:
+    recipe_path, runs, _ = first_run
+    runs_copy = tmp_path / "runs"
+    shutil.copytree(runs, runs_copy)
+    ctx = pipeline.run(load_recipe(recipe_path), runs_copy, force=("quantize",))
+    status = {r.key: r.status for r in ctx.records}
+    for key in ("finetune", "export", "optimize", "evaluate.pytorch-fp32", "evaluate.onnx-fp32"):
+        assert status[key] == "reused", key
+    for key in ("quantize.onnx-int8-dynamic", "evaluate.onnx-int8-dynamic", "bench", "bundle"):
+        assert status[key] == "rebuilt", key
+    report = json.loads((runs_copy / "tiny" / "report.json").read_text())
+    assert report["measured_at_commit"] == report["environment"]["git_commit"]

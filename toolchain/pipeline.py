@@ -384,10 +384,14 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
             raise ToolchainError(
                 f"--force {', '.join(unknown)}: no such stage; stages: {', '.join(c.key for c in calls)}"
             )
+        forced: set[str] = set()
         for call in calls:
             if call.stage == "finetune":
                 _barrier()  # every rank decides reuse-or-train on the same state
-            run_stage(ctx, call, force=call.key in force or call.stage in force)
+            # A forced stage can write different files under the same id, so what reads it is forced too.
+            if call.key in force or call.stage in force or forced & set(call.inputs):
+                forced.add(call.key)
+            run_stage(ctx, call, force=call.key in forced)
             if call.stage == "finetune":
                 _barrier()  # the workers are done; rank 0 goes on alone
         rows = report.variant_rows(ctx, variants)
@@ -416,7 +420,7 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
             ),
             {"recipe": recipe.model_dump(mode="json")},
         )
-        art = run_stage(ctx, bundle_call, force="bundle" in force)
+        art = run_stage(ctx, bundle_call, force="bundle" in force or bool(forced & set(bundle_call.inputs)))
         bundle_dir = publish_bundle(art, ctx.run_dir / "bundle")
         report.write(ctx, rows, choice, bundle=bundle_dir)
         write_lineage(ctx)

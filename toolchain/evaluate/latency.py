@@ -74,5 +74,9 @@ def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Pa
             "bench: %-24s %s", v["name"], "  ".join(f"{c} p50 {r['p50']:.2f} ms" for c, r in result["cases"].items())
         )
     texts.unlink()
-    (out / "bench.json").write_text(json.dumps({"threads": threads, "variants": results}))
+    from toolchain.report import git_commit
+
+    # The commit these numbers were measured at: reports re-rendered later from a reused bench must not claim theirs.
+    bench_data = {"threads": threads, "git_commit": git_commit(), "variants": results}
+    (out / "bench.json").write_text(json.dumps(bench_data))
     return {"threads": threads, "cases": [case_name(b, s) for b, s in cases]}
