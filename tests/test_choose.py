@@ -66,3 +66,22 @@ def test_changed_predictions_counts_by_direction() -> None:
         "variant": "y",
         "variant_confidence": 0.55,
     }
+
+
+def test_speedup_budget_is_a_ratio_to_pytorch_in_the_same_run() -> None:
+    rows = [dict(r) for r in ROWS]
+    for r in rows:
+        r["latency_ratio_to_pytorch"] = {"b1_s128": r["latency_ms"]["b1_s128"]["p50"] / 20.0}
+    c = choose_variant(rows, BudgetSection(max_accuracy_drop=0.1, min_speedup=2.2))
+    assert c.shipped == "onnx-int4"  # 20 / 8 = 2.5x
+    assert "speed-up 2.00x over PyTorch < budget 2.20x" in c.verdicts["onnx-int8"]
+    c = choose_variant(rows, BudgetSection(max_accuracy_drop=0.1, min_speedup=3.0))
+    assert c.shipped is None and "2.50x" in c.table()
+
+
+def test_pareto_front_drops_dominated_variants() -> None:
+    from toolchain.choose import pareto_front
+
+    rows = [*ROWS, row("slow-and-bad", "onnx", 0.80, 30.0, 10), row("tie", "onnx", 0.895, 10.0, 23)]
+    # onnx-fp32 (0.90 at 19 ms) dominates pytorch-fp32 (0.90 at 20 ms); equal points both stay
+    assert pareto_front(rows, "b1_s128") == ["onnx-int4", "onnx-int8", "tie", "onnx-fp32"]

@@ -172,10 +172,35 @@ def test_damaged_artifact_is_rebuilt(first_run, tmp_path: Path) -> None:
     assert sha256_file(model) == sha256_file(first.artifacts["export"].file("model.onnx"))
 
 
+# Stages this module's run does not use, and the end-to-end test that runs each of them.
+EXERCISED_ELSEWHERE = {
+    "teacher-logits": "test_distill.py::test_distill_recipe_exports_and_quantizes_the_student",
+    "distill": "test_distill.py::test_distill_recipe_exports_and_quantizes_the_student",
+}
+
+
 def test_every_registered_stage_is_exercised(first_run) -> None:
     _, _, ctx = first_run
-    ran = {r.stage for r in ctx.records}
+    ran = {r.stage for r in ctx.records} | set(EXERCISED_ELSEWHERE)
     assert set(load_all()) <= ran, f"registered but never run end to end: {set(load_all()) - ran}"
+
+
+def test_budget_no_variant_meets_fails_with_exit_3_and_the_table(first_run, tmp_path: Path, capsys) -> None:
+    from toolchain.cli import main
+
+    recipe_path, runs, _ = first_run
+    runs_copy = tmp_path / "runs"
+    shutil.copytree(runs, runs_copy)
+    code = main(["run", str(recipe_path), "budget.max_latency_ms=0.0001", "--runs", str(runs_copy)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "no variant meets the recipe's budget" in err
+    for name in ("onnx-fp32", "onnx-fp32-optimized", "onnx-int8-dynamic"):
+        assert f"| {name} |" in err and "> budget 0.00 ms" in err
+    report = json.loads((runs_copy / "tiny" / "report.json").read_text())
+    assert report["shipped"] is None and all(
+        v.startswith(("rejected", "baseline")) for v in report["verdicts"].values()
+    )
 
 
 def test_lora_finetune_merges_into_plain_model(tiny_model: Path, tmp_path: Path, data_root: Path) -> None:

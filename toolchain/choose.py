@@ -1,4 +1,5 @@
-"""Choosing the variant to ship: the fastest ONNX variant that meets every budget of the recipe."""
+"""Choosing the variant to ship: the fastest ONNX variant that meets every budget of the recipe; and the Pareto
+front of accuracy against latency that the report draws."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ class Choice:
 
     def table(self) -> str:
         lines = [
-            f"| variant | accuracy | drop (pts) | p50 {self.latency_case} ms | MB | verdict |",
-            "| --- | --- | --- | --- | --- | --- |",
+            f"| variant | accuracy | drop (pts) | p50 {self.latency_case} ms | speed-up vs PyTorch | MB | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in self.rows:
+            ratio = r.get("latency_ratio_to_pytorch", {}).get(self.latency_case)
             lines.append(
                 f"| {r['name']} | {r['accuracy'] * 100:.2f} | {r['accuracy_drop'] * 100:+.2f} | "
-                f"{r['latency_ms'][self.latency_case]['p50']:.2f} | {r['size_bytes'] / 1e6:.1f} | "
-                f"{self.verdicts.get(r['name'], '')} |"
+                f"{r['latency_ms'][self.latency_case]['p50']:.2f} | {f'{1 / ratio:.2f}x' if ratio else '?'} | "
+                f"{r['size_bytes'] / 1e6:.1f} | {self.verdicts.get(r['name'], '')} |"
             )
         return "\n".join(lines)
 
@@ -48,6 +50,9 @@ def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:
         p50 = r["latency_ms"][case]["p50"]
         if budget.max_latency_ms is not None and p50 > budget.max_latency_ms:
             reasons.append(f"p50 {p50:.2f} ms > budget {budget.max_latency_ms:.2f} ms")
+        ratio = r.get("latency_ratio_to_pytorch", {}).get(case)
+        if budget.min_speedup is not None and ratio is not None and 1 / ratio < budget.min_speedup:
+            reasons.append(f"speed-up {1 / ratio:.2f}x over PyTorch < budget {budget.min_speedup:.2f}x")
         mb = r["size_bytes"] / 1e6
         if budget.max_size_mb is not None and mb > budget.max_size_mb:
             reasons.append(f"size {mb:.1f} MB > budget {budget.max_size_mb:.1f} MB")
@@ -67,3 +72,21 @@ def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:
                 f"{qualified[0]['latency_ms'][case]['p50']:.2f} ms)"
             )
     return choice
+
+
+def pareto_front(rows: list[dict[str, Any]], case: str) -> list[str]:
+    """Names of the variants no other variant beats on both accuracy and p50 latency at `case` (ties kept),
+    fastest first."""
+    front = []
+    for r in rows:
+        lat, acc = r["latency_ms"][case]["p50"], r["accuracy"]
+        dominated = any(
+            o is not r
+            and o["latency_ms"][case]["p50"] <= lat
+            and o["accuracy"] >= acc
+            and (o["latency_ms"][case]["p50"] < lat or o["accuracy"] > acc)
+            for o in rows
+        )
+        if not dominated:
+            front.append(r)
+    return [r["name"] for r in sorted(front, key=lambda r: r["latency_ms"][case]["p50"])]

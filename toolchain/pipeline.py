@@ -135,6 +135,17 @@ class RunContext:
     def eval(self) -> Split:
         return self.splits[1]
 
+    @cached_property
+    def validation(self) -> Split | None:
+        from toolchain.data import load_validation
+
+        return load_validation(self.recipe)
+
+    @property
+    def model_key(self) -> str:
+        """The artifact holding the model that is exported: the distilled student, else the fine-tuned model."""
+        return "distill" if self.recipe.compile.distill is not None else "finetune"
+
     @property
     def threads(self) -> int:
         return self.recipe.bench.threads or default_threads()
@@ -313,9 +324,32 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
                 "max_train_rows": d.max_train_rows,
             },
         ),
-        StageCall("export", "export", comp.export.model_dump(mode="json"), ("finetune",), eval_identity),
     ]
-    variants = [Variant("pytorch-fp32", "finetune", "pytorch", "fp32"), Variant("onnx-fp32", "export", "onnx", "fp32")]
+    variants = [Variant("pytorch-fp32", "finetune", "pytorch", "fp32")]
+    if comp.distill is not None:
+        train_identity = {**data_identity, "train_sha256": train.sha256, "max_train_rows": d.max_train_rows}
+        calls.append(
+            StageCall(
+                "teacher-logits",
+                "teacher-logits",
+                {"max_length": comp.distill.max_length},
+                ("finetune",),
+                train_identity,
+            )
+        )
+        validation = ft.validation.model_dump(mode="json") if ft.validation else None
+        calls.append(
+            StageCall(
+                "distill",
+                "distill",
+                comp.distill.model_dump(mode="json"),
+                ("finetune", "teacher-logits"),
+                {**train_identity, "validation": validation},
+            )
+        )
+        variants.append(Variant("pytorch-fp32-student", "distill", "pytorch", "fp32"))
+    calls.append(StageCall("export", "export", comp.export.model_dump(mode="json"), (ctx.model_key,), eval_identity))
+    variants.append(Variant("onnx-fp32", "export", "onnx", "fp32"))
     fp32 = "export"
     if comp.optimize:
         calls.append(StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export",), eval_identity))
@@ -332,13 +366,20 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
             "export": comp.export.model_dump(mode="json"),
             "max_length": recipe.bundle.max_length,
         }
-        if q.mode == "static-int8":  # calibrated on training rows
+        if q.mode == "static-int8" or q.ranks_nodes:  # calibrated on / selected with training rows
             identity["train_sha256"] = train.sha256
+        if q.ranks_nodes:  # ranked and selected at the evaluation batch size, against the budget
+            identity["selection"] = {
+                "validation": ft.validation.model_dump(mode="json") if ft.validation else None,
+                "validation_sha256": ctx.validation.sha256 if ctx.validation is not None else None,
+                "batch_size": recipe.evaluate.batch_size,
+                "max_accuracy_drop": recipe.budget.max_accuracy_drop,
+            }
         calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (source,), identity))
         variants.append(Variant(q.variant_name, key, "onnx", q.precision))
     eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
     for v in variants:
-        inputs = (v.source, "finetune") if v.source != "finetune" else ("finetune",)
+        inputs = tuple(dict.fromkeys((v.source, "finetune")))
         calls.append(
             StageCall(
                 f"evaluate.{v.name}",

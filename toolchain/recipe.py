@@ -161,10 +161,59 @@ class ExportSection(Strict):
     parity_rows: int = Field(64, gt=0, description="Eval rows used for the parity check.")
 
 
+class DistillSection(Strict):
+    """Train a smaller student from the fine-tuned teacher; the student is what gets exported and quantized."""
+
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Teacher layers the student keeps, in order (e.g. [0, 2, 4] of 6); student layer i starts "
+        "from teacher layer layers[i] and learns to match its output. Set this or num_layers.",
+    )
+    num_layers: int | None = Field(
+        None, gt=0, description="Keep this many evenly spaced teacher layers (alternative to `layers`)."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the logit distillation loss.")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the distillation loss; 1 - alpha goes to the true labels' loss."
+    )
+    hidden_weight: float = Field(
+        0.0, ge=0, description="Weight of the MSE between each student layer's output and its teacher layer's."
+    )
+    attention_weight: float = Field(
+        0.0, ge=0, description="Weight of the KL between student and teacher attention maps (per kept layer)."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes of the student over the training rows.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of the student (AdamW, warm-up then decay).")
+    batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
+    max_length: int = Field(64, gt=0, le=512, description="Truncate training texts to this many tokens.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Autocast precision of student training.")
+    seed: int = Field(0, description="Seed for shuffling and dropout.")
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_layers(self) -> DistillSection:
+        if (self.layers is None) == (self.num_layers is None):
+            raise ValueError("set exactly one of 'layers' (e.g. [0, 2, 4]) or 'num_layers' (e.g. 3)")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers} repeats a layer")
+        return self
+
+    def kept_layers(self, teacher_layers: int) -> list[int]:
+        """The teacher layer each student layer starts from."""
+        if self.layers is not None:
+            return list(self.layers)
+        n = min(self.num_layers or 1, teacher_layers)
+        # evenly spaced, ending at the last layer: 3 of 6 -> [1, 3, 5]
+        return [round((i + 1) * teacher_layers / n) - 1 for i in range(n)]
+
+
 class QuantizeSpec(Strict):
-    mode: Literal["dynamic-int8", "static-int8", "int4", "qat-qdq"] = Field(
+    mode: Literal["dynamic-int8", "static-int8", "int4", "fp16", "qat-qdq"] = Field(
         description="'dynamic-int8': onnxruntime dynamic quantization of the fp32 graph; 'static-int8': QDQ with "
-        "activation ranges calibrated on training rows; 'int4': weight-only MatMulNBits; 'qat-qdq': keep the Q/DQ "
+        "activation ranges calibrated on training rows; 'int4': weight-only MatMulNBits; 'fp16': the fused graph in "
+        "half precision (inputs and outputs stay as they are; meant for GPU providers); 'qat-qdq': keep the Q/DQ "
         "graph exported from quantization-aware training (finetune.method: qat) with its learned scales."
     )
     per_channel: bool = Field(True, description="Per-output-channel weight scales (recovers most accuracy).")
@@ -189,6 +238,31 @@ class QuantizeSpec(Strict):
         4, ge=0, le=4, description="int4 only: onnxruntime's compute type for MatMulNBits (4 = int8 on the CPU)."
     )
     symmetric: bool = Field(True, description="int4 only: symmetric blocks (no zero point).")
+    exclude: list[str] | Literal["auto"] | None = Field(
+        None,
+        description="Nodes kept in float: a list of node names (as the sensitivity table in the report names them), "
+        "or 'auto': rank the nodes by sensitivity and keep the most sensitive in float, fewest first, until the "
+        "accuracy drop against the fp32 graph on selection rows is within `auto_target_drop`.",
+    )
+    sensitivity: bool = Field(
+        False,
+        description="Measure each quantized node's own contribution to the output error (quantize it alone, compare "
+        "logits with the fp32 graph on `sensitivity_rows` rows) and list the worst in the report ('auto' implies it).",
+    )
+    sensitivity_rows: int = Field(64, gt=0, le=2000, description="Rows used to rank the nodes by sensitivity.")
+    auto_rows: int = Field(
+        1000,
+        gt=0,
+        description="exclude: auto only: rows on which the accuracy drop is checked: the first rows of "
+        "finetune.validation.file when the recipe has one (rows the model did not train on), else training rows.",
+    )
+    auto_target_drop: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="exclude: auto only: accuracy drop (0-1) to reach on the selection rows; default half of "
+        "budget.max_accuracy_drop, a margin for the difference between selection rows and the eval split.",
+    )
     atol: float = Field(
         0.25,
         gt=0,
@@ -204,9 +278,22 @@ class QuantizeSpec(Strict):
             raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
         return v
 
+    @model_validator(mode="after")
+    def _exclusion_fits_mode(self) -> QuantizeSpec:
+        if self.mode in ("fp16", "qat-qdq") and (self.exclude is not None or self.sensitivity):
+            raise ValueError(
+                f"mode '{self.mode}' has no per-node quantization to rank or exclude; remove 'exclude' and "
+                "'sensitivity' (they apply to dynamic-int8, static-int8 and int4)"
+            )
+        return self
+
     @property
     def precision(self) -> str:
-        return "int4" if self.mode == "int4" else "int8"
+        return {"int4": "int4", "fp16": "fp16"}.get(self.mode, "int8")
+
+    @property
+    def ranks_nodes(self) -> bool:
+        return self.sensitivity or self.exclude == "auto"
 
     @property
     def variant_name(self) -> str:
@@ -215,9 +302,11 @@ class QuantizeSpec(Strict):
         if self.mode == "qat-qdq":
             return "onnx-int8-qat"
         if self.mode == "static-int8":
-            return f"onnx-int8-static-{self.calibration_method}"
+            return f"onnx-int8-static-{self.calibration_method}" + self._exclude_suffix
         if self.mode == "int4":
-            return f"onnx-int4-b{self.block_size}"
+            return f"onnx-int4-b{self.block_size}" + self._exclude_suffix
+        if self.mode == "fp16":
+            return "onnx-fp16"
         name = "onnx-int8-dynamic"
         if not self.per_channel:
             name += "-per-tensor"
@@ -225,7 +314,13 @@ class QuantizeSpec(Strict):
             name += "-reduce-range"
         if self.op_types:
             name += "-" + "-".join(t.lower() for t in self.op_types)
-        return name
+        return name + self._exclude_suffix
+
+    @property
+    def _exclude_suffix(self) -> str:
+        if self.exclude == "auto":
+            return "-auto"
+        return f"-excl{len(self.exclude)}" if self.exclude else ""
 
 
 def _quantize_shorthand(v: Any) -> Any:
@@ -237,6 +332,9 @@ def _quantize_shorthand(v: Any) -> Any:
 
 class CompileSection(Strict):
     export: ExportSection = Field(default_factory=ExportSection, description="ONNX export settings.")
+    distill: DistillSection | None = Field(
+        None, description="Distil the fine-tuned model into a smaller student before export (None: export the teacher)."
+    )
     optimize: bool = Field(True, description="Apply onnxruntime's transformer graph fusions.")
     quantize: list[QuantizeSpec] = Field(default_factory=list, description="Quantized variants to build.")
 
@@ -277,9 +375,15 @@ class BudgetSection(Strict):
     )
     max_latency_ms: float | None = Field(None, gt=0, description="p50 latency limit on `latency_case`.")
     max_size_mb: float | None = Field(None, gt=0, description="Model file size limit.")
+    min_speedup: float | None = Field(
+        None,
+        gt=0,
+        description="Least p50 speed-up over PyTorch fp32 eager (pytorch-fp32, measured in the same run) on "
+        "`latency_case`; a ratio, so it means the same on a slower machine.",
+    )
     latency_case: str = Field("b1_s128", description="Bench case the latency budget and the choice use.")
 
-    @field_validator("max_accuracy_drop", "max_latency_ms", "max_size_mb")
+    @field_validator("max_accuracy_drop", "max_latency_ms", "max_size_mb", "min_speedup")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
@@ -320,6 +424,11 @@ class Recipe(Strict):
                 "compile.quantize has mode 'qat-qdq', which keeps the graph exported by quantization-aware "
                 f"training, but finetune.method is '{self.finetune.method}'; set finetune.method: qat or use "
                 "dynamic-int8"
+            )
+        if any(q.mode == "qat-qdq" for q in self.compile.quantize) and self.compile.distill is not None:
+            raise ValueError(
+                "compile.quantize has mode 'qat-qdq', which exports the QAT teacher, but compile.distill replaces the "
+                "teacher with a student; remove one of the two"
             )
         return self
 

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.choose import BASELINE, Choice
+from toolchain.choose import BASELINE, Choice, pareto_front
 
 if TYPE_CHECKING:
     from toolchain.pipeline import RunContext, Variant
@@ -46,6 +46,7 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any
                 },
                 "latency_samples_ms": {c: r["samples_ms"] for c, r in b["cases"].items()},
                 "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
+                "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
                 "artifact": ctx.artifacts[v.source].id,
             }
         )
@@ -163,10 +164,16 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
         "budget": recipe.budget.model_dump(mode="json"),
         "variants": rows,
         "verdicts": choice.verdicts,
+        "pareto_front": pareto_front(rows, choice.latency_case),
         "shipped": choice.shipped,
         "bundle": str(bundle) if bundle else None,
         "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
     }
+    if "distill" in ctx.artifacts:
+        data["distill"] = {
+            **{k: v for k, v in ctx.artifacts["distill"].meta.items()},
+            "settings": recipe.compile.distill.model_dump(mode="json") if recipe.compile.distill else None,
+        }
     train_log = ctx.artifacts["finetune"].path / "train_log.json"
     if train_log.is_file():
         log = json.loads(train_log.read_text())
@@ -217,6 +224,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"({data['data']['train_rows']} rows, {data['finetune']['method']}, "
         f"{data['finetune'].get('train_seconds', 0):.0f} s).",
         "",
+        *_distill_lines(data),
         "## Variants",
         "",
         results_table(data),
@@ -252,6 +260,14 @@ def markdown(data: dict[str, Any]) -> str:
         out += [f"| {p['step']} | {p['accuracy'] * 100:.2f} |" for p in val]
     out += ["", "## Choice", "", f"Budget: {json.dumps(data['budget'])}", "", "| variant | verdict |", "| --- | --- |"]
     out += [f"| {name} | {verdict} |" for name, verdict in data["verdicts"].items()]
+    front = data.get("pareto_front") or pareto_front(rows, data["latency_case"])
+    out += [
+        "",
+        f"Pareto front (no other variant is both faster at {data['latency_case']} and more accurate), fastest first: "
+        + ", ".join(f"`{n}`" for n in front)
+        + ". Plot: `report.png`.",
+    ]
+    out += _sensitivity_lines(rows)
     out += [
         "",
         "## Where accuracy went (predictions that differ from PyTorch fp32)",
@@ -317,25 +333,97 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _sensitivity_lines(rows: list[dict[str, Any]], worst: int = 10) -> list[str]:
+    out: list[str] = []
+    for r in rows:
+        comp = r.get("compression") or {}
+        sens = comp.get("sensitivity")
+        if not sens:
+            continue
+        excluded = set(comp.get("excluded") or [])
+        out += [
+            "",
+            f"## Sensitivity: {r['name']}",
+            "",
+            f"Each of {sens['nodes']} quantizable nodes quantized alone, logits compared with the float graph on "
+            f"{sens['rows']} rows of {sens['rows_from']}. The {min(worst, len(sens['worst']))} worst:",
+            "",
+            "| node | op | logit MSE | max abs diff | flipped rows | kept in float |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        out += [
+            f"| `{w['node']}` | {w['op_type']} | {w['logit_mse']:.2e} | {w['max_abs_diff']:.3f} | {w['flips']} | "
+            f"{'yes' if w['node'] in excluded else ''} |"
+            for w in sens["worst"][:worst]
+        ]
+        auto = comp.get("auto")
+        if auto:
+            out += [
+                "",
+                f"`exclude: auto` on {auto['rows']} rows of {auto['rows_from']} (float graph "
+                f"{auto['fp32_accuracy'] * 100:.2f}%, target drop {auto['target_drop'] * 100:.2f} pts): "
+                + "; ".join(
+                    f"{t['excluded']} in float → {t['accuracy'] * 100:.2f}% ({-t['drop'] * 100:+.2f})"
+                    for t in auto["tries"]
+                )
+                + f". Kept {len(excluded)} node(s) in float.",
+            ]
+    return out
+
+
+def _distill_lines(data: dict[str, Any]) -> list[str]:
+    d = data.get("distill")
+    if not d:
+        return []
+    s = d.get("settings") or {}
+    return [
+        f"Distilled: the ONNX variants come from a {len(d['kept_layers'])}-layer student (teacher layers "
+        f"{d['kept_layers']} of {d['teacher_layers']}; {d['parameters'] / 1e6:.1f}M of "
+        f"{d['teacher_parameters'] / 1e6:.1f}M parameters), trained {d.get('train_seconds', 0):.0f} s with "
+        f"T={s.get('temperature')}, alpha={s.get('alpha')}, hidden_weight={s.get('hidden_weight')}, "
+        f"attention_weight={s.get('attention_weight')}. `pytorch-fp32` is the teacher: accuracy drops and speed-ups "
+        "are against it.",
+        "",
+    ]
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
+    """Accuracy against p50 latency: every variant, the Pareto front as a line, the shipped one as a star,
+    rejected variants hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     case = data["latency_case"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in data["variants"]:
-        x, y = r["latency_ms"][case]["p50"], r["accuracy"] * 100
-        shipped = r["name"] == data["shipped"]
-        ax.scatter([x], [y], s=90 if shipped else 40, marker="*" if shipped else "o")
-        ax.annotate(
-            r["name"] + (" (shipped)" if shipped else ""), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
-        )
-    ax.set_xlabel(f"p50 latency, {case} (ms)")
+    rows = data["variants"]
+    front = data.get("pareto_front") or pareto_front(rows, case)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    pts = {r["name"]: (r["latency_ms"][case]["p50"], r["accuracy"] * 100) for r in rows}
+    ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], "--", color="tab:gray", lw=1, label="Pareto front")
+    for r in rows:
+        x, y = pts[r["name"]]
+        verdict = data["verdicts"].get(r["name"], "")
+        if r["name"] == data["shipped"]:
+            ax.scatter([x], [y], s=220, marker="*", color="tab:red", zorder=3, label="shipped")
+        elif verdict.startswith("rejected"):
+            ax.scatter([x], [y], s=45, facecolors="none", edgecolors="tab:blue", zorder=2)
+        else:
+            ax.scatter([x], [y], s=45, color="tab:blue" if r["format"] == "onnx" else "tab:orange", zorder=2)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    base = next((r for r in rows if r["name"] == BASELINE), None)
+    budget = data["budget"]
+    if base is not None:
+        floor = (base["accuracy"] - budget["max_accuracy_drop"]) * 100
+        ax.axhline(floor, color="tab:red", lw=0.8, alpha=0.6, label="accuracy budget")
+    if budget.get("max_latency_ms"):
+        ax.axvline(budget["max_latency_ms"], color="tab:purple", lw=0.8, alpha=0.6, label="latency budget")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency, {case} (ms, log scale)")
     ax.set_ylabel("accuracy on eval split (%)")
-    ax.set_title(f"{data['recipe']}: accuracy vs latency")
-    ax.grid(alpha=0.3)
+    ax.set_title(f"{data['recipe']}: accuracy vs latency (hollow: rejected by the budget)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
     _save_figure(fig, path)
 
 

@@ -25,7 +25,8 @@ def export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
     from optimum.exporters.onnx import main_export
 
     cfg = ctx.recipe.compile.export
-    src = inputs["finetune"].path
+    (src_key,) = call.inputs  # the fine-tuned model, or the distilled student
+    src = inputs[src_key].path
     work = out / "optimum"
     # optimum's own validation uses random inputs; ours below uses real eval rows, so skip its check.
     main_export(

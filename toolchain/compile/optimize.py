@@ -30,7 +30,7 @@ def optimize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     from onnxruntime.transformers.optimizer import optimize_model
 
     exported = inputs["export"]
-    hf_dir = ctx.artifacts["finetune"].path
+    hf_dir = ctx.artifacts[ctx.model_key].path
     config = json.loads((hf_dir / "config.json").read_text())
     model = optimize_model(
         str(exported.file("model.onnx")),

@@ -4,12 +4,17 @@
 - int4: onnxruntime's MatMulNBits weight-only quantization (block-wise 4-bit weights, float activations).
 - dynamic-int8: onnxruntime's dynamic quantization of the (fused) fp32 graph: int8 weights, activation ranges
   computed at run time.
+- fp16: the fused graph converted to half precision, inputs and outputs unchanged.
 - qat-qdq: the graph exported from quantization-aware training, with the learned scales kept as they are
   (QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels). It is never re-quantized.
+
+With `sensitivity: true` or `exclude: auto` the stage also ranks the quantized nodes by their own contribution to
+the output error and keeps the worst in float until an accuracy target is met (toolchain.compile.sensitivity).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -19,6 +24,8 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from toolchain.compile.parity import REFERENCE, compare
+from toolchain.compile.sensitivity import Candidate, auto_exclude, rank_nodes
+from toolchain.data import Split
 from toolchain.errors import StageError
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.recipe import QuantizeSpec
@@ -58,30 +65,6 @@ def qdq_coverage(model_path: Path) -> dict[str, int]:
     }
 
 
-def _dynamic(spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        src,
-        out,
-        per_channel=spec.per_channel,
-        reduce_range=spec.reduce_range,
-        op_types_to_quantize=spec.op_types,
-        weight_type=QuantType.QInt8,
-        # The ORT transformer optimizer leaves some weights without a recorded type; without a default the
-        # quantizer fails with "Unable to find data type for weight_name".
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
-    graph = onnx.load(str(out)).graph
-    return {
-        "quantized_nodes": sum(
-            n.op_type in ("MatMulInteger", "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeMatMul")
-            for n in graph.node
-        )
-    }
-
-
 class _CalibrationRows(CalibrationDataReader):
     """onnxruntime CalibrationDataReader over real training rows, one row per call, all padded to one length
     (the calibrators stack activations across calls, so shapes must agree)."""
@@ -113,64 +96,260 @@ class _CalibrationRows(CalibrationDataReader):
         self.position = 0
 
 
-def _static(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, quant_pre_process
+def _initializer_inputs(graph: Any) -> dict[str, int]:
+    """Node name -> how many of its inputs are initializers (weights)."""
+    inits = {i.name for i in graph.initializer}
+    return {n.name: sum(x in inits for x in n.input) for n in graph.node}
 
-    names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
-    texts = ctx.train.sample(spec.calibration_rows, seed=ctx.recipe.finetune.seed + 1).texts
-    reader = _CalibrationRows(ctx.artifacts["finetune"].file("tokenizer.json"), texts, spec.calibration_length, names)
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }[spec.calibration_method]
-    with tempfile.TemporaryDirectory() as tmp:
+
+class Quantizer:
+    """Builds one variant's model from a float graph; `only`/`exclude` restrict which candidate nodes are quantized
+    (what the sensitivity ranking and `exclude: auto` vary). Subclasses wrap one onnxruntime quantizer each."""
+
+    default_op_types: tuple[str, ...] = ("MatMul",)
+    needs_weight = True  # candidates are nodes with a weight (initializer) input
+
+    def __init__(self, ctx: RunContext, spec: QuantizeSpec, src: Path, work: Path):
+        self.ctx, self.spec, self.src, self.work = ctx, spec, src, work
+        self._count = 0
+
+    def candidates(self) -> list[Candidate]:
+        import onnx
+
+        graph = onnx.load(str(self.src)).graph
+        weights = _initializer_inputs(graph)
+        types = set(self.spec.op_types or self.default_op_types)
+        return [
+            Candidate(n.name, n.op_type)
+            for n in graph.node
+            if n.op_type in types and (weights[n.name] > 0 or not self.needs_weight)
+        ]
+
+    def build(self, out: Path | None = None, only: list[str] | None = None, exclude: list[str] | None = None) -> Path:
+        if out is None:
+            self._count += 1
+            out = self.work / f"try-{self._count}.onnx"
+        self._quantize(out, only, exclude or [])
+        return out
+
+    def _quantize(self, out: Path, only: list[str] | None, exclude: list[str]) -> None:
+        raise NotImplementedError
+
+    def describe(self, model: Path) -> dict[str, Any]:
+        return {}
+
+
+class DynamicInt8(Quantizer):
+    """onnxruntime's dynamic quantization: int8 weights, activation ranges computed at run time."""
+
+    @property
+    def default_op_types(self) -> tuple[str, ...]:  # type: ignore[override]
+        from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+        return tuple(IntegerOpsRegistry)
+
+    def _quantize(self, out: Path, only: list[str] | None, exclude: list[str]) -> None:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        spec = self.spec
+        quantize_dynamic(
+            self.src,
+            out,
+            per_channel=spec.per_channel,
+            reduce_range=spec.reduce_range,
+            op_types_to_quantize=spec.op_types,
+            nodes_to_quantize=only,
+            nodes_to_exclude=exclude,
+            weight_type=QuantType.QInt8,
+            # The ORT transformer optimizer leaves some weights without a recorded type; without a default the
+            # quantizer fails with "Unable to find data type for weight_name".
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
+    def describe(self, model: Path) -> dict[str, Any]:
+        import onnx
+
+        graph = onnx.load(str(model)).graph
+        quantized = ("MatMulInteger", "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeMatMul")
+        return {"quantized_nodes": sum(n.op_type in quantized for n in graph.node)}
+
+
+class StaticInt8(Quantizer):
+    """onnxruntime's static QDQ quantization, activation ranges calibrated once on training rows (the ranges are
+    kept in a calibration cache that every later build reuses)."""
+
+    needs_weight = False  # Q@K^T and attention@V have two activation inputs, both quantized
+
+    def __init__(self, ctx: RunContext, spec: QuantizeSpec, src: Path, work: Path):
+        import onnx
+        from onnxruntime.quantization import quant_pre_process
+
+        super().__init__(ctx, spec, src, work)
         # Shape inference first, or the quantizer cannot type the activations and leaves them in float.
         # skip_symbolic_shape: symbolic inference fails on optimum's export ("Incomplete symbolic shape inference").
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True, skip_optimization=False)
-        _quantize_static(prepared, out, reader, spec, method)
-    return {"calibration_rows": len(texts), "calibration_method": spec.calibration_method}
+        self.prepared = work / "prepared.onnx"
+        quant_pre_process(str(src), str(self.prepared), skip_symbolic_shape=True, skip_optimization=False)
+        self.src = self.prepared
+        names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
+        texts = ctx.train.sample(spec.calibration_rows, seed=ctx.recipe.finetune.seed + 1).texts
+        self.reader = _CalibrationRows(
+            ctx.artifacts["finetune"].file("tokenizer.json"), texts, spec.calibration_length, names
+        )
+        self.cache = work / "calibration.json"
+
+    def _quantize(self, out: Path, only: list[str] | None, exclude: list[str]) -> None:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        spec = self.spec
+        self.reader.rewind()
+        quantize_static(
+            self.prepared,
+            out,
+            self.reader,
+            quant_format=QuantFormat.QDQ,
+            # The default op types ruin BERT-class accuracy (../shared/ENVIRONMENT.md), and the pooler's Gemm has
+            # no calibrated input range after the fused graph's Gather: MatMul only unless the recipe says otherwise.
+            op_types_to_quantize=list(spec.op_types or self.default_op_types),
+            nodes_to_quantize=only,
+            nodes_to_exclude=exclude,
+            per_channel=spec.per_channel,
+            reduce_range=spec.reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[spec.calibration_method],
+            calibration_cache_path=self.cache,  # calibrated on the first build, reused by the others
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "CalibTensorRangeSymmetric": False},
+        )
+
+    def describe(self, model: Path) -> dict[str, Any]:
+        return {"calibration_rows": len(self.reader.rows), "calibration_method": self.spec.calibration_method}
 
 
-def _quantize_static(src: Path, out: Path, reader: CalibrationDataReader, spec: QuantizeSpec, method: Any) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+class Int4(Quantizer):
+    """onnxruntime's MatMulNBits weight-only quantization: block-wise 4-bit weights, float activations."""
 
-    quantize_static(
-        src,
-        out,
-        reader,
-        quant_format=QuantFormat.QDQ,
-        # The default op types ruin BERT-class accuracy (../shared/ENVIRONMENT.md), and the pooler's Gemm has no
-        # calibrated input range after the fused graph's Gather: MatMul only unless the recipe says otherwise.
-        op_types_to_quantize=spec.op_types or ["MatMul"],
-        per_channel=spec.per_channel,
-        reduce_range=spec.reduce_range,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=method,
-        calibration_cache_path=None,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "CalibTensorRangeSymmetric": False},
-    )
+    def _quantize(self, out: Path, only: list[str] | None, exclude: list[str]) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        spec = self.spec
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(self.src)),
+            block_size=spec.block_size,
+            is_symmetric=spec.symmetric,
+            accuracy_level=spec.accuracy_level,
+            nodes_to_exclude=exclude,
+            nodes_to_include=only,
+            op_types_to_quantize=("MatMul",),
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+    def describe(self, model: Path) -> dict[str, Any]:
+        import onnx
+
+        nodes = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(model)).graph.node)
+        return {"matmul_nbits": nodes, "block_size": self.spec.block_size, "accuracy_level": self.spec.accuracy_level}
 
 
-def _int4(spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+class Fp16(Quantizer):
+    """The fused graph in half precision (onnxruntime.transformers' converter); inputs and outputs keep their types,
+    so the bundle's interface does not change."""
 
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(src)),
-        block_size=spec.block_size,
-        is_symmetric=spec.symmetric,
-        accuracy_level=spec.accuracy_level,
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
-    nodes = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(out)).graph.node)
-    return {"matmul_nbits": nodes, "block_size": spec.block_size, "accuracy_level": spec.accuracy_level}
+    def candidates(self) -> list[Candidate]:
+        return []
+
+    def _quantize(self, out: Path, only: list[str] | None, exclude: list[str]) -> None:
+        import onnx
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        model = OnnxModel(onnx.load(str(self.src)))
+        model.convert_float_to_float16(keep_io_types=True)
+        model.save_model_to_file(str(out))
+
+    def describe(self, model: Path) -> dict[str, Any]:
+        import onnx
+
+        graph = onnx.load(str(model)).graph
+        fp16 = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+        return {"fp16_initializers": fp16, "initializers": len(graph.initializer)}
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "dynamic-int8": DynamicInt8,
+    "static-int8": StaticInt8,
+    "int4": Int4,
+    "fp16": Fp16,
+}
+
+
+def _selection_rows(ctx: RunContext, spec: QuantizeSpec) -> tuple[Split, str]:
+    """Labelled rows for ranking and `exclude: auto`: validation rows when the recipe has them, else training rows
+    (the calibration sample uses another seed)."""
+    validation = ctx.validation
+    if validation is not None:
+        return validation.head(spec.auto_rows), f"{ctx.recipe.finetune.validation.file} (first rows)"  # type: ignore[union-attr]
+    return ctx.train.sample(spec.auto_rows, seed=ctx.recipe.finetune.seed + 2), f"{ctx.recipe.data.train} (sample)"
+
+
+def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
+    """Build the variant's model into out/model.onnx; rank the nodes and choose exclusions when the spec asks."""
+    from toolchain.runtime import OnnxClassifier
+
+    tokenizer = ctx.artifacts["finetune"].file("tokenizer.json")
+    max_length, batch_size = ctx.recipe.bundle.max_length, ctx.recipe.evaluate.batch_size
+    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+        quantizer = QUANTIZERS[spec.mode](ctx, spec, src, Path(tmp))
+        final = out / "model.onnx"
+        meta: dict[str, Any] = {}
+        exclude = spec.exclude if isinstance(spec.exclude, list) else []
+        if spec.ranks_nodes:
+            rows, where = _selection_rows(ctx, spec)
+
+            def logits(model: Path, texts: list[str]) -> np.ndarray:
+                result = OnnxClassifier(model, tokenizer, max_length, threads=ctx.threads).logits(texts, batch_size)
+                if model.parent == Path(tmp) and model.name.startswith("try-"):
+                    model.unlink()  # keep the scratch folder small: one model at a time
+                return result
+
+            quantizer.build(only=[])  # calibrates (static) before the one-node builds reuse the ranges
+            probe = rows.texts[: spec.sensitivity_rows]
+            reference = logits(quantizer.src, probe)
+            candidates = quantizer.candidates()
+            log.info("quantize: ranking %d nodes by sensitivity on %d rows", len(candidates), len(probe))
+            ranking = rank_nodes(candidates, quantizer.build, lambda m: logits(m, probe), reference)
+            (out / "sensitivity.json").write_text(json.dumps(ranking, indent=1))
+            meta["sensitivity"] = {"rows": len(probe), "rows_from": where, "nodes": len(ranking), "worst": ranking[:15]}
+            if spec.exclude == "auto":
+                target = (
+                    spec.auto_target_drop
+                    if spec.auto_target_drop is not None
+                    else ctx.recipe.budget.max_accuracy_drop / 2
+                )
+
+                def accuracy(model: Path) -> float:
+                    return float((logits(model, rows.texts).argmax(-1) == rows.labels).mean())
+
+                fp32_accuracy = float((logits(quantizer.src, rows.texts).argmax(-1) == rows.labels).mean())
+                exclude, tries = auto_exclude(ranking, quantizer.build, accuracy, fp32_accuracy, target)
+                meta["auto"] = {
+                    "rows": len(rows),
+                    "rows_from": where,
+                    "target_drop": target,
+                    "fp32_accuracy": fp32_accuracy,
+                    "tries": tries,
+                }
+                log.info("quantize: exclude auto keeps %d of %d nodes in float", len(exclude), len(ranking))
+        quantizer.build(final, exclude=exclude)
+        meta["excluded"] = exclude
+        meta.update(quantizer.describe(final))
+    return meta
 
 
 def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> dict[str, Any]:
@@ -218,20 +397,17 @@ def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> 
 @register(
     "quantize",
     kind="onnx-quantized",
-    help="Quantize: dynamic int8, static int8 (calibrated QDQ), int4 weight-only, or keep a QAT Q/DQ export.",
-    version=2,
+    help="Quantize: dynamic int8, static int8 (calibrated QDQ), int4 weight-only, fp16, or keep a QAT Q/DQ export; "
+    "optionally rank nodes by sensitivity and keep the worst in float.",
+    version=3,
 )
 def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     spec = QuantizeSpec.model_validate(call.config)
     (src,) = inputs.values()
     if spec.mode == "qat-qdq":
         meta = _qat(ctx, spec, src, out)
-    elif spec.mode == "static-int8":
-        meta = _static(ctx, spec, src.file("model.onnx"), out / "model.onnx")
-    elif spec.mode == "int4":
-        meta = _int4(spec, src.file("model.onnx"), out / "model.onnx")
     else:
-        meta = _dynamic(spec, src.file("model.onnx"), out / "model.onnx")
+        meta = build_variant(ctx, spec, src.file("model.onnx"), out)
     reference = ctx.artifacts["export"].file(REFERENCE)
     drift = compare(out / "model.onnx", ctx.artifacts["finetune"].file("tokenizer.json"), reference, ctx.threads)
     return {"mode": spec.mode, **meta, "drift_vs_pytorch": drift, "qdq": qdq_coverage(out / "model.onnx")}

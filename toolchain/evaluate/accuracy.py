@@ -50,11 +50,11 @@ def evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     hf_dir = inputs["finetune"].path
     batch_size = call.config["batch_size"]
     bar = tqdm(total=len(texts), desc=call.key, unit="row", mininterval=2.0)
+    model_key = call.inputs[0]  # the variant's own artifact (the teacher's for pytorch-fp32)
     if call.config["format"] == "pytorch":
         encoder = TextEncoder(hf_dir / "tokenizer.json", max_length)
-        logits = pytorch_logits(load_pytorch(hf_dir), encoder, texts, batch_size, bar.update)
+        logits = pytorch_logits(load_pytorch(inputs[model_key].path), encoder, texts, batch_size, bar.update)
     else:
-        (model_key,) = [k for k in call.inputs if k != "finetune"]
         clf = OnnxClassifier(
             inputs[model_key].file("model.onnx"), hf_dir / "tokenizer.json", max_length, threads=ctx.threads
         )

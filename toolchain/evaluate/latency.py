@@ -41,7 +41,8 @@ def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Pa
     results: dict[str, Any] = {}
     for v in tqdm(cfg["variants"], desc="bench", unit="variant"):
         if v["format"] == "pytorch":
-            model, size = hf_dir, (hf_dir / "model.safetensors").stat().st_size
+            model = inputs[v["source"]].path
+            size = (model / "model.safetensors").stat().st_size
         else:
             model = inputs[v["source"]].file("model.onnx")
             size = model.stat().st_size

@@ -88,8 +88,12 @@ def train_classifier(
     cfg: FinetuneSection,
     validation: Split | None = None,
     on_step: Callable[[torch.nn.Module, int, int], None] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` in place on `train`; returns the curves and timings. Under torchrun every rank calls this."""
+    """Train `model` in place on `train`; returns the curves and timings. Under torchrun every rank calls this.
+
+    `loss_fn(model, batch, rows)` replaces the default loss (cross-entropy on the rows' labels); distillation uses
+    it to add the teacher's signal. `rows` are the batch's indices into `train`."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = train_device()
     model.to(device)
@@ -131,7 +135,10 @@ def train_classifier(
         tokens += int(batch["attention_mask"].sum())
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = trained(**batch, labels=labels[rows].to(device)).loss
+            if loss_fn is None:
+                loss = trained(**batch, labels=labels[rows].to(device)).loss
+            else:
+                loss = loss_fn(trained, batch, rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -1,0 +1,114 @@
+"""Distillation on the tiny model: the student's layers, its losses, and the pipeline path through it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import tiny_recipe_dict, write_recipe
+
+from toolchain import pipeline
+from toolchain.compile.distill import build_student, make_loss
+from toolchain.errors import StageError
+from toolchain.recipe import DistillSection, load_recipe
+
+
+def teacher(tiny_model: Path, eager: bool = False) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    return AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2, **kwargs).eval()
+
+
+def test_student_keeps_the_requested_teacher_layers(tiny_model: Path) -> None:
+    t = teacher(tiny_model)
+    s = build_student(t, [1])
+    assert s.config.num_hidden_layers == 1 and len(s.bert.encoder.layer) == 1
+    assert t.config.num_hidden_layers == 2  # the teacher is untouched
+    for (name, a), b in zip(
+        s.bert.encoder.layer[0].state_dict().items(), t.bert.encoder.layer[1].state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert torch.equal(s.classifier.weight, t.classifier.weight)
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    assert s(input_ids=ids).logits.shape == (1, 2)
+    with pytest.raises(StageError, match=r"layers 0\.\.1 only"):
+        build_student(t, [0, 2])
+
+
+def test_kept_layers_spread_evenly_and_end_at_the_last() -> None:
+    assert DistillSection(num_layers=3).kept_layers(6) == [1, 3, 5]
+    assert DistillSection(num_layers=2).kept_layers(12) == [5, 11]
+    assert DistillSection(layers=[0, 2, 4]).kept_layers(6) == [0, 2, 4]
+    with pytest.raises(ValueError, match="exactly one"):
+        DistillSection(layers=[0], num_layers=1)
+
+
+def test_every_loss_term_is_finite_and_trains_only_the_student(tiny_model: Path) -> None:
+    t = teacher(tiny_model, eager=True).requires_grad_(False)
+    s = build_student(t, [1]).train()
+    cfg = DistillSection(layers=[1], alpha=0.7, hidden_weight=1.0, attention_weight=1.0)
+    batch = {
+        "input_ids": torch.tensor([[101, 2023, 2003, 1037, 102], [101, 2204, 102, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+    }
+    with torch.no_grad():
+        t_logits = t(**batch).logits
+    loss_fn = make_loss(cfg, [1], t_logits, torch.tensor([1, 0]), t)
+    loss = loss_fn(s, batch, [0, 1])
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert all(p.grad is None for p in t.parameters())
+    assert s.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    # logit-only distillation of a student that equals its teacher has nothing left to learn from the teacher
+    same = make_loss(DistillSection(layers=[0, 1], alpha=1.0), [0, 1], t_logits, torch.tensor([1, 0]), None)
+    assert same(build_student(t, [0, 1]).eval(), batch, [0, 1]).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distill_recipe_exports_and_quantizes_the_student(tiny_model: Path, tmp_path: Path) -> None:
+    data = tiny_recipe_dict(tiny_model, name="distilled")
+    data["data"].update(max_train_rows=800, max_eval_rows=100)
+    data["compile"]["distill"] = {
+        "num_layers": 1,
+        "epochs": 3,
+        "lr": 3.0e-3,
+        "precision": "fp32",
+        "hidden_weight": 0.5,
+        "attention_weight": 0.5,
+    }
+    data["bench"].update(batch_sizes=[1], seq_lens=[32])
+    data["budget"].update(max_accuracy_drop=0.5)
+    runs = tmp_path / "runs"
+    recipe_file = write_recipe(tmp_path, data)
+    ctx = pipeline.run(load_recipe(recipe_file), runs)
+
+    student = ctx.artifacts["distill"]
+    assert json.loads(student.file("config.json").read_text())["num_hidden_layers"] == 1
+    assert student.meta["kept_layers"] == [1] and student.meta["teacher_layers"] == 2
+    curve = json.loads(student.file("train_log.json").read_text())["loss_curve"]
+    assert curve[-1]["loss"] < curve[0]["loss"]  # the student learns
+    assert ctx.artifacts["teacher-logits"].meta["rows"] == 800
+    # the exported graph is the student's: one attention block, where the teacher has two
+    ops = [n.op_type for n in onnx.load(str(ctx.artifacts["optimize"].file("model.onnx"))).graph.node]
+    assert ops.count("Attention") == 1
+    report = json.loads((runs / "distilled" / "report.json").read_text())
+    names = [v["name"] for v in report["variants"]]
+    assert names[:3] == ["pytorch-fp32", "pytorch-fp32-student", "onnx-fp32"]
+    student_acc = next(v["accuracy"] for v in report["variants"] if v["name"] == "pytorch-fp32-student")
+    onnx_acc = next(v["accuracy"] for v in report["variants"] if v["name"] == "onnx-fp32")
+    assert student_acc == onnx_acc  # the ONNX variants are the student
+    assert report["distill"]["kept_layers"] == [1]
+    assert "1-layer student" in (runs / "distilled" / "report.md").read_text()
+
+    # A new temperature retrains the student and reuses the cached teacher logits.
+    data["compile"]["distill"]["temperature"] = 4.0
+    ctx2 = pipeline.run(load_recipe(write_recipe(tmp_path, data)), runs)
+    status = {r.key: r.status for r in ctx2.records}
+    assert status["finetune"] == status["teacher-logits"] == "reused"
+    assert status["distill"] == "ran"
+    logits = np.load(ctx2.artifacts["teacher-logits"].file("teacher_logits.npy"))
+    assert logits.shape == (800, 2)
