@@ -126,6 +126,8 @@ def test_qlora_finetune_stage_runs_on_cpu(tiny_model: Path, tmp_path: Path) -> N
 
 def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path) -> None:
     data = small(tiny_model, "ddp")
+    # distillation after a distributed fine-tune trains the student on rank 0 alone (the other ranks have stopped)
+    data["compile"]["distill"] = {"num_layers": 1, "epochs": 1, "lr": 3.0e-3, "precision": "fp32"}
     recipe = write_recipe(tmp_path, data)
     runs = tmp_path / "runs"
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -171,3 +173,5 @@ def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path)
         pred = model(**batch).logits.argmax(-1).tolist()
     assert pred == views[0] == views[1]
     assert np.isfinite(json.loads((runs / "ddp" / "report.json").read_text())["variants"][0]["accuracy"])
+    distill = next(s for s in lineage["stages"] if s["key"] == "distill")
+    assert distill["meta"]["world_size"] == 1 and distill["meta"]["kept_layers"] == [1]

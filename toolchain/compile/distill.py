@@ -228,7 +228,15 @@ def distill(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: 
         torch.as_tensor(ctx.train.labels),
         teacher if online else None,
     )
-    stats = train_classifier(student, tokenizer, ctx.train, _training_cfg(ctx, cfg), ctx.validation, loss_fn=loss_fn)
+    stats = train_classifier(
+        student,
+        tokenizer,
+        ctx.train,
+        _training_cfg(ctx, cfg),
+        ctx.validation,
+        loss_fn=loss_fn,
+        distributed=False,  # under torchrun only fine-tuning is shared; the other ranks stop after it
+    )
     student = student.to("cpu").float()
     student.save_pretrained(out, safe_serialization=True)
     copy_tokenizer(teacher_dir, out)

@@ -89,12 +89,14 @@ def train_classifier(
     validation: Split | None = None,
     on_step: Callable[[torch.nn.Module, int, int], None] | None = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], torch.Tensor] | None = None,
+    distributed: bool = True,
 ) -> dict[str, Any]:
     """Train `model` in place on `train`; returns the curves and timings. Under torchrun every rank calls this.
 
     `loss_fn(model, batch, rows)` replaces the default loss (cross-entropy on the rows' labels); distillation uses
-    it to add the teacher's signal. `rows` are the batch's indices into `train`."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    it to add the teacher's signal. `rows` are the batch's indices into `train`. With `distributed=False` the call
+    trains in this process alone even under torchrun (the other ranks are not taking part)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() and distributed else (0, 1)
     device = train_device()
     model.to(device)
     ids = tokenizer(train.texts, truncation=True, max_length=cfg.max_length)["input_ids"]
