@@ -150,3 +150,32 @@ def test_recipe_round_trips_through_yaml(tmp_path: Path, tiny_model: Path) -> No
     r = load_recipe(write_recipe(tmp_path, tiny_recipe_dict(tiny_model)))
     again = yaml.safe_load(yaml.safe_dump(r.model_dump(mode="json")))
     assert load_recipe(write_recipe(tmp_path, again, name="again")).model_dump() == r.model_dump()
+
+
+def test_compression_settings_are_checked_before_compute(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["compile"]["distill"] = {"layers": [0, 5]}  # the tiny model has 2 layers
+    assert any("compile.distill.layers: [0, 5]" in p and "layers 0..1" in p for p in _problems(tmp_path, data))
+    data["compile"]["distill"] = {"layers": [1], "num_layers": 1}
+    assert any("exactly one of 'layers'" in p for p in _problems(tmp_path, data))
+    data["compile"]["distill"] = {"num_layers": 1, "precision": "fp16"}
+    import torch
+
+    if not torch.cuda.is_available():
+        assert any("compile.distill.precision: fp16" in p for p in _problems(tmp_path, data))
+    data["compile"]["distill"] = None
+    data["compile"]["quantize"] = [{"mode": "fp16", "exclude": "auto"}]
+    assert any("mode 'fp16' has no per-node quantization" in p for p in _problems(tmp_path, data))
+    data["compile"]["quantize"] = [
+        {"mode": "static-int8", "exclude": "auto"},
+        {"mode": "int4", "exclude": ["a", "b"]},
+        "fp16",
+    ]
+    r = load_recipe(write_recipe(tmp_path, data))
+    assert [q.variant_name for q in r.compile.quantize] == [
+        "onnx-int8-static-minmax-auto",
+        "onnx-int4-b32-excl2",
+        "onnx-fp16",
+    ]
+    data["budget"]["min_speedup"] = float("nan")
+    assert any(p.startswith("budget.min_speedup:") and "nan" in p for p in _problems(tmp_path, data))

@@ -91,8 +91,9 @@ def _check_folder(folder: Path, source: str) -> Path:
     return folder.resolve()
 
 
-def check_model_source(source: str) -> list[str]:
-    """Problems with a model source as `model.source: ...` lines (empty when it resolves to a usable model)."""
+def check_model_source(source: str, distill_layers: list[int] | None = None) -> list[str]:
+    """Problems with a model source as `model.source: ...` lines (empty when it resolves to a usable model).
+    `distill_layers`: teacher layers a distillation student keeps; they must exist in this model."""
     try:
         folder = resolve_source(source)
     except ModelSourceError as e:
@@ -108,6 +109,12 @@ def check_model_source(source: str) -> list[str]:
         return [
             f"model.source '{source}': model_type {model_type!r} has no sequence-classification head in "
             "transformers; use an encoder such as bert, distilbert, roberta or deberta-v2"
+        ]
+    layers = config.get("num_hidden_layers", config.get("n_layers"))
+    if distill_layers and isinstance(layers, int) and max(distill_layers) >= layers:
+        return [
+            f"compile.distill.layers: {distill_layers} names a layer the model does not have; "
+            f"'{source}' has layers 0..{layers - 1}"
         ]
     return []
 

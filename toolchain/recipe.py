@@ -586,7 +586,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         from toolchain.data import check_data
         from toolchain.models import check_model_source
 
-        problems = check_data(recipe) + check_model_source(recipe.model.source) + check_machine(recipe)
+        distill = recipe.compile.distill
+        problems = (
+            check_data(recipe)
+            + check_model_source(recipe.model.source, distill.layers if distill else None)
+            + check_machine(recipe)
+        )
         if problems:
             raise RecipeError(file, problems)
     return recipe
@@ -601,6 +606,10 @@ def check_machine(recipe: Recipe) -> list[str]:
     problems = []
     if recipe.finetune.precision == "fp16":
         problems.append("finetune.precision: fp16 autocast needs a CUDA GPU and none is visible; use bf16 or fp32")
+    if recipe.compile.distill is not None and recipe.compile.distill.precision == "fp16":
+        problems.append(
+            "compile.distill.precision: fp16 autocast needs a CUDA GPU and none is visible; use bf16 or fp32"
+        )
     if recipe.finetune.qlora is not None and recipe.finetune.qlora.compute_dtype == "fp16":
         problems.append("finetune.qlora.compute_dtype: fp16 needs a CUDA GPU and none is visible; use bf16 or fp32")
     return problems
