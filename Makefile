@@ -1,5 +1,7 @@
 # make <recipe>   run recipes/<recipe>.yaml end to end (every recipe file gets a target; ARGS="key=value ..." overrides)
 # make test       the test suite;  make lint  ruff;  make list  recipes and stages
+# make bench-ci   the CI benchmark (bench/sst2-ci.yaml, timing re-measured) and its regression gate
+# make bench-baseline   re-measure and rewrite bench/baselines/sst2-ci.json (on purpose; commit it)
 # Every target creates or reuses the virtual environment .venv first.
 
 SHELL := /bin/bash
@@ -15,10 +17,14 @@ NPROC ?= 1
 # instead of resolving a multi-GB CUDA build as a dependency of the rest.
 TORCH_REQ = $(shell $(PYTHON) -c "import tomllib;print(next(d for d in tomllib.load(open('pyproject.toml','rb'))['project']['dependencies'] if d.startswith('torch')))")
 
-.PHONY: help venv test lint list clean-runs $(RECIPES)
+BENCH_RECIPE ?= bench/sst2-ci.yaml
+BENCH_RUN = runs/$(basename $(notdir $(BENCH_RECIPE)))
+BENCH_BASELINE ?= bench/baselines/$(basename $(notdir $(BENCH_RECIPE))).json
+
+.PHONY: help venv test lint list clean-runs bench-ci bench-baseline $(RECIPES)
 
 help:
-	@echo "targets: $(RECIPES) test lint list clean-runs"
+	@echo "targets: $(RECIPES) test lint list clean-runs bench-ci bench-baseline"
 
 $(STAMP): pyproject.toml requirements/models.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +49,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check toolchain tests
+
+# Training and export are reused when cached; the timing is always measured again (--force bench).
+bench-ci: $(STAMP)
+	$(PY) -m toolchain run $(BENCH_RECIPE) --force bench $(ARGS)
+	$(PY) -m toolchain gate $(BENCH_RUN) --baseline $(BENCH_BASELINE)
+
+bench-baseline: $(STAMP)
+	$(PY) -m toolchain run $(BENCH_RECIPE) --force bench $(ARGS)
+	$(PY) -m toolchain baseline $(BENCH_RUN) --out $(BENCH_BASELINE)
 
 list: $(STAMP)
 	$(PY) -m toolchain list

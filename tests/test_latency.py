@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from toolchain.evaluate.latency import latency_stats, time_calls
 
@@ -44,3 +45,19 @@ def test_time_calls_counts_warmup_and_cycles_batches() -> None:
 def test_time_calls_respects_max_iters() -> None:
     samples = time_calls(lambda b: None, [0], warmup=0, min_iters=1, min_seconds=1e9, max_iters=25)
     assert len(samples) == 25
+
+
+def test_round_ratio_range_covers_the_median_ratio_about_94_percent_of_the_time() -> None:
+    from toolchain.evaluate.stats import ratio_interval
+
+    rng = np.random.default_rng(2)
+    hits, trials = 0, 2000
+    for _ in range(trials):
+        drift = rng.lognormal(0, 0.2, size=5)  # the machine slows and speeds up between rounds
+        base = 20.0 * drift * rng.lognormal(0, 0.03, size=5)
+        variant = 8.0 * drift * rng.lognormal(0, 0.03, size=5)
+        lo, hi = ratio_interval(list(variant), list(base))
+        hits += lo <= 0.4 <= hi  # the true ratio, 8 / 20 (the median of the per-round ratios' distribution)
+    assert 0.90 <= hits / trials <= 0.97  # 1 - 2 * 0.5**5 = 0.9375
+    # a shared drift cancels in the ratio: the range stays narrow even when the machine doubles its latency
+    assert ratio_interval([8.0, 16.0, 8.2], [20.0, 40.0, 20.1]) == [0.4, pytest.approx(0.40796, abs=1e-4)]

@@ -39,7 +39,7 @@ def test_report_contract_and_numbers(first_run) -> None:
     for key in ("cpu_model", "cores_physical", "threads", "versions", "git_commit"):
         assert key in rep["environment"]
     names = [v["name"] for v in rep["variants"]]
-    assert names == ["pytorch-fp32", "onnx-fp32", "onnx-fp32-optimized", "onnx-int8-dynamic"]
+    assert names == ["pytorch-fp32", "onnx-fp32", "onnx-fp32-optimized", "onnx-int8-dynamic", "optimum-int8-dynamic"]
     for v in rep["variants"]:
         assert v["format"] in ("pytorch", "onnx") and v["precision"] in ("fp32", "int8")
         assert 0 <= v["accuracy"] <= 1 and v["size_bytes"] > 0
@@ -61,6 +61,37 @@ def test_report_contract_and_numbers(first_run) -> None:
     assert (runs / "tiny" / "report.png").stat().st_size > 5000
     assert (runs / "tiny" / "report_training.png").stat().st_size > 5000
     assert rep["training"]["loss_curve"][-1]["step"] == ctx.artifacts["finetune"].meta["steps"]
+
+
+def test_interleaved_rounds_optimum_baseline_and_targets_in_the_report(first_run) -> None:
+    import onnxruntime as ort
+
+    _, runs, ctx = first_run
+    rep = _report(runs)
+    by = {v["name"]: v for v in rep["variants"]}
+    assert rep["rounds"] == 5
+    for v in rep["variants"]:
+        for case, stats in v["latency_ms"].items():
+            rounds = v["round_p50"][case]
+            assert len(rounds) == 5 and min(rounds) <= stats["p50"] * 1.5  # one median per round
+            if v["name"] != "pytorch-fp32":
+                lo, hi = v["latency_ratio_ci"][case]
+                assert lo <= hi and lo > 0
+    # Optimum's path from the same weights: a reference row, never shipped
+    optimum = ctx.artifacts["optimum-baseline"].meta
+    assert optimum["preset"] in ("avx512_vnni", "avx512", "avx2", "arm64") and optimum["optimization"] == "O2"
+    assert rep["verdicts"]["optimum-int8-dynamic"].startswith("reference")
+    assert by["optimum-int8-dynamic"]["size_bytes"] < 0.6 * by["onnx-fp32"]["size_bytes"]
+    md = (runs / "tiny" / "report.md").read_text()
+    assert "## Against Optimum" in md and f"shipped `{rep['shipped']}`" in md
+    assert (runs / "tiny" / "report_latency.png").stat().st_size > 5000
+    # a provider this onnxruntime build lacks is skipped with the reason, not silently
+    have = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in have:
+        assert "cuda" in rep["targets"]["skipped"] and "- cuda: skipped: onnxruntime has no" in md
+    if "TensorrtExecutionProvider" not in have:
+        assert "tensorrt" in rep["targets"]["skipped"]
+    assert rep["targets"]["measured"][0] == "cpu"
 
 
 def test_accuracy_is_recomputed_from_stored_predictions(first_run) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from toolchain.recipe import BudgetSection
 
 BASELINE = "pytorch-fp32"
+OPTIMUM_BASELINE = "optimum-int8-dynamic"
 
 
 @dataclass
@@ -42,6 +43,9 @@ def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:
         reasons = []
         if r["format"] != "onnx":
             choice.verdicts[r["name"]] = "baseline (not shippable: the bundle is ONNX)"
+            continue
+        if r["name"] == OPTIMUM_BASELINE:
+            choice.verdicts[r["name"]] = "reference: what Optimum's default path makes from the same weights"
             continue
         drop = r["accuracy_drop"]
         # Accuracy is a count over the eval rows: compare in rows, not in floats, so 1 row == 1 row.

@@ -1,7 +1,7 @@
-"""Command line: `python -m toolchain {validate,run,list,report} ...`.
+"""Command line: `python -m toolchain {validate,run,list,report,gate,baseline} ...`.
 
 Exit codes: 0 success; 2 invalid recipe, data or model source (found before any compute); 3 a stage check failed
-(parity, budget); 1 any other toolchain error.
+(parity, budget); 4 the bench gate found a regression; 1 any other toolchain error.
 """
 
 from __future__ import annotations
@@ -98,6 +98,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    import json
+
+    from toolchain.gate import GateError, run_gate
+    from toolchain.report import results_table
+
+    run_dir = Path(args.run_dir)
+    try:
+        text = run_gate(run_dir, Path(args.baseline), args.accuracy_tolerance, args.latency_tolerance)
+    except GateError as e:
+        print(results_table(json.loads((run_dir / "report.json").read_text())) + "\n")
+        print(str(e))
+        return e.exit_code
+    print(results_table(json.loads((run_dir / "report.json").read_text())) + "\n")
+    print(text)
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from toolchain.gate import write_baseline
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "report.json").is_file():
+        raise ToolchainError(f"{run_dir / 'report.json'} does not exist; run the recipe first")
+    data = write_baseline(run_dir, Path(args.out), args.accuracy_tolerance, args.latency_tolerance)
+    print(f"baseline for {data['recipe']} ({len(data['variants'])} variants) written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="toolchain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.add_argument("--readme", help="also write the results table into this README")
     rep.set_defaults(fn=cmd_report)
+
+    from toolchain.gate import DEFAULT_ACCURACY_TOLERANCE, DEFAULT_LATENCY_TOLERANCE
+
+    g = sub.add_parser("gate", help="compare a run's report with a committed baseline; exit 4 on a regression")
+    g.add_argument("run_dir")
+    g.add_argument("--baseline", required=True, help="baseline JSON (bench/baselines/<recipe>.json)")
+    g.add_argument("--accuracy-tolerance", type=float, help="points (0-1) below the baseline allowed")
+    g.add_argument("--latency-tolerance", type=float, help="fraction beyond the ratio ranges allowed (0.10 = 10%%)")
+    g.set_defaults(fn=cmd_gate)
+
+    b = sub.add_parser("baseline", help="write a run's numbers as the baseline the gate compares against")
+    b.add_argument("run_dir")
+    b.add_argument("--out", required=True)
+    b.add_argument("--accuracy-tolerance", type=float, default=DEFAULT_ACCURACY_TOLERANCE)
+    b.add_argument("--latency-tolerance", type=float, default=DEFAULT_LATENCY_TOLERANCE)
+    b.set_defaults(fn=cmd_baseline)
     return p
 
 

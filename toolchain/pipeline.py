@@ -377,6 +377,20 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
             }
         calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (source,), identity))
         variants.append(Variant(q.variant_name, key, "onnx", q.precision))
+    if recipe.bench.optimum_baseline:
+        from toolchain.choose import OPTIMUM_BASELINE
+        from toolchain.compile.optimum_baseline import cpu_flags, cpu_preset
+
+        calls.append(
+            StageCall(
+                "optimum-baseline",
+                "optimum-baseline",
+                {"preset": cpu_preset(cpu_flags())},
+                (ctx.model_key, "export"),  # the export holds the PyTorch reference logits
+                {**eval_identity, "export": comp.export.model_dump(mode="json")},
+            )
+        )
+        variants.append(Variant(OPTIMUM_BASELINE, "optimum-baseline", "onnx", "int8"))
     eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
     for v in variants:
         inputs = tuple(dict.fromkeys((v.source, "finetune")))

@@ -363,10 +363,35 @@ class BenchSection(Strict):
         description="Sequence lengths: a token count, or 'real' for eval sentences at their own lengths.",
     )
     threads: int | None = Field(None, gt=0, description="Intra-op threads (default: the machine's cores).")
-    warmup: int = Field(10, ge=0, description="Untimed runs before timing each case.")
-    min_iters: int = Field(50, gt=0, description="Timed runs per case, at least.")
-    min_seconds: float = Field(2.0, ge=0, description="Keep timing each case until this much time has passed.")
-    max_iters: int = Field(1000, gt=0, description="Stop timing a case after this many runs.")
+    warmup: int = Field(10, ge=0, description="Untimed runs before each round of a case.")
+    min_iters: int = Field(50, gt=0, description="Timed runs per case, at least (over all rounds).")
+    min_seconds: float = Field(2.0, ge=0, description="Time each case at least this long (over all rounds).")
+    max_iters: int = Field(1000, gt=0, description="Stop timing a case after this many runs (over all rounds).")
+    rounds: int = Field(
+        5,
+        ge=1,
+        le=50,
+        description="Every variant stays loaded in its own process and the cases are timed in this many interleaved "
+        "rounds; the spread of the per-round ratios to PyTorch is the interval the report prints for each ratio.",
+    )
+    targets: list[Literal["cpu", "cuda", "tensorrt"]] = Field(
+        ["cpu", "cuda", "tensorrt"],
+        min_length=1,
+        description="onnxruntime providers to time the ONNX variants on; one that this machine lacks is skipped "
+        "with a line in the report saying why. Accuracy and the choice use the CPU.",
+    )
+    optimum_baseline: bool = Field(
+        True,
+        description="Also build the variant an Optimum user would (optimum export, ORTOptimizer O2, ORTQuantizer "
+        "dynamic int8 with its configuration for this CPU) from the same weights, and compare against it.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _cpu_first(cls, v: list[str]) -> list[str]:
+        if "cpu" not in v:
+            raise ValueError("must include 'cpu': accuracy, memory and the choice of the variant to ship use the CPU")
+        return list(dict.fromkeys(v))
 
 
 class BudgetSection(Strict):

@@ -40,7 +40,7 @@ def register(name: str, kind: str, help: str, version: int = 1) -> Callable[[Sta
 def load_all() -> dict[str, Stage]:
     """Import every stage module so that the registry is complete."""
     from toolchain import bundle  # noqa: F401
-    from toolchain.compile import distill, export, optimize, quantize  # noqa: F401
+    from toolchain.compile import distill, export, optimize, optimum_baseline, quantize  # noqa: F401
     from toolchain.evaluate import accuracy, latency  # noqa: F401
     from toolchain.finetune import stage  # noqa: F401
 

@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.choose import BASELINE, Choice, pareto_front
+from toolchain.choose import BASELINE, OPTIMUM_BASELINE, Choice, pareto_front
+from toolchain.evaluate.stats import ratio_interval
 
 if TYPE_CHECKING:
     from toolchain.pipeline import RunContext, Variant
@@ -45,6 +46,7 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any
                     for c, r in b["cases"].items()
                 },
                 "latency_samples_ms": {c: r["samples_ms"] for c, r in b["cases"].items()},
+                "round_p50": {c: r["round_p50"] for c, r in b["cases"].items() if "round_p50" in r},
                 "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
                 "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
                 "artifact": ctx.artifacts[v.source].id,
@@ -63,6 +65,11 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any
         r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
         r["latency_ratio_to_pytorch"] = {
             c: r["latency_ms"][c]["p50"] / base["latency_ms"][c]["p50"] for c in r["latency_ms"]
+        }
+        r["latency_ratio_ci"] = {
+            c: ratio_interval(r["round_p50"][c], base["round_p50"][c])
+            for c in r["latency_ms"]
+            if r.get("round_p50", {}).get(c) and base.get("round_p50", {}).get(c)
         }
     return rows
 
@@ -165,6 +172,21 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
         "variants": rows,
         "verdicts": choice.verdicts,
         "pareto_front": pareto_front(rows, choice.latency_case),
+        "rounds": bench.get("rounds"),
+        "targets": {
+            **bench.get("targets", {}),
+            "results": {
+                t: {
+                    name.rsplit("@", 1)[0]: {
+                        c: {k: r[k] for k in ("p50", "p90", "p99", "p50_ci95")} for c, r in v["cases"].items()
+                    }
+                    for name, v in bench["variants"].items()
+                    if name.endswith(f"@{t}")
+                }
+                for t in bench.get("targets", {}).get("measured", [])
+                if t != "cpu"
+            },
+        },
         "shipped": choice.shipped,
         "bundle": str(bundle) if bundle else None,
         "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
@@ -189,6 +211,7 @@ def render(report_json: Path) -> None:
     data = json.loads(report_json.read_text())
     _atomic_write(report_json.with_name("report.md"), markdown(data))
     plot(data, report_json.with_name("report.png"))
+    plot_latency(data, report_json.with_name("report_latency.png"))
     if data.get("training", {}).get("loss_curve"):
         plot_training(data, report_json.with_name("report_training.png"))
 
@@ -196,19 +219,74 @@ def render(report_json: Path) -> None:
 def results_table(data: dict[str, Any]) -> str:
     """The variants side by side: the table the README and CI print."""
     rows = data["variants"]
+    case = data["latency_case"]
     cases = list(rows[0]["latency_ms"])
-    head = "| variant | accuracy % | Δ vs fp32 (pts) | MB | " + " | ".join(f"{c} p50 ms" for c in cases)
-    head += f" | {data['latency_case']} vs PyTorch |"
-    lines = [head, "|" + " --- |" * (5 + len(cases))]
+    head = "| variant | accuracy % | Δ vs fp32 (pts) | MB | peak RSS MB | " + " | ".join(f"{c} p50 ms" for c in cases)
+    head += f" | {case} vs PyTorch (range over rounds) |"
+    lines = [head, "|" + " --- |" * (6 + len(cases))]
     for r in rows:
         mark = " **(shipped)**" if r["name"] == data["shipped"] else ""
         lat = " | ".join(f"{r['latency_ms'][c]['p50']:.2f}" for c in cases)
-        ratio = r["latency_ratio_to_pytorch"][data["latency_case"]]
+        ratio = f"{r['latency_ratio_to_pytorch'][case]:.2f}x"
+        ci = (r.get("latency_ratio_ci") or {}).get(case)
+        if ci and r["name"] != BASELINE:
+            ratio += f" ({ci[0]:.2f}–{ci[1]:.2f})"
+        rss = f"{r['peak_rss_bytes'] / 1e6:.0f}" if r.get("peak_rss_bytes") else "?"
         lines.append(
             f"| {r['name']}{mark} | {r['accuracy'] * 100:.2f} | {(-r['accuracy_drop'] * 100) + 0.0:+.2f} | "
-            f"{r['size_bytes'] / 1e6:.1f} | {lat} | {ratio:.2f}x |"
+            f"{r['size_bytes'] / 1e6:.1f} | {rss} | {lat} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def optimum_comparison(data: dict[str, Any]) -> list[str]:
+    """The shipped variant against the Optimum baseline, metric by metric."""
+    by = {r["name"]: r for r in data["variants"]}
+    ours, theirs = by.get(data.get("shipped") or ""), by.get(OPTIMUM_BASELINE)
+    if ours is None or theirs is None:
+        return []
+    out = [
+        "",
+        f"## Against Optimum (`{OPTIMUM_BASELINE}`: optimum export, ORTOptimizer O2, ORTQuantizer dynamic, "
+        "same weights)",
+        "",
+        f"| metric | shipped `{ours['name']}` | Optimum | shipped / Optimum |",
+        "| --- | --- | --- | --- |",
+        f"| accuracy % | {ours['accuracy'] * 100:.2f} | {theirs['accuracy'] * 100:.2f} | "
+        f"{(ours['accuracy'] - theirs['accuracy']) * 100:+.2f} pts |",
+    ]
+    for c in ours["latency_ms"]:
+        a, b = ours["latency_ms"][c]["p50"], theirs["latency_ms"][c]["p50"]
+        ci_a, ci_b = (ours.get("round_p50") or {}).get(c), (theirs.get("round_p50") or {}).get(c)
+        rng = ""
+        if ci_a and ci_b:
+            lo, hi = ratio_interval(ci_a, ci_b)
+            rng = f" ({lo:.2f}–{hi:.2f})"
+        out.append(f"| p50 {c} ms | {a:.2f} | {b:.2f} | {a / b:.2f}x{rng} |")
+    for key, label, scale, fmt in (
+        ("peak_rss_bytes", "peak RSS MB", 1e-6, ".0f"),
+        ("size_bytes", "file MB", 1e-6, ".1f"),
+        ("cold_start_seconds", "load + first result s", 1.0, ".2f"),
+    ):
+        if ours.get(key) and theirs.get(key):
+            x, y = ours[key] * scale, theirs[key] * scale
+            out.append(f"| {label} | {x:{fmt}} | {y:{fmt}} | {x / y:.2f}x |")
+    return out
+
+
+def target_lines(data: dict[str, Any]) -> list[str]:
+    targets = data.get("targets")
+    if not targets:
+        return []
+    out = ["", "## Targets", ""]
+    out += [f"- {t}: measured" for t in targets.get("measured", [])]
+    out += [f"- {t}: skipped: {why}" for t, why in targets.get("skipped", {}).items()]
+    for target, rows in (targets.get("results") or {}).items():
+        out += ["", f"### {target} (ONNX variants; accuracy is the CPU's)", "", "| variant | case | p50 ms | p90 ms |"]
+        out.append("| --- | --- | --- | --- |")
+        for name, cases in rows.items():
+            out += [f"| {name} | {c} | {s['p50']:.2f} | {s['p90']:.2f} |" for c, s in cases.items()]
+    return out
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -230,7 +308,12 @@ def markdown(data: dict[str, Any]) -> str:
         results_table(data),
         "",
         "Latency: median (p50) of repeated runs after warm-up, "
-        f"{env['threads']} intra-op threads. `bB_sN`: batch B of N tokens; `bB_real`: eval rows at their own length.",
+        f"{env['threads']} intra-op threads. `bB_sN`: batch B of N tokens; `bB_real`: eval rows at their own length. "
+        f"Each variant runs in its own process; the cases are timed in {data.get('rounds') or 1} interleaved "
+        "round(s), and the range after a ratio is the smallest and largest of its per-round ratios (with 5 rounds it "
+        "holds the median ratio with 94% probability). Distributions: `report_latency.png`.",
+        *optimum_comparison(data),
+        *target_lines(data),
         "",
         "## Latency percentiles (ms)",
         "",
@@ -424,6 +507,34 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{data['recipe']}: accuracy vs latency (hollow: rejected by the budget)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
+    _save_figure(fig, path)
+
+
+def plot_latency(data: dict[str, Any], path: Path) -> None:
+    """The distribution of every variant's latency samples, one box per variant and case (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["variants"] if r.get("latency_samples_ms")]
+    if not rows:
+        return
+    cases = list(rows[0]["latency_samples_ms"])
+    fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 0.45 * len(rows) + 1.8), squeeze=False)
+    for ax, case in zip(axes[0], cases, strict=True):
+        ax.boxplot(
+            [r["latency_samples_ms"][case] for r in rows],
+            vert=False,
+            showfliers=True,
+            flierprops={"markersize": 2, "alpha": 0.4},
+        )
+        ax.set_yticks(range(1, len(rows) + 1), [r["name"] for r in rows] if ax is axes[0][0] else [""] * len(rows))
+        ax.set_xscale("log")
+        ax.set_title(case, fontsize=9)
+        ax.set_xlabel("ms (log)")
+        ax.grid(alpha=0.3, which="both", axis="x")
+    fig.suptitle(f"{data['recipe']}: latency samples per variant (box: quartiles, whiskers 1.5 IQR)", fontsize=10)
     _save_figure(fig, path)
 
 

@@ -1,5 +1,10 @@
-"""Timing one model variant: latency statistics, inputs for each bench case, and the per-process measurement
-that the bench stage runs (`python -m toolchain.evaluate.measure JOB.json RESULT.json`).
+"""Timing one model variant: latency statistics, inputs for each bench case, and the per-variant process that the
+bench stage drives (`python -m toolchain.evaluate.measure JOB.json`).
+
+The process loads its variant, answers `ready` (the parent measures cold start from it), then times whatever case
+the parent asks for, one JSON line per request on stdin and one JSON line per answer on stdout, until `stop`, when
+it reports its peak resident memory. The parent interleaves the variants in rounds, so that a drift of the machine
+during the bench hits every variant alike.
 
 Statistics are computed from raw samples (kept in bench.json) so they can be recomputed and tested without clocks.
 """
@@ -7,7 +12,6 @@ Statistics are computed from raw samples (kept in bench.json) so they can be rec
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -19,33 +23,6 @@ import numpy as np
 from toolchain.runtime import OnnxClassifier, TextEncoder
 
 Feeds = dict[str, np.ndarray]
-
-
-Feeds = dict[str, np.ndarray]
-
-
-def latency_stats(samples_ms: list[float] | np.ndarray) -> dict[str, float]:
-    """Percentiles, mean, coefficient of variation and a 95% distribution-free interval for the median."""
-    x = np.sort(np.asarray(samples_ms, dtype=np.float64))
-    n = len(x)
-    if n == 0:
-        raise ValueError("no latency samples")
-    # Order-statistic interval for the median: ranks n/2 -+ 1.96*sqrt(n)/2 (normal approximation to the binomial).
-    half = 1.96 * math.sqrt(n) / 2
-    lo = x[max(0, math.floor(n / 2 - half) - 1)]
-    hi = x[min(n - 1, math.ceil(n / 2 + half) - 1)]
-    mean = float(x.mean())
-    std = float(x.std(ddof=1)) if n > 1 else 0.0
-    return {
-        "n": n,
-        "p50": float(np.percentile(x, 50)),
-        "p90": float(np.percentile(x, 90)),
-        "p99": float(np.percentile(x, 99)),
-        "mean": mean,
-        "min": float(x[0]),
-        "cv": std / mean if mean > 0 else 0.0,
-        "p50_ci95": [float(lo), float(hi)],
-    }
 
 
 def time_calls(
@@ -98,34 +75,45 @@ def case_name(batch: int, seq: int | str) -> str:
     return f"b{batch}_{'real' if seq == 'real' else f's{seq}'}"
 
 
-def measure_variant(job: dict[str, Any]) -> dict[str, Any]:
-    """Load one variant and time every case. Runs in a fresh process (see `bench`): what a model costs to load
-    and run is then its own, not polluted by training or by the variants measured before it."""
-    threads, tokenizer = job["threads"], Path(job["tokenizer"])
-    if job["format"] == "pytorch":
-        import torch
+class Variant:
+    """One loaded variant and the encoded batches of every case."""
 
-        step = _pytorch_step(Path(job["model"]), threads)
-        convert: Callable[[Feeds], Any] = lambda f: {k: torch.from_numpy(a) for k, a in f.items()}  # noqa: E731
-    else:
-        step = OnnxClassifier(job["model"], tokenizer, job["max_length"], threads=threads).run
-        convert = lambda f: f  # noqa: E731
-    texts = json.loads(Path(job["texts"]).read_text())
-    first = convert(case_inputs(tokenizer, job["max_length"], texts, 1, "real")[0])
-    step(first)
-    first_result_at = time.time()  # wall clock: the parent subtracts the moment it started this process
-    per_case = {}
-    for b, s in job["cases"]:
-        batches = [convert(f) for f in case_inputs(tokenizer, job["max_length"], texts, b, s)]
-        samples = time_calls(step, batches, job["warmup"], job["min_iters"], job["min_seconds"], job["max_iters"])
-        stats = latency_stats(samples)
-        stats["items_per_second"] = b * 1e3 / stats["mean"]
-        per_case[case_name(b, s)] = {**stats, "samples_ms": [round(x, 4) for x in samples]}
-    return {
-        "cases": per_case,
-        "first_result_at": first_result_at,
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
+    def __init__(self, job: dict[str, Any]):
+        threads, tokenizer = job["threads"], Path(job["tokenizer"])
+        if job["format"] == "pytorch":
+            import torch
+
+            self.step = _pytorch_step(Path(job["model"]), threads)
+            convert: Callable[[Feeds], Any] = lambda f: {k: torch.from_numpy(a) for k, a in f.items()}  # noqa: E731
+        else:
+            providers = job.get("providers") or ["CPUExecutionProvider"]
+            self.step = OnnxClassifier(job["model"], tokenizer, job["max_length"], threads, providers).run
+            convert = lambda f: f  # noqa: E731
+        texts = json.loads(Path(job["texts"]).read_text())
+        self.step(convert(case_inputs(tokenizer, job["max_length"], texts, 1, "real")[0]))
+        self.first_result_at = time.time()  # wall clock: the parent subtracts the moment it started this process
+        self.cases = {
+            case_name(b, s): [convert(f) for f in case_inputs(tokenizer, job["max_length"], texts, b, s)]
+            for b, s in job["cases"]
+        }
+
+    def time(self, case: str, warmup: int, min_iters: int, min_seconds: float, max_iters: int) -> list[float]:
+        return time_calls(self.step, self.cases[case], warmup, min_iters, min_seconds, max_iters)
+
+
+def serve(job: dict[str, Any], requests: Any, answer: Callable[[dict[str, Any]], None]) -> None:
+    """The per-variant process's loop: load, say ready, time cases on request, report peak memory on stop."""
+    variant = Variant(job)
+    answer({"ready": True, "first_result_at": variant.first_result_at})
+    for line in requests:
+        request = json.loads(line)
+        if request["cmd"] == "stop":
+            answer({"peak_rss_bytes": peak_rss_bytes()})
+            return
+        samples = variant.time(
+            request["case"], request["warmup"], request["min_iters"], request["min_seconds"], request["max_iters"]
+        )
+        answer({"samples_ms": [round(x, 4) for x in samples]})
 
 
 def peak_rss_bytes() -> int:
@@ -142,6 +130,19 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def main(job_file: str) -> None:
+    import os
+
+    # Answers go to the real stdout; anything a library prints goes to stderr instead of into the protocol.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr
+
+    def answer(message: dict[str, Any]) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
+    serve(json.loads(Path(job_file).read_text()), sys.stdin, answer)
+
+
 if __name__ == "__main__":
-    _job, _result = Path(sys.argv[1]), Path(sys.argv[2])
-    _result.write_text(json.dumps(measure_variant(json.loads(_job.read_text()))))
+    main(sys.argv[1])

@@ -1,0 +1,121 @@
+"""The CI gate's decision rule on synthetic numbers, and the gate/baseline commands on a real report."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from toolchain.gate import GateError, compare, run_gate, summarize, table, write_baseline
+
+
+def summary(ratios: dict[str, tuple[float, float, float]], accuracy: dict[str, float] | None = None) -> dict:
+    """ratios: variant -> (ratio, low, high) on b1_s128; PyTorch is implied."""
+    accuracy = accuracy or {}
+    variants = {
+        "pytorch-fp32": {"accuracy": accuracy.get("pytorch-fp32", 0.9), "ratio_to_pytorch": {}, "ratio_range": {}}
+    }
+    for name, (r, lo, hi) in ratios.items():
+        variants[name] = {
+            "accuracy": accuracy.get(name, 0.9),
+            "ratio_to_pytorch": {"b1_s128": r},
+            "ratio_range": {"b1_s128": [lo, hi]},
+        }
+    return {"variants": variants}
+
+
+BASE = summary({"onnx-int8": (0.40, 0.38, 0.42), "onnx-fp32": (0.80, 0.78, 0.83)})
+
+
+def failing(checks) -> list[tuple[str, str]]:
+    return [(c.variant, c.metric) for c in checks if not c.ok]
+
+
+def test_the_same_numbers_pass() -> None:
+    checks = compare(BASE, BASE)
+    assert failing(checks) == [] and len(checks) == 5  # 3 accuracies + 2 latency ratios
+
+
+def test_noise_within_the_ranges_passes_and_a_slower_machine_does_not_matter() -> None:
+    # every variant 2x slower in ms on another machine: ratios unchanged
+    noisy = summary({"onnx-int8": (0.44, 0.41, 0.47), "onnx-fp32": (0.79, 0.75, 0.84)})
+    assert failing(compare(noisy, BASE)) == []
+
+
+def test_a_latency_regression_beyond_noise_names_the_variant_and_metric() -> None:
+    slower = summary({"onnx-int8": (0.60, 0.57, 0.63), "onnx-fp32": (0.80, 0.78, 0.83)})
+    checks = compare(slower, BASE, latency_tolerance=0.10)
+    assert failing(checks) == [("onnx-int8", "b1_s128 p50 vs PyTorch")]
+    assert "onnx-int8 | b1_s128 p50 vs PyTorch" in table(checks) and "**REGRESSION**" in table(checks)
+    # just inside: the low end 0.46 <= 0.42 * 1.1 = 0.462
+    assert failing(compare(summary({"onnx-int8": (0.48, 0.46, 0.50), "onnx-fp32": (0.8, 0.78, 0.83)}), BASE)) == []
+
+
+def test_accuracy_drop_beyond_tolerance_fails_and_within_passes() -> None:
+    worse = summary({"onnx-int8": (0.4, 0.38, 0.42), "onnx-fp32": (0.8, 0.78, 0.83)}, {"onnx-int8": 0.893})
+    assert failing(compare(worse, BASE, accuracy_tolerance=0.005)) == [("onnx-int8", "accuracy %")]
+    assert failing(compare(worse, BASE, accuracy_tolerance=0.01)) == []
+
+
+def test_a_missing_variant_fails_and_a_new_one_is_ignored() -> None:
+    cur = copy.deepcopy(BASE)
+    del cur["variants"]["onnx-fp32"]
+    cur["variants"]["onnx-new"] = cur["variants"]["onnx-int8"]
+    assert failing(compare(cur, BASE)) == [("onnx-fp32", "present")]
+
+
+def fake_report(ratio: float, accuracy: float = 0.9) -> dict:
+    def variant(name: str, p50: float, rounds: list[float], acc: float) -> dict:
+        return {
+            "name": name,
+            "accuracy": acc,
+            "correct": int(acc * 100),
+            "accuracy_drop": 0.9 - acc,
+            "size_bytes": 23_000_000,
+            "latency_ms": {"b1_s128": {"p50": p50}},
+            "latency_ratio_to_pytorch": {"b1_s128": p50 / 20.0},
+            "latency_ratio_ci": {"b1_s128": [min(rounds) / 20.0, max(rounds) / 20.0]},
+        }
+
+    return {
+        "recipe": "ci",
+        "measured_at_commit": "abc",
+        "environment": {"cpu_model": "cpu", "cores_physical": 2, "threads": 1, "versions": {}},
+        "data": {"eval_rows": 100},
+        "latency_case": "b1_s128",
+        "shipped": "onnx-int8",
+        "variants": [
+            variant("pytorch-fp32", 20.0, [20.0] * 5, 0.9),
+            variant("onnx-int8", 20.0 * ratio, [20.0 * ratio * f for f in (0.98, 1.0, 1.02, 0.99, 1.01)], accuracy),
+        ],
+    }
+
+
+def test_gate_and_baseline_commands(tmp_path: Path, capsys) -> None:
+    from toolchain.cli import main
+
+    run = tmp_path / "runs" / "ci"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps(fake_report(0.4)))
+    baseline = tmp_path / "baselines" / "ci.json"
+    data = write_baseline(run, baseline, 0.005, 0.1)
+    assert data["variants"]["onnx-int8"]["ratio_range"]["b1_s128"] == [pytest.approx(0.392), pytest.approx(0.408)]
+    assert json.loads(baseline.read_text()) == json.loads(json.dumps(data))
+    assert "checks pass." in run_gate(run, baseline)
+
+    (run / "report.json").write_text(json.dumps(fake_report(0.6)))  # a slower variant swapped in
+    with pytest.raises(GateError, match="onnx-int8 b1_s128 p50 vs PyTorch regressed"):
+        run_gate(run, baseline)
+    assert main(["gate", str(run), "--baseline", str(baseline)]) == 4
+    out = capsys.readouterr().out
+    assert "**REGRESSION**" in out and "| onnx-int8 |" in out
+    assert main(["gate", str(run), "--baseline", str(tmp_path / "nope.json")]) == 1
+    assert "make bench-baseline" in capsys.readouterr().err
+
+
+def test_summary_keeps_what_the_gate_reads() -> None:
+    s = summarize(fake_report(0.4))
+    assert set(s["variants"]) == {"pytorch-fp32", "onnx-int8"}
+    assert s["variants"]["onnx-int8"]["ratio_to_pytorch"]["b1_s128"] == pytest.approx(0.4)

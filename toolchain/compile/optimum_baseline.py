@@ -1,0 +1,79 @@
+"""The Optimum baseline: the variant an Optimum user would make from the same weights, measured beside ours.
+
+optimum's ORT export, ORTOptimizer at its O2 preset (the fusions optimum recommends for CPU), then ORTQuantizer
+dynamic int8 with optimum's preset for this CPU's instruction set (avx512_vnni, avx512, avx2 or arm64), per-tensor
+as those presets default to. Nothing is tuned: it is the reference the report's ratios are taken against.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+from toolchain.compile.parity import REFERENCE, compare
+from toolchain.pipeline import Artifact, RunContext, StageCall
+from toolchain.registry import register
+
+log = logging.getLogger("toolchain")
+
+
+def cpu_preset(flags: set[str], machine: str | None = None) -> str:
+    """The AutoQuantizationConfig preset an Optimum user picks for this CPU."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm64"
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@register(
+    "optimum-baseline",
+    kind="onnx-quantized",
+    help="Optimum's own path (export, ORTOptimizer O2, ORTQuantizer dynamic int8 for this CPU) as a baseline.",
+)
+def optimum_baseline(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    from optimum.onnxruntime import ORTModelForSequenceClassification, ORTOptimizer, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
+
+    src = inputs[call.inputs[0]].path  # the fine-tuned model, or the distilled student
+    preset = call.config["preset"]
+    work = out / "work"
+    model = ORTModelForSequenceClassification.from_pretrained(src, export=True)
+    optimizer = ORTOptimizer.from_pretrained(model)
+    optimizer.optimize(save_dir=work / "optimized", optimization_config=AutoOptimizationConfig.O2())
+    quantizer = ORTQuantizer.from_pretrained(work / "optimized", file_name="model_optimized.onnx")
+    qconfig = getattr(AutoQuantizationConfig, preset)(is_static=False)
+    quantizer.quantize(save_dir=work / "quantized", quantization_config=qconfig)
+    (quantized,) = (work / "quantized").glob("*quantized.onnx")
+    shutil.move(quantized, out / "model.onnx")
+    shutil.rmtree(work)
+    drift = compare(
+        out / "model.onnx",
+        ctx.artifacts["finetune"].file("tokenizer.json"),
+        inputs["export"].file(REFERENCE),
+        ctx.threads,
+    )
+    log.info("optimum-baseline: preset %s, max |logit diff| vs PyTorch %.3f", preset, drift["max_abs_diff"])
+    return {
+        "preset": preset,
+        "optimization": "O2",
+        "per_channel": qconfig.per_channel,
+        "operators_to_quantize": list(qconfig.operators_to_quantize),
+        "drift_vs_pytorch": drift,
+    }
