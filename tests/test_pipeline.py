@@ -79,7 +79,8 @@ def test_interleaved_rounds_optimum_baseline_and_targets_in_the_report(first_run
                 assert lo <= hi and lo > 0
     # Optimum's path from the same weights: a reference row, never shipped
     optimum = ctx.artifacts["optimum-baseline"].meta
-    assert optimum["preset"] in ("avx512_vnni", "avx512", "avx2", "arm64") and optimum["optimization"] == "O2"
+    assert optimum["preset"] in ("avx512_vnni", "avx512", "avx2", "arm64") and optimum["optimization"] in ("O2", "O1")
+    assert optimum["optimization"] == "O2" or "Unable to find data type" in optimum["failed_levels"]["O2"]
     assert rep["verdicts"]["optimum-int8-dynamic"].startswith("reference")
     assert by["optimum-int8-dynamic"]["size_bytes"] < 0.6 * by["onnx-fp32"]["size_bytes"]
     md = (runs / "tiny" / "report.md").read_text()
@@ -230,7 +231,7 @@ def test_budget_no_variant_meets_fails_with_exit_3_and_the_table(first_run, tmp_
         assert f"| {name} |" in err and "> budget 0.00 ms" in err
     report = json.loads((runs_copy / "tiny" / "report.json").read_text())
     assert report["shipped"] is None and all(
-        v.startswith(("rejected", "baseline")) for v in report["verdicts"].values()
+        v.startswith(("rejected", "baseline", "reference")) for v in report["verdicts"].values()
     )
 
 

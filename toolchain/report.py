@@ -191,6 +191,8 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
         "bundle": str(bundle) if bundle else None,
         "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
     }
+    if "optimum-baseline" in ctx.artifacts:
+        data["optimum_baseline"] = ctx.artifacts["optimum-baseline"].meta
     if "distill" in ctx.artifacts:
         data["distill"] = {
             **{k: v for k, v in ctx.artifacts["distill"].meta.items()},
@@ -245,11 +247,21 @@ def optimum_comparison(data: dict[str, Any]) -> list[str]:
     ours, theirs = by.get(data.get("shipped") or ""), by.get(OPTIMUM_BASELINE)
     if ours is None or theirs is None:
         return []
+    meta = data.get("optimum_baseline") or {}
     out = [
         "",
-        f"## Against Optimum (`{OPTIMUM_BASELINE}`: optimum export, ORTOptimizer O2, ORTQuantizer dynamic, "
-        "same weights)",
+        f"## Against Optimum (`{OPTIMUM_BASELINE}`: optimum export, ORTOptimizer "
+        f"{meta.get('optimization', '?')}, ORTQuantizer dynamic `{meta.get('preset', '?')}`, same weights)",
         "",
+        *(
+            [
+                f"Optimum's recommended O2 could not be quantized by ORTQuantizer here ({meta['failed_levels']['O2']}; "
+                "huggingface/optimum#1959), so this is the O1 path a user falls back to.",
+                "",
+            ]
+            if "O2" in (meta.get("failed_levels") or {})
+            else []
+        ),
         f"| metric | shipped `{ours['name']}` | Optimum | shipped / Optimum |",
         "| --- | --- | --- | --- |",
         f"| accuracy % | {ours['accuracy'] * 100:.2f} | {theirs['accuracy'] * 100:.2f} | "
