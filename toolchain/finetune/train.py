@@ -90,12 +90,14 @@ def train_classifier(
     on_step: Callable[[torch.nn.Module, int, int], None] | None = None,
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], torch.Tensor] | None = None,
     distributed: bool = True,
+    desc: str = "finetune",
 ) -> dict[str, Any]:
     """Train `model` in place on `train`; returns the curves and timings. Under torchrun every rank calls this.
 
     `loss_fn(model, batch, rows)` replaces the default loss (cross-entropy on the rows' labels); distillation uses
     it to add the teacher's signal. `rows` are the batch's indices into `train`. With `distributed=False` the call
-    trains in this process alone even under torchrun (the other ranks are not taking part)."""
+    trains in this process alone even under torchrun (the other ranks are not taking part). `desc` names the stage in
+    the progress bar and the log."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() and distributed else (0, 1)
     device = train_device()
     model.to(device)
@@ -131,7 +133,7 @@ def train_classifier(
     steps_run = 0
     running, tokens, t0 = 0.0, 0, time.perf_counter()
     model.train()
-    bar = tqdm(total=total_steps, desc="finetune", unit="step", mininterval=2.0, disable=rank != 0)
+    bar = tqdm(total=total_steps, desc=desc, unit="step", mininterval=2.0, disable=rank != 0)
     for step, rows in zip(range(total_steps), rank_batches(), strict=False):
         batch = pad_batch([ids[i] for i in rows], tokenizer.pad_token_id or 0)  # (B, T), T = longest in batch
         tokens += int(batch["attention_mask"].sum())
@@ -162,7 +164,7 @@ def train_classifier(
                 best, since_best = (acc, done, _snapshot(model)), 0
             else:
                 since_best += 1
-            log.info("finetune: step %d validation accuracy %.4f (best %.4f at step %d)", done, acc, best[0], best[1])
+            log.info("%s: step %d validation accuracy %.4f (best %.4f at step %d)", desc, done, acc, best[0], best[1])
             if val.patience is not None and since_best >= val.patience:
                 stopped_early = True
                 break
@@ -170,7 +172,7 @@ def train_classifier(
     bar.close()
     if best[2] is not None and best[1] != steps_run:
         model.load_state_dict(best[2], strict=False)
-        log.info("finetune: restored the best checkpoint (step %d, validation accuracy %.4f)", best[1], best[0])
+        log.info("%s: restored the best checkpoint (step %d, validation accuracy %.4f)", desc, best[1], best[0])
     model.eval()
     seconds = time.perf_counter() - t0
     return {
