@@ -177,5 +177,9 @@ def test_compression_settings_are_checked_before_compute(tmp_path: Path, tiny_mo
         "onnx-int4-b32-excl2",
         "onnx-fp16",
     ]
+    data["compile"]["quantize"][0]["auto_file"] = "sst2/missing.tsv"
+    problems = _problems(tmp_path, data)
+    assert any(p.startswith("compile.quantize.0.auto_file:") and "file not found" in p for p in problems)
+    data["compile"]["quantize"][0]["auto_file"] = "sst2/heldout.tsv"
     data["budget"]["min_speedup"] = float("nan")
     assert any(p.startswith("budget.min_speedup:") and "nan" in p for p in _problems(tmp_path, data))

@@ -133,6 +133,9 @@ def check_data(recipe: Recipe) -> list[str]:
     files = {"data.train": d.train, "data.eval": d.eval}
     if recipe.finetune.validation is not None:
         files["finetune.validation.file"] = recipe.finetune.validation.file
+    for i, q in enumerate(recipe.compile.quantize):
+        if q.auto_file is not None:
+            files[f"compile.quantize.{i}.auto_file"] = q.auto_file
     for field, rel in files.items():
         try:
             read_split(root / rel, d.text, d.label, d.labels)

@@ -372,6 +372,7 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
             identity["selection"] = {
                 "validation": ft.validation.model_dump(mode="json") if ft.validation else None,
                 "validation_sha256": ctx.validation.sha256 if ctx.validation is not None else None,
+                "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file) if q.auto_file else None,
                 "batch_size": recipe.evaluate.batch_size,
                 "max_accuracy_drop": recipe.budget.max_accuracy_drop,
             }

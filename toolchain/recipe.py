@@ -250,11 +250,14 @@ class QuantizeSpec(Strict):
         "logits with the fp32 graph on `sensitivity_rows` rows) and list the worst in the report ('auto' implies it).",
     )
     sensitivity_rows: int = Field(64, gt=0, le=2000, description="Rows used to rank the nodes by sensitivity.")
+    auto_file: str | None = Field(
+        None,
+        description="Labelled rows (relative to the data root, same columns as train) that the sensitivity ranking "
+        "and the exclusion search use. Default: finetune.validation.file, else a sample of the training rows, which "
+        "a fully fine-tuned model fits too well to show what quantization costs on new text.",
+    )
     auto_rows: int = Field(
-        1000,
-        gt=0,
-        description="exclude: auto only: rows on which the accuracy drop is checked: the first rows of "
-        "finetune.validation.file when the recipe has one (rows the model did not train on), else training rows.",
+        1000, gt=0, description="exclude: auto only: rows (the first of auto_file) on which the drop is checked."
     )
     auto_target_drop: float | None = Field(
         None,
@@ -363,7 +366,9 @@ class BenchSection(Strict):
         description="Sequence lengths: a token count, or 'real' for eval sentences at their own lengths.",
     )
     threads: int | None = Field(None, gt=0, description="Intra-op threads (default: the machine's cores).")
-    warmup: int = Field(10, ge=0, description="Untimed runs before each round of a case.")
+    warmup: int = Field(
+        10, ge=0, description="Untimed runs before timing a case (later rounds: warmup / rounds, to re-warm caches)."
+    )
     min_iters: int = Field(50, gt=0, description="Timed runs per case, at least (over all rounds).")
     min_seconds: float = Field(2.0, ge=0, description="Time each case at least this long (over all rounds).")
     max_iters: int = Field(1000, gt=0, description="Stop timing a case after this many runs (over all rounds).")

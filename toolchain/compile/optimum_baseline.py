@@ -75,7 +75,9 @@ def optimum_baseline(ctx: RunContext, call: StageCall, inputs: dict[str, Artifac
             # ORTQuantizer cannot type the outputs of O2's fused contrib ops and offers no way to pass onnxruntime's
             # DefaultTensorType (huggingface/optimum#1959); an Optimum user then falls back to a lower level.
             failures[level] = str(e).splitlines()[0][:300]
-            log.warning("optimum-baseline: %s then ORTQuantizer failed (%s); trying the next level", level, e)
+            log.warning(
+                "optimum-baseline: %s, then ORTQuantizer failed (%s...); next level", level, failures[level][:80]
+            )
     else:
         raise StageError("optimum-baseline", f"Optimum's path failed at every level: {failures}")
     (quantized,) = (work / f"{level}-quantized").glob("*quantized.onnx")

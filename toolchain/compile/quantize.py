@@ -290,12 +290,18 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
 
 
 def _selection_rows(ctx: RunContext, spec: QuantizeSpec) -> tuple[Split, str]:
-    """Labelled rows for ranking and `exclude: auto`: validation rows when the recipe has them, else training rows
-    (the calibration sample uses another seed)."""
+    """Labelled rows for ranking and `exclude: auto`: `auto_file`, else the validation rows, else training rows (the
+    calibration sample uses another seed)."""
+    from toolchain.data import read_split
+
+    d = ctx.recipe.data
+    if spec.auto_file is not None:
+        rows = read_split(ctx.recipe.data_root() / spec.auto_file, d.text, d.label, d.labels)
+        return rows.head(spec.auto_rows), f"{spec.auto_file} (first rows)"
     validation = ctx.validation
     if validation is not None:
         return validation.head(spec.auto_rows), f"{ctx.recipe.finetune.validation.file} (first rows)"  # type: ignore[union-attr]
-    return ctx.train.sample(spec.auto_rows, seed=ctx.recipe.finetune.seed + 2), f"{ctx.recipe.data.train} (sample)"
+    return ctx.train.sample(spec.auto_rows, seed=ctx.recipe.finetune.seed + 2), f"{d.train} (sample)"
 
 
 def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
