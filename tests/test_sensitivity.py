@@ -43,11 +43,11 @@ def test_rank_orders_nodes_by_their_own_output_error() -> None:
 def accuracy_of(drops: dict[str, float], base: float = 0.9):
     """Accuracy falls by drops[n] for every quantized node n."""
 
-    def accuracy(model: Path) -> float:
+    def measure(model: Path) -> dict[str, float]:
         nodes = [] if model.name == "float" else model.name.split("+")
-        return base - sum(drops[n] for n in nodes)
+        return {"drop": sum(drops[n] for n in nodes) + (0.9 - base)}
 
-    return accuracy
+    return measure
 
 
 RANKING = [{"node": n} for n in ["b", "d", "a", "c"]]
@@ -55,26 +55,27 @@ RANKING = [{"node": n} for n in ["b", "d", "a", "c"]]
 
 def test_auto_exclude_keeps_the_fewest_worst_nodes_in_float() -> None:
     acc = accuracy_of({"b": 0.02, "d": 0.006, "a": 0.001, "c": 0.0})
-    excluded, tries = auto_exclude(RANKING, fake_build, acc, 0.9, target_drop=0.005)
+    excluded, tries = auto_exclude(RANKING, fake_build, acc, 0.005, key="drop")
     assert excluded == ["b", "d"]  # b alone leaves 0.007 > 0.005; b and d leave 0.001
     assert [t["excluded"] for t in tries] == [0, 1, 2]
     assert tries[2]["drop"] < 2e-3
 
 
 def test_auto_exclude_quantizes_everything_when_the_target_is_already_met() -> None:
-    excluded, tries = auto_exclude(RANKING, fake_build, accuracy_of(dict.fromkeys("abcd", 0.0)), 0.9, 0.005)
+    excluded, tries = auto_exclude(RANKING, fake_build, accuracy_of(dict.fromkeys("abcd", 0.0)), 0.005, key="drop")
     assert excluded == [] and len(tries) == 1
 
 
 def test_auto_exclude_bisects_between_the_last_miss_and_the_first_hit() -> None:
     ranking = [{"node": f"n{i}"} for i in range(20)]
     drops = {f"n{i}": (0.01 if i < 5 else 0.0) for i in range(20)}  # five bad nodes at the top
-    excluded, tries = auto_exclude(ranking, builder(list(drops)), accuracy_of(drops), 0.9, target_drop=0.0)
+    excluded, tries = auto_exclude(ranking, builder(list(drops)), accuracy_of(drops), 0.0, key="drop")
     assert len(excluded) == 5
     assert [t["excluded"] for t in tries] == [0, 1, 2, 4, 5, 6, 8]
 
 
 def test_auto_exclude_returns_the_best_try_when_the_target_cannot_be_met() -> None:
     # float itself scores below fp32 on these rows (a stand-in for a target no exclusion reaches)
-    excluded, tries = auto_exclude(RANKING, fake_build, accuracy_of(dict.fromkeys("abcd", 0.01)), 0.95, 0.0)
+    measure = accuracy_of(dict.fromkeys("abcd", 0.01), base=0.85)
+    excluded, tries = auto_exclude(RANKING, fake_build, measure, 0.0, key="drop")
     assert excluded == ["b", "d", "a", "c"] and tries[-1]["excluded"] == 4

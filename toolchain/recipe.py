@@ -242,7 +242,7 @@ class QuantizeSpec(Strict):
         None,
         description="Nodes kept in float: a list of node names (as the sensitivity table in the report names them), "
         "or 'auto': rank the nodes by sensitivity and keep the most sensitive in float, fewest first, until the "
-        "accuracy drop against the fp32 graph on selection rows is within `auto_target_drop`.",
+        "share of selection rows whose prediction differs from the float graph's is within `auto_target_drop`.",
     )
     sensitivity: bool = Field(
         False,
@@ -263,8 +263,9 @@ class QuantizeSpec(Strict):
         None,
         ge=0,
         lt=1,
-        description="exclude: auto only: accuracy drop (0-1) to reach on the selection rows; default half of "
-        "budget.max_accuracy_drop, a margin for the difference between selection rows and the eval split.",
+        description="exclude: auto only: largest share (0-1) of selection rows whose prediction may differ from the "
+        "float graph's (a flip can cost at most one row of accuracy); default half of budget.max_accuracy_drop, a "
+        "margin for selection rows that are easier than the eval split.",
     )
     atol: float = Field(
         0.25,

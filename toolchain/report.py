@@ -453,12 +453,15 @@ def _sensitivity_lines(rows: list[dict[str, Any]], worst: int = 10) -> list[str]
         ]
         auto = comp.get("auto")
         if auto:
+            target = auto.get("target_flip_rate", auto.get("target_drop", 0.0))
             out += [
                 "",
                 f"`exclude: auto` on {auto['rows']} rows of {auto['rows_from']} (float graph "
-                f"{auto['fp32_accuracy'] * 100:.2f}%, target drop {auto['target_drop'] * 100:.2f} pts): "
+                f"{auto['fp32_accuracy'] * 100:.2f}%, target: at most {target * 100:.2f}% of predictions changed): "
                 + "; ".join(
-                    f"{t['excluded']} in float → {t['accuracy'] * 100:.2f}% ({-t['drop'] * 100:+.2f})"
+                    f"{t['excluded']} in float → "
+                    + (f"{t['flip_rate'] * 100:.2f}% changed, " if "flip_rate" in t else "")
+                    + f"{t['accuracy'] * 100:.2f}% ({-t['drop'] * 100:+.2f})"
                     for t in auto["tries"]
                 )
                 + f". Kept {len(excluded)} node(s) in float.",

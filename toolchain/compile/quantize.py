@@ -338,16 +338,24 @@ def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> 
                     if spec.auto_target_drop is not None
                     else ctx.recipe.budget.max_accuracy_drop / 2
                 )
+                float_logits = logits(quantizer.src, rows.texts)
+                float_pred = float_logits.argmax(-1)
+                fp32_accuracy = float((float_pred == rows.labels).mean())
 
-                def accuracy(model: Path) -> float:
-                    return float((logits(model, rows.texts).argmax(-1) == rows.labels).mean())
+                def measure(model: Path) -> dict[str, float]:
+                    pred = logits(model, rows.texts).argmax(-1)
+                    accuracy = float((pred == rows.labels).mean())
+                    return {
+                        "flip_rate": float((pred != float_pred).mean()),
+                        "accuracy": accuracy,
+                        "drop": fp32_accuracy - accuracy,
+                    }
 
-                fp32_accuracy = float((logits(quantizer.src, rows.texts).argmax(-1) == rows.labels).mean())
-                exclude, tries = auto_exclude(ranking, quantizer.build, accuracy, fp32_accuracy, target)
+                exclude, tries = auto_exclude(ranking, quantizer.build, measure, target, key="flip_rate")
                 meta["auto"] = {
                     "rows": len(rows),
                     "rows_from": where,
-                    "target_drop": target,
+                    "target_flip_rate": target,
                     "fp32_accuracy": fp32_accuracy,
                     "tries": tries,
                 }
@@ -405,7 +413,7 @@ def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> 
     kind="onnx-quantized",
     help="Quantize: dynamic int8, static int8 (calibrated QDQ), int4 weight-only, fp16, or keep a QAT Q/DQ export; "
     "optionally rank nodes by sensitivity and keep the worst in float.",
-    version=3,
+    version=4,  # 4: exclude auto targets the flip rate
 )
 def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     spec = QuantizeSpec.model_validate(call.config)
