@@ -368,7 +368,7 @@ class BenchSection(Strict):
     )
     threads: int | None = Field(None, gt=0, description="Intra-op threads (default: the machine's cores).")
     warmup: int = Field(
-        10, ge=0, description="Untimed runs before timing a case (later rounds: warmup / rounds, to re-warm caches)."
+        10, ge=0, description="Untimed runs before timing a case (in every round's process)."
     )
     min_iters: int = Field(50, gt=0, description="Timed runs per case, at least (over all rounds).")
     min_seconds: float = Field(2.0, ge=0, description="Time each case at least this long (over all rounds).")
@@ -377,8 +377,8 @@ class BenchSection(Strict):
         5,
         ge=1,
         le=50,
-        description="Every variant stays loaded in its own process and the cases are timed in this many interleaved "
-        "rounds; the spread of the per-round ratios to PyTorch is the interval the report prints for each ratio.",
+        description="The measurement is repeated this many times, each variant in a fresh process per round, in a "
+        "rotating order; the spread of the per-round ratios to PyTorch is the range the report prints for a ratio.",
     )
     targets: list[Literal["cpu", "cuda", "tensorrt"]] = Field(
         ["cpu", "cuda", "tensorrt"],

@@ -321,9 +321,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "Latency: median (p50) of repeated runs after warm-up, "
         f"{env['threads']} intra-op threads. `bB_sN`: batch B of N tokens; `bB_real`: eval rows at their own length. "
-        f"Each variant runs in its own process; the cases are timed in {data.get('rounds') or 1} interleaved "
-        "round(s), and the range after a ratio is the smallest and largest of its per-round ratios (with 5 rounds it "
-        "holds the median ratio with 94% probability). Distributions: `report_latency.png`.",
+        f"Measured in {data.get('rounds') or 1} round(s), each variant in a fresh process per round (rotating "
+        "order); the range after a ratio is the smallest and largest of its per-round ratios (with 5 rounds it holds "
+        "the median ratio with 94% probability). Distributions: `report_latency.png`.",
         *optimum_comparison(data),
         *target_lines(data),
         "",

@@ -1,9 +1,11 @@
 """The bench stage: latency percentiles, throughput, cold start and peak memory of every variant.
 
 Each variant runs in a process of its own (toolchain.evaluate.measure), so that training, or another variant, cannot
-pollute its memory or its load time. All the processes stay loaded, and the cases are timed in interleaved rounds
-(every variant once per case per round, in a rotating order): a slow drift of a shared machine then lands on every
-variant alike, and the spread of the per-round ratios to PyTorch measures how far a ratio can be trusted.
+pollute its memory or its load time, and the measurement is repeated in rounds: in each round every variant, in a
+rotating order, gets a fresh process that loads it (cold start), times every case after a warm-up, and reports its
+peak memory. A slow drift of a shared machine then lands on every variant alike, and because each round is a new
+process (new memory layout, new thread placement), the spread of the per-round ratios to PyTorch covers what changes
+from one run to the next, not only the jitter within one process.
 """
 
 from __future__ import annotations
@@ -97,9 +99,9 @@ class _Process:
 @register(
     "bench",
     kind="bench",
-    help="Latency percentiles, throughput, memory and cold start of every variant, each in its own process, "
-    "timed in interleaved rounds.",
-    version=5,  # 4: interleaved rounds, per-round ratios, extra providers; 5: lighter warm-up after round 1
+    help="Latency percentiles, throughput, memory and cold start of every variant, a fresh process per variant and "
+    "round, rounds interleaved.",
+    version=6,  # 4: interleaved rounds, per-round ratios, extra providers; 6: a fresh process per variant and round
 )
 def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = call.config
@@ -136,49 +138,44 @@ def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Pa
             }
             jobs.append((v["name"] if target == "cpu" else f"{v['name']}@{target}", target, job, size))
 
-    processes: dict[str, _Process] = {}
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {
+        name: {"size_bytes": size, "target": target, "cold_start": [], "peak_rss": [], "rounds": {c: [] for c in names}}
+        for name, target, _, size in jobs
+    }
+    per_round = {
+        "warmup": cfg["warmup"],
+        "min_iters": math.ceil(cfg["min_iters"] / rounds),
+        "min_seconds": cfg["min_seconds"] / rounds,
+        "max_iters": max(1, cfg["max_iters"] // rounds),
+    }
+    for name, _, job, _ in jobs:
+        (out / f"job-{name}.json").write_text(json.dumps(job))
+    bar = tqdm(total=rounds * len(jobs), desc="bench", unit="process")
     try:
-        # Load one at a time: cold start is process start to first result with nothing else loading.
-        for name, target, job, size in tqdm(jobs, desc="bench: load", unit="variant"):
-            job_file = out / f"job-{name}.json"
-            job_file.write_text(json.dumps(job))
-            proc = _Process(name, job_file, threads)
-            ready = proc.ask()
-            processes[name] = proc
-            results[name] = {
-                "size_bytes": size,
-                "target": target,
-                "cold_start_seconds": round(ready["first_result_at"] - proc.started, 3),
-                "rounds": {c: [] for c in names},
-            }
-        per_round = {
-            "warmup": cfg["warmup"],  # the first round; later rounds re-warm caches with fewer runs
-            "min_iters": math.ceil(cfg["min_iters"] / rounds),
-            "min_seconds": cfg["min_seconds"] / rounds,
-            "max_iters": max(1, cfg["max_iters"] // rounds),
-        }
-        order = list(processes)
-        bar = tqdm(total=rounds * len(names) * len(order), desc="bench: time", unit="case")
         for r in range(rounds):
-            for case in names:
-                # rotate who goes first, so no variant always follows the same neighbour
-                for name in order[r % len(order) :] + order[: r % len(order)]:
-                    time.sleep(SETTLE_SECONDS)
-                    warmup = per_round["warmup"] if r == 0 else math.ceil(per_round["warmup"] / rounds)
-                    answer = processes[name].ask({"cmd": "time", "case": case, **per_round, "warmup": warmup})
-                    results[name]["rounds"][case].append(answer["samples_ms"])
-                    bar.update(1)
+            # rotate who goes first, so no variant always follows the same neighbour
+            for name, _, _, _ in jobs[r % len(jobs) :] + jobs[: r % len(jobs)]:
+                time.sleep(SETTLE_SECONDS)
+                proc = _Process(name, out / f"job-{name}.json", threads)
+                try:
+                    ready = proc.ask()  # process start to first result, nothing else running
+                    results[name]["cold_start"].append(ready["first_result_at"] - proc.started)
+                    for case in names:
+                        answer = proc.ask({"cmd": "time", "case": case, **per_round})
+                        results[name]["rounds"][case].append(answer["samples_ms"])
+                    results[name]["peak_rss"].append(proc.ask({"cmd": "stop"})["peak_rss_bytes"])
+                    proc.proc.wait(timeout=60)
+                finally:
+                    proc.close()
+                bar.update(1)
         bar.close()
-        for name, proc in processes.items():
-            results[name]["peak_rss_bytes"] = proc.ask({"cmd": "stop"})["peak_rss_bytes"]
-            proc.proc.wait(timeout=60)
     finally:
-        for proc in processes.values():
-            proc.close()
         for f in [*out.glob("job-*.json"), *out.glob("job-*.log")]:
             f.unlink()
         texts.unlink()
+    for res in results.values():
+        res["cold_start_seconds"] = round(float(np.median(res.pop("cold_start"))), 3)
+        res["peak_rss_bytes"] = max(res.pop("peak_rss"))
 
     variants: dict[str, Any] = {}
     for name, res in results.items():
