@@ -183,3 +183,17 @@ def test_compression_settings_are_checked_before_compute(tmp_path: Path, tiny_mo
     data["compile"]["quantize"][0]["auto_file"] = "sst2/heldout.tsv"
     data["budget"]["min_speedup"] = float("nan")
     assert any(p.startswith("budget.min_speedup:") and "nan" in p for p in _problems(tmp_path, data))
+
+
+def test_overrides_may_follow_options(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    path = write_recipe(tmp_path, tiny_recipe_dict(tiny_model))
+    from toolchain.cli import build_parser
+
+    # parsed (the override after --force is taken), then refused for the unknown stage, before any compute
+    assert main(["run", str(path), "--runs", str(tmp_path / "runs"), "--force", "nosuch", "finetune.epochs=3"]) == 1
+    assert "no such stage" in capsys.readouterr().err
+    args, extra = build_parser().parse_known_args(["run", str(path), "--force", "bench", "finetune.epochs=3"])
+    assert args.force == ["bench"] and extra == ["finetune.epochs=3"]
+    with pytest.raises(SystemExit):
+        main(["list", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
