@@ -367,9 +367,7 @@ class BenchSection(Strict):
         description="Sequence lengths: a token count, or 'real' for eval sentences at their own lengths.",
     )
     threads: int | None = Field(None, gt=0, description="Intra-op threads (default: the machine's cores).")
-    warmup: int = Field(
-        10, ge=0, description="Untimed runs before timing a case (in every round's process)."
-    )
+    warmup: int = Field(10, ge=0, description="Untimed runs before timing a case (in every round's process).")
     min_iters: int = Field(50, gt=0, description="Timed runs per case, at least (over all rounds).")
     min_seconds: float = Field(2.0, ge=0, description="Time each case at least this long (over all rounds).")
     max_iters: int = Field(1000, gt=0, description="Stop timing a case after this many runs (over all rounds).")
