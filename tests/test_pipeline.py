@@ -130,6 +130,20 @@ def test_bundle_manifest_hashes_and_runtime_in_fresh_process(first_run, tmp_path
         == _report(runs)["variants"][[v["name"] for v in _report(runs)["variants"]].index(shipped)]["accuracy"]
     )
 
+    # the ORT-format copy for mobile / reduced builds computes the same logits
+    import onnxruntime as ort
+
+    from toolchain.runtime import TextEncoder
+
+    assert manifest["mobile"]["ort_model"] == "model.ort" and "model.ort" in manifest["files"]
+    ops = (bundle / "required_operators.config").read_text()
+    assert "ai.onnx;" in ops and "MatMul" in ops
+    feeds = TextEncoder(bundle / "tokenizer.json", 128).encode(ctx.eval.texts[:8])
+    want = ort.InferenceSession(str(bundle / "model.onnx")).run(None, feeds)[0]
+    got = ort.InferenceSession(str(bundle / "model.ort")).run(None, feeds)[0]
+    assert np.allclose(got, want, atol=1e-4)
+    assert manifest["bundle_bytes"] == sum(f["bytes"] for f in manifest["files"].values())
+
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     texts = tmp_path / "texts.json"
@@ -292,3 +306,33 @@ def test_force_reruns_the_stage_and_everything_after_it(first_run, tmp_path: Pat
         assert status[key] == "rebuilt", key
     report = json.loads((runs_copy / "tiny" / "report.json").read_text())
     assert report["measured_at_commit"] == report["environment"]["git_commit"]
+
+
+def test_example_cli_classifies_like_the_pipeline_without_torch(first_run, tmp_path: Path) -> None:
+    _, runs, ctx = first_run
+    bundle = runs / "tiny" / "bundle"
+    shipped = json.loads((bundle / "manifest.json").read_text())["variant"]
+    want = json.loads(ctx.artifacts[f"evaluate.{shipped}"].file("metrics.json").read_text())["predictions"]
+    texts = ctx.eval.texts[:40]
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+        sys.argv = ["classify.py", {str(bundle)!r}]
+        try:
+            runpy.run_path({str(pipeline.PROJECT_ROOT / "examples" / "classify.py")!r}, run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
+        heavy = sorted(m for m in ("torch", "transformers", "optimum") if m in sys.modules)
+        print("HEAVY", heavy, file=sys.stderr)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], input="\n".join(texts) + "\n", capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 40
+    labels = ctx.recipe.data.labels
+    assert [line.split("\t")[0] for line in lines] == [labels[k] for k in want[:40]]
+    assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in lines)

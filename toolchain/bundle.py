@@ -1,6 +1,7 @@
 """The bundle stage: what an app embeds. model.onnx, tokenizer files, labels.json and manifest.json (format version,
 sha256 of every file, input/output spec, preprocessing, the metrics measured for this exact file, the target and the
-lineage). `toolchain.runtime.Predictor` loads it with numpy, onnxruntime and tokenizers alone."""
+lineage); with `bundle.ort_format`, model.ort and required_operators.config for mobile and reduced builds.
+`toolchain.runtime.Predictor` loads it with numpy, onnxruntime and tokenizers alone."""
 
 from __future__ import annotations
 
@@ -37,7 +38,12 @@ def io_spec(model_path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": spec(graph.input), "outputs": spec(graph.output)}
 
 
-@register("bundle", kind="bundle", help="Package the chosen variant with its tokenizer, labels and manifest.")
+@register(
+    "bundle",
+    kind="bundle",
+    help="Package the chosen variant with its tokenizer, labels, manifest and (optionally) its ORT-format copy.",
+    version=2,  # 2: model.ort and the operator configuration
+)
 def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     recipe = ctx.recipe
     shipped = call.config["shipped"]
@@ -45,6 +51,7 @@ def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
     shutil.copy2(inputs[variant_key].file("model.onnx"), out / "model.onnx")
     tokenizer_files = copy_tokenizer(inputs["finetune"].path, out)
     (out / "labels.json").write_text(json.dumps(recipe.data.labels))
+    mobile = ort_format(out / "model.onnx") if call.config.get("ort_format") else None
     metrics = json.loads(inputs[f"evaluate.{shipped}"].file("metrics.json").read_text())
     bench = json.loads(inputs["bench"].file("bench.json").read_text())
     latency = {
@@ -87,9 +94,34 @@ def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
             "versions": ctx.versions,
         },
         "files": files,
+        "bundle_bytes": sum(f["bytes"] for f in files.values()),
     }
+    if mobile is not None:
+        manifest["mobile"] = mobile
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return {"shipped": shipped, "files": sorted(files)}
+    return {"shipped": shipped, "files": sorted(files), "bundle_bytes": manifest["bundle_bytes"]}
+
+
+def ort_format(model: Path) -> dict[str, Any]:
+    """The model in onnxruntime's ORT format (for onnxruntime-mobile and minimal builds) beside model.onnx, and the
+    operator configuration a reduced build takes (`build.sh --minimal_build --include_ops_by_config ...`)."""
+    import tempfile
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "model.onnx"
+        shutil.copy2(model, src)
+        convert_onnx_models_to_ort(src, Path(tmp) / "ort", [OptimizationStyle.Fixed])
+        shutil.move(Path(tmp) / "ort" / "model.ort", model.with_name("model.ort"))
+        (config,) = (Path(tmp) / "ort").glob("*.config")
+        shutil.move(config, model.with_name("required_operators.config"))
+    return {
+        "ort_model": "model.ort",
+        "operator_config": "required_operators.config",
+        "optimization_style": "Fixed (optimizations for this CPU's provider baked in)",
+        "reduced_build": "onnxruntime/build.sh --minimal_build --include_ops_by_config required_operators.config",
+    }
 
 
 def publish_bundle(art: Artifact, dest: Path) -> Path:

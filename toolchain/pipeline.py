@@ -461,6 +461,7 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
             {
                 "shipped": choice.shipped,
                 "max_length": recipe.bundle.max_length,
+                "ort_format": recipe.bundle.ort_format,
                 "batch_size": recipe.evaluate.batch_size,
                 "budget": recipe.budget.model_dump(mode="json"),
             },

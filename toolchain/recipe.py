@@ -433,6 +433,11 @@ class BundleSection(Strict):
     max_length: int = Field(
         128, gt=0, le=512, description="Tokens kept per text at inference and evaluation (longer texts are cut)."
     )
+    ort_format: bool = Field(
+        True,
+        description="Also write model.ort (onnxruntime's ORT format, for onnxruntime-mobile and minimal builds) and "
+        "required_operators.config (the operators a reduced onnxruntime build must include).",
+    )
 
 
 class Recipe(Strict):
