@@ -65,6 +65,7 @@ def tiny_recipe_dict(model_dir: Path, name: str = "tiny") -> dict:
             "min_iters": 5,
             "min_seconds": 0.0,
             "threads": 1,
+            "rounds": 2,  # a fresh process per variant and round: 2 keeps the suite quick
         },
         "budget": {"max_accuracy_drop": 0.05, "latency_case": "b1_s32"},
     }
