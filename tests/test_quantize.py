@@ -98,3 +98,15 @@ def test_fp16_per_tensor_and_sensitivity_variants(tiny_model: Path, tmp_path: Pa
     md = (tmp_path / "runs" / "modes2" / "report.md").read_text()
     assert "## Sensitivity: onnx-int8-dynamic-per-tensor" in md and "exclude: auto" in md
     assert "Pareto front" in md
+
+
+def test_excluding_a_node_the_graph_lacks_is_an_error(tiny_model: Path, tmp_path: Path) -> None:
+    import pytest
+
+    from toolchain.errors import StageError
+
+    data = tiny_recipe_dict(tiny_model, name="bogus")
+    data["data"].update(max_train_rows=200, max_eval_rows=40)
+    data["compile"]["quantize"] = [{"mode": "int4", "exclude": ["/no/such/MatMul"]}]
+    with pytest.raises(StageError, match=r"no quantizable node called: \['/no/such/MatMul'\]"):
+        pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")

@@ -315,6 +315,13 @@ def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> 
         final = out / "model.onnx"
         meta: dict[str, Any] = {}
         exclude = spec.exclude if isinstance(spec.exclude, list) else []
+        unknown = sorted(set(exclude) - {c.name for c in quantizer.candidates()})
+        if unknown:
+            raise StageError(
+                "quantize",
+                f"{spec.variant_name}: exclude names nodes this graph has no quantizable node called: {unknown}; "
+                "set sensitivity: true and take the names from the report's sensitivity table",
+            )
         if spec.ranks_nodes:
             rows, where = _selection_rows(ctx, spec)
 
