@@ -78,8 +78,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in list_recipes():
         print(f"  {name}")
     print("stages:")
-    for stage in load_all().values():
-        print(f"  {stage.name:<10} {stage.kind:<10} {stage.help}")
+    stages = list(load_all().values())
+    w_name, w_kind = max(len(s.name) for s in stages), max(len(s.kind) for s in stages)
+    for stage in stages:
+        print(f"  {stage.name:<{w_name}}  {stage.kind:<{w_kind}}  {stage.help}")
     return 0
 
 
