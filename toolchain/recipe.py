@@ -116,11 +116,9 @@ class ValidationSection(Strict):
     )
 
 
-class FinetuneSection(Strict):
-    method: Literal["full", "lora", "qlora", "qat"] = Field(
-        description="'full' trains every weight; 'lora' trains adapters (peft); 'qlora' trains adapters over a "
-        "4-bit base (bitsandbytes); 'qat' trains every weight with int8 fake quantization for a Q/DQ export."
-    )
+class TrainingSettings(Strict):
+    """What the one training loop takes; fine-tuning and distillation share it."""
+
     epochs: float = Field(1.0, gt=0, description="Passes over the training rows (fractions allowed).")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW, linear warm-up then decay).")
     batch_size: int = Field(32, gt=0, description="Rows per optimizer step (per process under torchrun).")
@@ -133,6 +131,13 @@ class FinetuneSection(Strict):
         "fp16 (CUDA only), fp32.",
     )
     seed: int = Field(0, description="Seed for sampling, shuffling, initialization and dropout.")
+
+
+class FinetuneSection(TrainingSettings):
+    method: Literal["full", "lora", "qlora", "qat"] = Field(
+        description="'full' trains every weight; 'lora' trains adapters (peft); 'qlora' trains adapters over a "
+        "4-bit base (bitsandbytes); 'qat' trains every weight with int8 fake quantization for a Q/DQ export."
+    )
     freeze: FreezeSection = Field(default_factory=FreezeSection, description="Parts kept fixed during training.")
     lora: LoraSection | None = Field(None, description="LoRA settings for methods 'lora' and 'qlora'.")
     qlora: QloraSection | None = Field(None, description="4-bit base settings for method 'qlora'.")
@@ -161,8 +166,9 @@ class ExportSection(Strict):
     parity_rows: int = Field(64, gt=0, description="Eval rows used for the parity check.")
 
 
-class DistillSection(Strict):
-    """Train a smaller student from the fine-tuned teacher; the student is what gets exported and quantized."""
+class DistillSection(TrainingSettings):
+    """Train a smaller student from the fine-tuned teacher; the student is what gets exported and quantized. The
+    training settings (epochs, lr, batch_size, ...) are the student's."""
 
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(
         None,
@@ -183,14 +189,7 @@ class DistillSection(Strict):
     attention_weight: float = Field(
         0.0, ge=0, description="Weight of the KL between student and teacher attention maps (per kept layer)."
     )
-    epochs: float = Field(1.0, gt=0, description="Passes of the student over the training rows.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of the student (AdamW, warm-up then decay).")
-    batch_size: int = Field(32, gt=0, description="Rows per optimizer step.")
-    max_length: int = Field(64, gt=0, le=512, description="Truncate training texts to this many tokens.")
-    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Autocast precision of student training.")
-    seed: int = Field(0, description="Seed for shuffling and dropout.")
 
     @model_validator(mode="after")
     def _one_way_to_pick_layers(self) -> DistillSection:

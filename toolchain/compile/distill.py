@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from toolchain.errors import StageError
 from toolchain.pipeline import Artifact, RunContext, StageCall
-from toolchain.recipe import DistillSection, FinetuneSection
+from toolchain.recipe import DistillSection, FinetuneSection, TrainingSettings
 from toolchain.registry import register
 
 log = logging.getLogger("toolchain")
@@ -127,18 +127,8 @@ def make_loss(
 
 def _training_cfg(ctx: RunContext, cfg: DistillSection) -> FinetuneSection:
     """The training loop's settings for the student (validation as the recipe's fine-tuning has it)."""
-    return FinetuneSection(
-        method="full",
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        precision=cfg.precision,
-        seed=cfg.seed,
-        validation=ctx.recipe.finetune.validation,
-    )
+    shared = cfg.model_dump(include=set(TrainingSettings.model_fields))
+    return FinetuneSection(method="full", validation=ctx.recipe.finetune.validation, **shared)
 
 
 def _load(folder: Path, eager: bool = False) -> torch.nn.Module:
