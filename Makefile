@@ -2,6 +2,8 @@
 # make test       the test suite;  make lint  ruff;  make list  recipes and stages
 # make bench-ci   the CI benchmark (bench/sst2-ci.yaml, timing re-measured) and its regression gate
 # make bench-baseline   re-measure and rewrite bench/baselines/sst2-ci.json (on purpose; commit it)
+# make node-example     install the Node.js example's packages (examples/node, from the npm registry)
+# make node-check       check the Node.js app against the Python runtime on a bundle's eval rows (BUNDLE=...)
 # Every target creates or reuses the virtual environment .venv first.
 
 SHELL := /bin/bash
@@ -21,10 +23,14 @@ BENCH_RECIPE ?= bench/sst2-ci.yaml
 BENCH_RUN = runs/$(basename $(notdir $(BENCH_RECIPE)))
 BENCH_BASELINE ?= bench/baselines/$(basename $(notdir $(BENCH_RECIPE))).json
 
-.PHONY: help venv test lint list clean-runs bench-ci bench-baseline $(RECIPES)
+NODE_APP := examples/node
+NODE_STAMP := $(NODE_APP)/node_modules/.installed
+BUNDLE ?= runs/sst2-minilm/bundle
+
+.PHONY: help venv test lint list clean-runs bench-ci bench-baseline node-example node-check $(RECIPES)
 
 help:
-	@echo "targets: $(RECIPES) test lint list clean-runs bench-ci bench-baseline"
+	@echo "targets: $(RECIPES) test lint list clean-runs bench-ci bench-baseline node-example node-check"
 
 $(STAMP): pyproject.toml requirements/models.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +64,15 @@ bench-ci: $(STAMP)
 bench-baseline: $(STAMP)
 	$(PY) -m toolchain run $(BENCH_RECIPE) --force bench $(ARGS)
 	$(PY) -m toolchain baseline $(BENCH_RUN) --out $(BENCH_BASELINE)
+
+$(NODE_STAMP): $(NODE_APP)/package.json $(NODE_APP)/package-lock.json
+	npm ci --prefix $(NODE_APP) --no-audit --no-fund
+	@touch $@
+
+node-example: $(NODE_STAMP)
+
+node-check: $(STAMP) $(NODE_STAMP)
+	$(PY) examples/check_node.py $(BUNDLE)
 
 list: $(STAMP)
 	$(PY) -m toolchain list

@@ -22,7 +22,7 @@ from toolchain.registry import load_all
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data_root: Path):
     folder = tmp_path_factory.mktemp("e2e")
-    recipe_path = write_recipe(folder, tiny_recipe_dict(tiny_model))
+    recipe_path = write_recipe(folder, {**tiny_recipe_dict(tiny_model), "bundle": {"tokenizer": "in-graph"}})
     runs = folder / "runs"
     ctx = pipeline.run(load_recipe(recipe_path), runs)
     return recipe_path, runs, ctx
@@ -143,25 +143,120 @@ def test_bundle_manifest_hashes_and_runtime_in_fresh_process(first_run, tmp_path
     got = ort.InferenceSession(str(bundle / "model.ort")).run(None, feeds)[0]
     assert np.allclose(got, want, atol=1e-4)
     assert manifest["bundle_bytes"] == sum(f["bytes"] for f in manifest["files"].values())
+    forms = manifest["forms"]  # what each kind of app embeds, and its size
+    assert forms["model.onnx + tokenizer"]["files"][:2] == ["model.onnx", "tokenizer.json"]
+    strings_form = next(f for name, f in forms.items() if name.startswith("model.strings.onnx"))
+    assert strings_form["bytes"] == manifest["files"]["model.strings.onnx"]["bytes"]
+    assert "## Bundle" in (runs / "tiny" / "report.md").read_text()
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    texts = tmp_path / "texts.json"
-    texts.write_text(json.dumps(ctx.eval.texts))
-    script = textwrap.dedent(f"""
-        import json, sys
-        from toolchain.runtime import Predictor
-        p = Predictor.load({str(copy)!r}, threads=1)
-        preds = p.predict(json.load(open({str(texts)!r})))
-        heavy = sorted(m for m in ("torch", "transformers", "optimum") if m in sys.modules)
-        print(json.dumps({{"labels": [x.label for x in preds], "heavy": heavy}}))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["heavy"] == [], f"the runtime imported {result['heavy']}"
+    result = _fresh_process_predict(copy, ctx.eval.texts, tmp_path, in_graph=False)
+    assert "torch" not in result["heavy"] and "transformers" not in result["heavy"], result["heavy"]
     metrics = json.loads(ctx.artifacts[f"evaluate.{shipped}"].file("metrics.json").read_text())
     labels = manifest["labels"]
     assert result["labels"] == [labels[i] for i in metrics["predictions"]]
+
+
+def _fresh_process_predict(bundle: Path, texts: list[str], tmp_path: Path, in_graph: bool) -> dict:
+    """Labels from Predictor in a new interpreter, and which heavy libraries it imported."""
+    path = tmp_path / "texts.json"
+    path.write_text(json.dumps(texts))
+    script = textwrap.dedent(f"""
+        import json, sys
+        from toolchain.runtime import Predictor
+        p = Predictor.load({str(bundle)!r}, threads=1, in_graph={in_graph})
+        preds = p.predict(json.load(open({str(path)!r})))
+        heavy = sorted(m for m in ("torch", "transformers", "optimum", "tokenizers") if m in sys.modules)
+        print(json.dumps({{"labels": [x.label for x in preds], "heavy": heavy}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_strings_in_bundle_classifies_raw_text_like_the_tokenizer_beside_bundle(first_run, tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from onnxruntime_extensions import get_library_path
+
+    _, runs, ctx = first_run
+    bundle = runs / "tiny" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    strings = manifest["strings_model"]
+    assert strings["file"] == "model.strings.onnx" and "model.strings.onnx" in manifest["files"]
+    assert [(i["name"], i["type"]) for i in strings["inputs"]] == [("text", "string")]
+    assert [o["name"] for o in strings["outputs"]][:2] == ["label", "scores"]
+    # the same accuracy on the whole eval split as the shipped model.onnx (measured at batch 1 by the pipeline)
+    assert strings["eval_rows"] == len(ctx.eval) == 300
+    assert strings["accuracy"] == manifest["metrics"]["accuracy"]
+    assert strings["agrees_with_model_onnx"].startswith("300/300")
+
+    # raw onnxruntime with only the extensions library: a string in, a label string and scores out
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(get_library_path())
+    session = ort.InferenceSession(str(bundle / "model.strings.onnx"), opts)
+    label, scores, _ = session.run(None, {"text": np.array([ctx.eval.texts[0]], dtype=object)})
+    assert label.shape == (1,) and label[0] in manifest["labels"]
+    assert scores.shape == (1, 2) and abs(float(scores.sum()) - 1) < 1e-5
+
+    # in a fresh process, from a copy: neither torch/transformers nor even the tokenizers library is imported
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    result = _fresh_process_predict(copy, ctx.eval.texts, tmp_path, in_graph=True)
+    assert result["heavy"] == [], f"the strings-in runtime imported {result['heavy']}"
+    metrics = json.loads(ctx.artifacts[f"evaluate.{manifest['variant']}"].file("metrics.json").read_text())
+    assert result["labels"] == [manifest["labels"][i] for i in metrics["predictions"]]
+
+
+def test_strings_in_model_is_checked_at_batch_one_when_accuracy_is_measured_batched(first_run, tmp_path: Path) -> None:
+    recipe_path, runs, _ = first_run
+    runs_copy = tmp_path / "runs"
+    shutil.copytree(runs, runs_copy)
+    ctx = pipeline.run(load_recipe(recipe_path, ["evaluate.batch_size=4"]), runs_copy)
+    manifest = json.loads((runs_copy / "tiny" / "bundle" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["batch_size"] == 4
+    assert manifest["strings_model"]["agrees_with_model_onnx"] == "300/300 eval rows, batch 1"
+    assert {r.key: r.status for r in ctx.records}["bundle"] == "ran"
+
+
+def test_node_app_agrees_with_the_python_runtime_on_every_eval_row(first_run, tmp_path: Path) -> None:
+    """examples/node (onnxruntime-node + the pure-JS tokenizer) against toolchain.runtime, row by row.
+    .ci/run installs the npm packages and sets TOOLCHAIN_REQUIRE_NODE=1, so there it cannot skip."""
+    import os
+
+    required = os.environ.get("TOOLCHAIN_REQUIRE_NODE") == "1"
+    app = pipeline.PROJECT_ROOT / "examples" / "node"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        if required:
+            pytest.fail("node and npm are required (TOOLCHAIN_REQUIRE_NODE=1)")
+        pytest.skip("node/npm not installed")
+    if not (app / "node_modules" / "onnxruntime-node").is_dir():
+        install = subprocess.run(
+            ["npm", "ci", "--prefix", str(app), "--no-audit", "--no-fund"], capture_output=True, text=True
+        )
+        if install.returncode != 0:
+            if required:
+                pytest.fail(f"npm ci failed: {install.stderr[-2000:]}")
+            pytest.skip(f"npm ci failed (no registry?): {install.stderr[-300:]}")
+    sys.path.insert(0, str(pipeline.PROJECT_ROOT / "examples"))
+    try:
+        from check_node import compare
+    finally:
+        sys.path.pop(0)
+
+    _, runs, ctx = first_run
+    result = compare(runs / "tiny" / "bundle", ctx.eval.texts)
+    assert result["rows"] == 300
+    assert result["differ_rows"] == [] and result["agree"] == 300
+    assert result["max_abs_logit_diff"] < 1e-4
+
+    # the Node app refuses a changed bundle too, naming the file
+    copy = tmp_path / "bundle"
+    shutil.copytree(runs / "tiny" / "bundle", copy)
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace("[UNK]", "[UNK2]", 1))
+    out = subprocess.run(
+        ["node", str(app / "classify.mjs"), str(copy)], input="a film\n", capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "tokenizer.json does not match its sha256" in out.stderr
 
 
 def test_tampered_bundle_is_refused(first_run, tmp_path: Path) -> None:
@@ -306,6 +401,44 @@ def test_force_reruns_the_stage_and_everything_after_it(first_run, tmp_path: Pat
         assert status[key] == "rebuilt", key
     report = json.loads((runs_copy / "tiny" / "report.json").read_text())
     assert report["measured_at_commit"] == report["environment"]["git_commit"]
+
+
+def test_readme_app_runs_on_a_copied_bundle_with_the_runtime_file_alone(first_run, tmp_path: Path) -> None:
+    """The README's complete app, verbatim, beside a copy of toolchain/runtime.py (nothing else of the toolchain)."""
+    _, runs, ctx = first_run
+    readme = (pipeline.PROJECT_ROOT / "README.md").read_text()
+    block = readme.split("<!-- app:start -->", 1)[1].split("<!-- app:end -->", 1)[0]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 8 <= len([line for line in code.splitlines() if line.strip()]) <= 10
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "app.py").write_text(code)
+    shutil.copy2(pipeline.PROJECT_ROOT / "toolchain" / "runtime.py", app / "runtime.py")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(runs / "tiny" / "bundle", bundle)
+    texts = ctx.eval.texts[:30]
+    out = subprocess.run(
+        [sys.executable, "app.py", str(bundle)],
+        cwd=app,
+        input="\n".join(texts) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    want = json.loads(ctx.artifacts[f"evaluate.{manifest['variant']}"].file("metrics.json").read_text())["predictions"]
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [manifest["labels"][k] for k in want[:30]]
+
+
+def test_force_bundle_rebuilds_only_the_bundle(first_run, tmp_path: Path) -> None:
+    recipe_path, runs, _ = first_run
+    runs_copy = tmp_path / "runs"
+    shutil.copytree(runs, runs_copy)
+    ctx = pipeline.run(load_recipe(recipe_path), runs_copy, force=("bundle",))
+    status = {r.key: r.status for r in ctx.records}
+    assert status.pop("bundle") == "rebuilt"
+    assert set(status.values()) == {"reused"}
 
 
 def test_example_cli_classifies_like_the_pipeline_without_torch(first_run, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The bundle stage: what an app embeds. model.onnx, tokenizer files, labels.json and manifest.json (format version,
 sha256 of every file, input/output spec, preprocessing, the metrics measured for this exact file, the target and the
-lineage); with `bundle.ort_format`, model.ort and required_operators.config for mobile and reduced builds.
+lineage); with `bundle.ort_format`, model.ort and required_operators.config for mobile and reduced builds; with
+`bundle.tokenizer: in-graph`, model.strings.onnx (raw text in, label and scores out).
 `toolchain.runtime.Predictor` loads it with numpy, onnxruntime and tokenizers alone."""
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from toolchain.errors import StageError
 from toolchain.models import copy_tokenizer, source_identity
 from toolchain.pipeline import Artifact, RunContext, StageCall, sha256_file
 from toolchain.registry import register
@@ -42,7 +46,7 @@ def io_spec(model_path: Path) -> dict[str, list[dict[str, Any]]]:
     "bundle",
     kind="bundle",
     help="Package the chosen variant with its tokenizer, labels, manifest and (optionally) its ORT-format copy.",
-    version=2,  # 2: model.ort and the operator configuration
+    version=3,  # 2: model.ort and the operator configuration; 3: the strings-in model
 )
 def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     recipe = ctx.recipe
@@ -53,6 +57,9 @@ def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
     (out / "labels.json").write_text(json.dumps(recipe.data.labels))
     mobile = ort_format(out / "model.onnx") if call.config.get("ort_format") else None
     metrics = json.loads(inputs[f"evaluate.{shipped}"].file("metrics.json").read_text())
+    strings = None
+    if call.config.get("tokenizer") == "in-graph":
+        strings = build_strings_model(ctx, call, out, np.load(inputs[f"evaluate.{shipped}"].file("logits.npy")))
     bench = json.loads(inputs["bench"].file("bench.json").read_text())
     latency = {
         case: {k: r[k] for k in ("p50", "p90", "p99")} for case, r in bench["variants"][shipped]["cases"].items()
@@ -95,11 +102,61 @@ def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
         },
         "files": files,
         "bundle_bytes": sum(f["bytes"] for f in files.values()),
+        "forms": app_forms(files, tokenizer_files, mobile is not None, strings is not None),
     }
     if mobile is not None:
         manifest["mobile"] = mobile
+    if strings is not None:
+        manifest["strings_model"] = {**strings, **io_spec(out / strings["file"])}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {"shipped": shipped, "files": sorted(files), "bundle_bytes": manifest["bundle_bytes"]}
+
+
+def app_forms(files: dict[str, Any], tokenizer: list[str], mobile: bool, strings: bool) -> dict[str, Any]:
+    """The files each kind of app embeds (plus manifest.json) and their bytes: an app ships one form, not the folder."""
+    forms = {"model.onnx + tokenizer": ["model.onnx", *tokenizer, "labels.json"]}
+    if mobile:
+        forms["model.ort + tokenizer (onnxruntime-mobile, reduced builds)"] = ["model.ort", *tokenizer, "labels.json"]
+    if strings:
+        forms["model.strings.onnx (onnxruntime + onnxruntime-extensions)"] = ["model.strings.onnx"]
+    return {
+        name: {"files": names, "bytes": sum(files[n]["bytes"] for n in names if n in files)}
+        for name, names in forms.items()
+    }
+
+
+def build_strings_model(ctx: RunContext, call: StageCall, out: Path, eval_logits: np.ndarray) -> dict[str, Any]:
+    """model.strings.onnx (`bundle.tokenizer: in-graph`), checked against model.onnx on every eval row: the same label
+    on each, else the stage fails naming the rows. Returns its manifest entry."""
+    from toolchain.compile.ingraph import check_strings_model, strings_model
+    from toolchain.runtime import OnnxClassifier
+
+    labels = ctx.recipe.data.labels
+    model = strings_model(out / "model.onnx", out, call.config["max_length"], labels)
+    path = out / "model.strings.onnx"
+    path.write_bytes(model.SerializeToString())
+    texts = ctx.eval.texts
+    if call.config["batch_size"] != 1:  # the strings graph runs one text at a time: compare at batch 1
+        clf = OnnxClassifier(out / "model.onnx", out / "tokenizer.json", call.config["max_length"], ctx.threads)
+        eval_logits = clf.logits(texts, 1)
+    reference = eval_logits.argmax(-1)
+    check = check_strings_model(path, texts, reference, labels)
+    if check["agree"] != check["rows"]:
+        raise StageError(
+            "bundle",
+            f"model.strings.onnx disagrees with model.onnx on {check['rows'] - check['agree']} of {check['rows']} "
+            f"eval rows (first: {check['differ_rows']}); set bundle.tokenizer: beside and report this model",
+        )
+    correct = int((check["predictions"] == ctx.eval.labels).sum())
+    return {
+        "file": path.name,
+        "needs": ["onnxruntime", "onnxruntime-extensions (custom op library: the BertTokenizer op)"],
+        "batch": "one text per run: input text is string [1]",
+        "outputs_meaning": "label: the label string; scores: softmax probabilities in the order of labels; logits",
+        "accuracy": correct / check["rows"],
+        "eval_rows": check["rows"],
+        "agrees_with_model_onnx": f"{check['agree']}/{check['rows']} eval rows, batch 1",
+    }
 
 
 def ort_format(model: Path) -> dict[str, Any]:

@@ -435,10 +435,10 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
     with run_lock(ctx.run_dir):
         log.info("run %s -> %s", recipe.name, _rel(ctx.run_dir))
         calls, variants = plan(recipe, ctx)
-        unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls}]
+        unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls} | {"bundle"}]
         if unknown:
             raise ToolchainError(
-                f"--force {', '.join(unknown)}: no such stage; stages: {', '.join(c.key for c in calls)}"
+                f"--force {', '.join(unknown)}: no such stage; stages: {', '.join(c.key for c in calls)}, bundle"
             )
         forced: set[str] = set()
         for call in calls:
@@ -462,6 +462,7 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
                 "shipped": choice.shipped,
                 "max_length": recipe.bundle.max_length,
                 "ort_format": recipe.bundle.ort_format,
+                "tokenizer": recipe.bundle.tokenizer,
                 "batch_size": recipe.evaluate.batch_size,
                 "budget": recipe.budget.model_dump(mode="json"),
             },

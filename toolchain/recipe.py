@@ -437,6 +437,12 @@ class BundleSection(Strict):
         description="Also write model.ort (onnxruntime's ORT format, for onnxruntime-mobile and minimal builds) and "
         "required_operators.config (the operators a reduced onnxruntime build must include).",
     )
+    tokenizer: Literal["beside", "in-graph"] = Field(
+        "beside",
+        description="beside: model.onnx takes token ids; the tokenizer files ship beside it. in-graph: also "
+        "model.strings.onnx, the tokenizer inside the graph (onnxruntime-extensions): raw text in, label and scores "
+        "out, one text per run; the bundle stage checks it agrees with model.onnx on every eval row.",
+    )
 
 
 class Recipe(Strict):

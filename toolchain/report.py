@@ -191,6 +191,15 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
         "bundle": str(bundle) if bundle else None,
         "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
     }
+    if bundle is not None and (bundle / "manifest.json").is_file():
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        data["bundle_contents"] = {
+            "bundle_bytes": manifest.get("bundle_bytes"),
+            "forms": manifest.get("forms", {}),
+            "strings_model": {
+                k: v for k, v in (manifest.get("strings_model") or {}).items() if k not in ("inputs", "outputs")
+            },
+        }
     if "optimum-baseline" in ctx.artifacts:
         data["optimum_baseline"] = ctx.artifacts["optimum-baseline"].meta
     if "distill" in ctx.artifacts:
@@ -286,6 +295,28 @@ def optimum_comparison(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def bundle_lines(data: dict[str, Any]) -> list[str]:
+    contents = data.get("bundle_contents")
+    if not contents:
+        return []
+    total = contents["bundle_bytes"] / 1e6
+    out = ["", "## Bundle", "", f"`{data['bundle']}`: {total:.1f} MB in all."]
+    if contents["forms"]:
+        out[-1] += " An app ships one form:"
+        out += ["", "| form | files | MB |", "| --- | --- | --- |"]
+    for name, form in contents["forms"].items():
+        out.append(f"| {name} | {', '.join(form['files'])} | {form['bytes'] / 1e6:.1f} |")
+    strings = contents.get("strings_model")
+    if strings:
+        out += [
+            "",
+            f"Strings-in model (`{strings['file']}`, tokenizer in the graph): accuracy "
+            f"{100 * strings['accuracy']:.2f}% on {strings['eval_rows']} eval rows; same label as model.onnx on "
+            f"{strings['agrees_with_model_onnx']}.",
+        ]
+    return out
+
+
 def target_lines(data: dict[str, Any]) -> list[str]:
     targets = data.get("targets")
     if not targets:
@@ -326,6 +357,7 @@ def markdown(data: dict[str, Any]) -> str:
         "the median ratio with 94% probability). Distributions: `report_latency.png`.",
         *optimum_comparison(data),
         *target_lines(data),
+        *bundle_lines(data),
         "",
         "## Latency percentiles (ms)",
         "",

@@ -4,6 +4,9 @@
     p = Predictor.load("runs/sst2-minilm/bundle")
     p.predict(["a gorgeous, witty film"])  # [Prediction(label='positive', score=0.98, ...)]
 
+With `Predictor.load(bundle, in_graph=True)` it runs the strings-in model instead (`bundle.tokenizer: in-graph`):
+numpy + onnxruntime + onnxruntime-extensions, no tokenizer library.
+
 This file imports nothing else from the toolchain, so an app can copy it on its own beside a bundle.
 """
 
@@ -17,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 MANIFEST_VERSION = 1
 
@@ -40,10 +42,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def make_session(
-    model_path: Path | str, threads: int | None = None, providers: list[str] | None = None
+    model_path: Path | str,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    custom_ops: str | None = None,
 ) -> ort.InferenceSession:
-    """An onnxruntime session with explicit intra-op threads and sequential execution."""
+    """An onnxruntime session with explicit intra-op threads and sequential execution; `custom_ops` is the path of a
+    custom operator library to register (onnxruntime-extensions' for the strings-in graph)."""
     opts = ort.SessionOptions()
+    if custom_ops:
+        opts.register_custom_ops_library(custom_ops)
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -56,6 +64,8 @@ class TextEncoder:
     """Turns texts into the int64 arrays a BERT-style graph takes, exactly as the training tokenizer does."""
 
     def __init__(self, tokenizer_file: Path | str, max_length: int):
+        from tokenizers import Tokenizer
+
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_length)
@@ -124,6 +134,53 @@ class OnnxClassifier:
         return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
+def extensions_library() -> str:
+    """The path of onnxruntime-extensions' custom operator library (the strings-in graph's tokenizer).
+
+    Found without importing the package: its __init__ imports torch and transformers when they are installed, which
+    an app embedding this runtime should not pay for."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_extensions")
+    if spec is None or not spec.submodule_search_locations:
+        raise BundleError(
+            "the strings-in model (model.strings.onnx) needs onnxruntime-extensions: pip install onnxruntime-extensions"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("_extensions_pydll*"))
+        found = [p for p in found if p.suffix in (".so", ".pyd", ".dylib")]
+        if found:
+            return str(found[0])
+    from onnxruntime_extensions import get_library_path  # a layout this code does not know: ask the package
+
+    return get_library_path()
+
+
+class StringsClassifier:
+    """The strings-in graph (`bundle.tokenizer: in-graph`): raw text in, logits/scores/label out, no tokenizer library.
+    The graph takes one text per run (its tokenizer op reads a second string as a sentence pair)."""
+
+    def __init__(self, model_path: Path | str, threads: int | None = None, providers: list[str] | None = None):
+        self.session = make_session(model_path, threads, providers, custom_ops=extensions_library())
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, text: str) -> dict[str, np.ndarray]:
+        """label (string [1]), scores (float [1, L]) and the logits for one text."""
+        return dict(zip(self.outputs, self.session.run(None, {"text": np.array([text], dtype=object)}), strict=True))
+
+    def logits(
+        self, texts: list[str], batch_size: int = 1, on_batch: Callable[[int], object] | None = None
+    ) -> np.ndarray:
+        """Logits (N, labels), one run per text (`batch_size` is accepted for OnnxClassifier's signature)."""
+        name = self.outputs[2]
+        out = []
+        for text in texts:
+            out.append(self.run(text)[name][0])
+            if on_batch is not None:
+                on_batch(1)
+        return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -135,7 +192,7 @@ def sha256_file(path: Path) -> str:
 class Predictor:
     """Loads a bundle (verifying every file's sha256) and classifies texts."""
 
-    def __init__(self, folder: Path, manifest: dict, classifier: OnnxClassifier):
+    def __init__(self, folder: Path, manifest: dict, classifier: OnnxClassifier | StringsClassifier):
         self.folder = folder
         self.manifest = manifest
         self.classifier = classifier
@@ -143,8 +200,15 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
+        cls,
+        folder: Path | str,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        verify: bool = True,
+        in_graph: bool = False,
     ) -> Predictor:
+        """Load a bundle. `in_graph=True` runs its strings-in model (`bundle.tokenizer: in-graph`) with
+        onnxruntime-extensions instead of model.onnx with the tokenizers library."""
         folder = Path(folder)
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file():
@@ -165,6 +229,13 @@ class Predictor:
                         f"{folder}: {name} does not match its sha256 in manifest.json; "
                         "the bundle was changed or damaged: rebuild it"
                     )
+        if in_graph:
+            strings = manifest.get("strings_model")
+            if not strings:
+                raise BundleError(
+                    f"{manifest_path}: this bundle has no strings-in model; build it with bundle.tokenizer: in-graph"
+                )
+            return cls(folder, manifest, StringsClassifier(folder / strings["file"], threads, providers))
         pre = manifest["preprocessing"]
         classifier = OnnxClassifier(
             folder / manifest["model"], folder / pre["tokenizer"], pre["max_length"], threads, providers

@@ -1,0 +1,113 @@
+"""Check that the Node.js app (examples/node) classifies like the Python runtime: same label on every row.
+
+    npm ci --prefix examples/node
+    python examples/check_node.py runs/sst2-minilm/bundle            # the bundle's eval split (SST-2 dev, 872 rows)
+    python examples/check_node.py runs/sst2-minilm/bundle --texts reviews.txt
+
+Rows come from --texts (a .tsv with a header: the column named by --column, default the recipe's text column; any
+other file: one text per line), else the eval file named in the bundle's manifest under $TOOLCHAIN_DATA (default
+../shared/data). Both sides run one text at a time. Prints the agreement and the largest logit difference; exit 0
+when every label agrees, 1 when one differs, 2 when the check cannot run (no node, no npm packages, no rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+NODE_APP = HERE / "node" / "classify.mjs"
+
+
+def read_texts(path: Path, column: str | None) -> list[str]:
+    if path.suffix == ".tsv":
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if column not in (reader.fieldnames or []):
+                raise SystemExit(f"error: {path} has no column {column!r} (columns: {reader.fieldnames}); use --column")
+            return [row[column] for row in reader]
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def node_predictions(bundle: Path, texts: list[str], threads: int | None = None) -> list[dict]:
+    """The Node app's JSON output, one object per text."""
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not on PATH")
+    if not (HERE / "node" / "node_modules" / "onnxruntime-node").is_dir():
+        raise RuntimeError("the Node packages are not installed: npm ci --prefix examples/node")
+    cmd = [node, str(NODE_APP), str(bundle), "--json"] + (["--threads", str(threads)] if threads else [])
+    out = subprocess.run(cmd, input="\n".join(texts) + "\n", capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"the Node app failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    if len(rows) != len(texts):
+        raise RuntimeError(f"the Node app printed {len(rows)} rows for {len(texts)} texts")
+    return rows
+
+
+def compare(bundle: Path, texts: list[str], threads: int | None = 1) -> dict:
+    """Labels and logits of the Python runtime and the Node app on the same texts."""
+    from toolchain.runtime import OnnxClassifier, Predictor
+
+    predictor = Predictor.load(bundle, threads=threads)
+    assert isinstance(predictor.classifier, OnnxClassifier)
+    py_logits = predictor.classifier.logits(texts, batch_size=1)
+    py_labels = [predictor.labels[k] for k in py_logits.argmax(-1)]
+    js = node_predictions(bundle, texts, threads)
+    js_logits = np.array([r["logits"] for r in js], dtype=np.float64)
+    differ = [i for i, (a, r) in enumerate(zip(py_labels, js, strict=True)) if a != r["label"]]
+    return {
+        "rows": len(texts),
+        "agree": len(texts) - len(differ),
+        "differ_rows": differ,
+        "max_abs_logit_diff": float(np.abs(js_logits - py_logits).max()) if texts else 0.0,
+        "python_labels": py_labels,
+        "node_labels": [r["label"] for r in js],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--texts", type=Path, help="rows to classify (default: the bundle's eval file)")
+    parser.add_argument("--column", help="the text column of a .tsv (default: the recipe's)")
+    parser.add_argument("--limit", type=int, help="only the first N rows")
+    args = parser.parse_args(argv)
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    recipe = manifest["lineage"]["recipe"]
+    path = args.texts
+    if path is None:
+        root = Path(os.environ.get("TOOLCHAIN_DATA", HERE.parent.parent / "shared" / "data"))
+        path = root / manifest["metrics"]["eval_file"]
+    if not path.is_file():
+        print(f"error: {path} does not exist; pass --texts or set TOOLCHAIN_DATA", file=sys.stderr)
+        return 2
+    texts = [t for t in read_texts(path, args.column or recipe["data"]["text"]) if t.strip()][: args.limit]
+    if not texts:
+        print(f"error: no rows in {path}", file=sys.stderr)
+        return 2
+    try:
+        result = compare(args.bundle, texts)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.bundle}: Node.js (onnxruntime-node) agrees with the Python runtime on {result['agree']}/"
+        f"{result['rows']} rows of {path}; max |logit difference| {result['max_abs_logit_diff']:.2e}"
+    )
+    for i in result["differ_rows"][:20]:
+        print(f"  row {i}: python {result['python_labels'][i]}, node {result['node_labels'][i]}: {texts[i][:80]!r}")
+    return 0 if result["agree"] == result["rows"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+// Load a toolchain bundle (runs/<recipe>/bundle) in Node.js and classify texts: onnxruntime-node plus the pure-JS
+// tokenizer that reads the bundle's tokenizer.json. Mirrors toolchain/runtime.py: every file's sha256 is checked
+// against manifest.json, texts are tokenized and cut at the bundle's max_length exactly like the `tokenizers`
+// library does, and each text runs on its own (batch 1, what the bundle's accuracy was measured with).
+//
+//   import { loadBundle } from "./bundle.mjs";
+//   const bundle = await loadBundle("runs/sst2-minilm/bundle");
+//   const { label, score } = await bundle.predict("a gorgeous, witty film");  // also scores (per label), logits
+
+import { createHash } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+
+import { Tokenizer } from "@huggingface/tokenizers";
+import ort from "onnxruntime-node";
+
+export const MANIFEST_VERSION = 1;
+
+export class BundleError extends Error {}
+
+async function readJson(file) {
+  return JSON.parse(await readFile(file, "utf8"));
+}
+
+async function verify(dir, manifest) {
+  for (const [name, info] of Object.entries(manifest.files)) {
+    let bytes;
+    try {
+      bytes = await readFile(path.join(dir, name));
+    } catch {
+      throw new BundleError(`${dir}: ${name} is missing`);
+    }
+    if (createHash("sha256").update(bytes).digest("hex") !== info.sha256) {
+      throw new BundleError(
+        `${dir}: ${name} does not match its sha256 in manifest.json; the bundle was changed or damaged: rebuild it`,
+      );
+    }
+  }
+}
+
+function softmax(logits) {
+  const max = Math.max(...logits);
+  const e = logits.map((x) => Math.exp(x - max));
+  const sum = e.reduce((a, b) => a + b, 0);
+  return e.map((x) => x / sum);
+}
+
+// Token ids cut to maxLength with the special tokens kept, as `tokenizers` truncates a single text (longest_first):
+// the text's own tokens are cut, then the post-processor's [CLS] ... [SEP] (or the model's equivalents) go around them.
+export function encode(tokenizer, text, maxLength) {
+  const full = tokenizer.encode(text, { return_token_type_ids: true });
+  if (full.ids.length <= maxLength) return full;
+  const body = tokenizer.encode(text, { add_special_tokens: false }).ids;
+  const specials = full.ids.length - body.length;
+  let start = 0;
+  while (start <= specials && !body.every((id, i) => full.ids[start + i] === id)) start += 1;
+  if (start > specials) throw new BundleError("cannot locate the text's tokens between the special tokens");
+  const keep = maxLength - specials;
+  const pick = (xs) => [...xs.slice(0, start + keep), ...xs.slice(start + body.length)];
+  return { ids: pick(full.ids), attention_mask: pick(full.attention_mask), token_type_ids: pick(full.token_type_ids) };
+}
+
+export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
+  const manifest = await readJson(path.join(dir, "manifest.json")).catch(() => {
+    throw new BundleError(`${dir}: no readable manifest.json; this is not a bundle folder`);
+  });
+  if (manifest.format_version !== MANIFEST_VERSION) {
+    throw new BundleError(`${dir}: format_version ${manifest.format_version}, this app reads ${MANIFEST_VERSION}`);
+  }
+  if (verifyHashes) await verify(dir, manifest);
+  const pre = manifest.preprocessing;
+  const tokenizer = new Tokenizer(
+    await readJson(path.join(dir, pre.tokenizer)),
+    await readJson(path.join(dir, "tokenizer_config.json")),
+  );
+  const options = { executionMode: "sequential", graphOptimizationLevel: "all", interOpNumThreads: 1 };
+  if (threads) options.intraOpNumThreads = threads;
+  const session = await ort.InferenceSession.create(path.join(dir, manifest.model), options);
+  const labels = manifest.labels;
+
+  async function logits(text) {
+    const enc = encode(tokenizer, text, pre.max_length);
+    const arrays = { input_ids: enc.ids, attention_mask: enc.attention_mask, token_type_ids: enc.token_type_ids };
+    const feeds = {};
+    for (const name of session.inputNames) {
+      if (!arrays[name]) throw new BundleError(`${dir}: the model takes ${name}, which this app does not make`);
+      feeds[name] = new ort.Tensor("int64", BigInt64Array.from(arrays[name], BigInt), [1, arrays[name].length]);
+    }
+    const result = await session.run(feeds);
+    return Array.from(result[session.outputNames[0]].data, Number);
+  }
+
+  async function predict(text) {
+    const raw = await logits(text);
+    const probs = softmax(raw);
+    const k = probs.indexOf(Math.max(...probs));
+    const scores = Object.fromEntries(labels.map((l, i) => [l, probs[i]]));
+    return { label: labels[k], score: probs[k], scores, logits: raw };
+  }
+
+  return { manifest, labels, logits, predict };
+}
