@@ -66,7 +66,7 @@ bench-baseline: $(STAMP)
 	$(PY) -m toolchain baseline $(BENCH_RUN) --out $(BENCH_BASELINE)
 
 $(NODE_STAMP): $(NODE_APP)/package.json $(NODE_APP)/package-lock.json
-	npm ci --prefix $(NODE_APP) --no-audit --no-fund
+	ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix $(NODE_APP) --no-audit --no-fund
 	@touch $@
 
 node-example: $(NODE_STAMP)

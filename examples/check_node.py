@@ -1,6 +1,6 @@
 """Check that the Node.js app (examples/node) classifies like the Python runtime: same label on every row.
 
-    npm ci --prefix examples/node
+    make node-example      # ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix examples/node
     python examples/check_node.py runs/sst2-minilm/bundle            # the bundle's eval split (SST-2 dev, 872 rows)
     python examples/check_node.py runs/sst2-minilm/bundle --texts reviews.txt
 
@@ -43,7 +43,7 @@ def node_predictions(bundle: Path, texts: list[str], threads: int | None = None)
     if node is None:
         raise RuntimeError("node is not on PATH")
     if not (HERE / "node" / "node_modules" / "onnxruntime-node").is_dir():
-        raise RuntimeError("the Node packages are not installed: npm ci --prefix examples/node")
+        raise RuntimeError("the Node packages are not installed: make node-example")
     cmd = [node, str(NODE_APP), str(bundle), "--json"] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, input="\n".join(texts) + "\n", capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:

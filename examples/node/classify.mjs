@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Classify lines of text with a bundle from Node.js (onnxruntime-node, no Python):
 //
-//   npm ci --prefix examples/node
+//   make node-example        # ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix examples/node
 //   echo "a gorgeous, witty, seductive movie" | node examples/node/classify.mjs runs/sst2-minilm/bundle
 //
 // Prints one line per input line: label, score (the label's probability) and the text, tab-separated; with --json,
