@@ -125,7 +125,7 @@ def test_qlora_finetune_stage_runs_on_cpu(tiny_model: Path, tmp_path: Path) -> N
 
 
 def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path) -> None:
-    data = small(tiny_model, "ddp")
+    data = small(tiny_model, "ddp", checkpoint_every=2)  # checkpoints under DDP: every rank saves its RNG
     # distillation after a distributed fine-tune trains the student on rank 0 alone (the other ranks have stopped)
     data["compile"]["distill"] = {"num_layers": 1, "epochs": 1, "lr": 3.0e-3, "precision": "fp32"}
     recipe = write_recipe(tmp_path, data)
@@ -175,3 +175,97 @@ def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path)
     assert np.isfinite(json.loads((runs / "ddp" / "report.json").read_text())["variants"][0]["accuracy"])
     distill = next(s for s in lineage["stages"] if s["key"] == "distill")
     assert distill["meta"]["world_size"] == 1 and distill["meta"]["kept_layers"] == [1]
+
+
+class _Stop(Exception):
+    """Stands in for Ctrl-C or a kill in the middle of training."""
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qat"])
+def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights(
+    tiny_model: Path, tmp_path: Path, method: str
+) -> None:
+    from transformers import AutoTokenizer
+
+    from toolchain.data import load_validation
+    from toolchain.finetune import checkpoint
+    from toolchain.finetune.stage import METHODS
+    from toolchain.finetune.train import seed_everything, train_classifier
+
+    validation = {"file": "sst2/heldout.tsv", "every_steps": 3, "max_rows": 60}
+    data = small(tiny_model, f"ckpt-{method}", method=method, checkpoint_every=4, epochs=1, validation=validation)
+    data["data"]["max_train_rows"] = 480  # 15 steps of 32 rows
+    recipe = load_recipe(write_recipe(tmp_path, data))
+    cfg = recipe.finetune
+    ctx = RunContext(recipe, tmp_path / "runs")
+    val = load_validation(recipe)
+    impl = METHODS[method]
+
+    def train(checkpoints: Path | None, stop_at: int | None = None) -> tuple[torch.nn.Module, dict]:
+        seed_everything(cfg.seed)  # what the stage does in a fresh process
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        model = impl.load(tiny_model, recipe.data.labels, cfg)
+        hook = impl.on_step(cfg) if hasattr(impl, "on_step") else None
+
+        def on_step(m: torch.nn.Module, done: int, total: int) -> None:
+            if hook is not None:
+                hook(m, done, total)
+            if done == stop_at:
+                raise _Stop
+
+        stats = train_classifier(model, tokenizer, ctx.train, cfg, val, on_step=on_step, checkpoints=checkpoints)
+        return model, stats
+
+    whole, whole_stats = train(None)
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(_Stop):
+        train(folder, stop_at=10)
+    assert checkpoint.latest(folder).name == "step-0000008"  # every 4 steps, the latest kept
+    assert [p.name for p in folder.iterdir()] == ["step-0000008"]
+    resumed, stats = train(folder)
+    assert stats["resumed_from_step"] == 8 and whole_stats["resumed_from_step"] is None
+    want, got = whole.state_dict(), resumed.state_dict()
+    assert set(want) == set(got)
+    for key in want:  # bit for bit: the same dropout masks, batches, optimizer moments and LR schedule
+        assert torch.equal(want[key], got[key]), key
+    for curve in ("loss_curve", "validation_curve"):
+        assert stats[curve] == whole_stats[curve]
+    assert stats["best_step"] == whole_stats["best_step"]
+
+
+def test_a_damaged_checkpoint_is_dropped_and_training_starts_over(tiny_model: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from toolchain.finetune import checkpoint
+    from toolchain.finetune.full import load
+    from toolchain.finetune.train import seed_everything, train_classifier
+
+    data = small(tiny_model, "ckpt-bad", checkpoint_every=4, epochs=1)
+    data["data"]["max_train_rows"] = 320
+    recipe = load_recipe(write_recipe(tmp_path, data))
+    ctx = RunContext(recipe, tmp_path / "runs")
+    folder = tmp_path / "checkpoints"
+    runs = []
+    for stop_at in (6, None):
+        seed_everything(0)
+        model = load(tiny_model, recipe.data.labels, recipe.finetune)
+
+        def on_step(m: torch.nn.Module, done: int, total: int, stop: int | None = stop_at) -> None:
+            if done == stop:
+                raise _Stop
+
+        try:
+            runs.append(
+                train_classifier(
+                    model,
+                    AutoTokenizer.from_pretrained(tiny_model),
+                    ctx.train,
+                    recipe.finetune,
+                    on_step=on_step,
+                    checkpoints=folder,
+                )
+            )
+        except _Stop:
+            latest = checkpoint.latest(folder)
+            (latest / "weights.safetensors").write_bytes(b"not a safetensors file")
+    assert runs[0]["resumed_from_step"] is None and runs[0]["steps_run"] == 10

@@ -96,7 +96,7 @@ def bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
         },
         "lineage": {
             "recipe": call.identity["recipe"],
-            "base_model": source_identity(recipe.model.source),
+            "base_model": source_identity(recipe.model.source, recipe.model),
             "stages": [{"key": r.key, "stage": r.stage, "id": r.id, "config": r.config} for r in ctx.records],
             "versions": ctx.versions,
         },

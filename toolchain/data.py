@@ -56,7 +56,9 @@ class DataError(ValueError):
 @lru_cache(maxsize=16)
 def _load_columns(path: Path, mtime_ns: int) -> dict[str, list]:
     """All columns of a file as python lists (cached per file version)."""
-    from datasets import load_dataset  # heavy import, deferred
+    from datasets import disable_progress_bars, load_dataset  # heavy import, deferred
+
+    disable_progress_bars()  # a local file reads in well under a second; its bar is noise in the run log
 
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -137,8 +139,21 @@ def check_data(recipe: Recipe) -> list[str]:
         if q.auto_file is not None:
             files[f"compile.quantize.{i}.auto_file"] = q.auto_file
     for field, rel in files.items():
+        path = root / rel
         try:
-            read_split(root / rel, d.text, d.label, d.labels)
+            outside = not path.resolve().is_relative_to(root.resolve())
+            path.is_file()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long for the file system
+            problems.append(f"{field}: '{rel}' is not a path this machine can open ({type(e).__name__}: {e})")
+            continue
+        if not d.allow_outside_root and outside:
+            problems.append(
+                f"{field}: '{rel}' leads outside the data root {root} (to {path.resolve()}); move the file under the "
+                "root, point data.root at its folder, or set data.allow_outside_root: true"
+            )
+            continue
+        try:
+            read_split(path, d.text, d.label, d.labels)
         except DataError as e:
             problems.append(f"{field}: {e}")
     return problems

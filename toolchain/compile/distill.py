@@ -227,6 +227,7 @@ def distill(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: 
         loss_fn=loss_fn,
         distributed=False,  # under torchrun only fine-tuning is shared; the other ranks stop after it
         desc="distill",
+        checkpoints=ctx.checkpoint_dir,
     )
     student = student.to("cpu").float()
     student.save_pretrained(out, safe_serialization=True)

@@ -9,9 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain.errors import StageError
 from toolchain.runtime import OnnxClassifier
 
 REFERENCE = "parity_reference.npz"
+
+
+def check_onnx(stage: str, path: Path) -> None:
+    """onnx.checker on a graph before the toolchain runs it: a malformed or truncated file is an error naming it,
+    not an onnxruntime crash (artifacts are also hash-checked, so this catches what a stage itself wrote wrong)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StageError(stage, f"{path} is not a valid ONNX model ({first}); rerun with --force {stage}") from None
 
 
 def compare(model_path: Path, tokenizer_file: Path, reference: Path, threads: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from toolchain.compile.parity import check_onnx
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.registry import register
 from toolchain.runtime import OnnxClassifier, TextEncoder, softmax
@@ -55,6 +56,7 @@ def evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
         encoder = TextEncoder(hf_dir / "tokenizer.json", max_length)
         logits = pytorch_logits(load_pytorch(inputs[model_key].path), encoder, texts, batch_size, bar.update)
     else:
+        check_onnx(call.key, inputs[model_key].file("model.onnx"))
         clf = OnnxClassifier(
             inputs[model_key].file("model.onnx"), hf_dir / "tokenizer.json", max_length, threads=ctx.threads
         )

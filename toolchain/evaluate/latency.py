@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from toolchain.compile.parity import check_onnx
 from toolchain.errors import StageError
 from toolchain.evaluate.measure import case_name, time_calls
 from toolchain.evaluate.stats import latency_stats, ratio_interval
@@ -122,6 +123,7 @@ def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Pa
             size = (model / "model.safetensors").stat().st_size
         else:
             model = inputs[v["source"]].file("model.onnx")
+            check_onnx("bench", model)
             size = model.stat().st_size
         for target in measured_targets:
             if target != "cpu" and v["format"] != "onnx":

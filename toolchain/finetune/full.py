@@ -10,9 +10,11 @@ from toolchain.models import load_classifier
 from toolchain.recipe import FinetuneSection
 
 
-def load(src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
-    return load_classifier(src, labels)
+def load(src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool) -> torch.nn.Module:
+    return load_classifier(src, labels, **trust)
 
 
-def finalize(model: torch.nn.Module, src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
+def finalize(
+    model: torch.nn.Module, src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool
+) -> torch.nn.Module:
     return model

@@ -25,12 +25,14 @@ def lora_config(model: torch.nn.Module, cfg: FinetuneSection) -> LoraConfig:
     )
 
 
-def load(src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
-    model = load_classifier(src, labels)
+def load(src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool) -> torch.nn.Module:
+    model = load_classifier(src, labels, **trust)
     return get_peft_model(model, lora_config(model, cfg))
 
 
-def finalize(model: torch.nn.Module, src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
+def finalize(
+    model: torch.nn.Module, src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool
+) -> torch.nn.Module:
     """Fold the adapters into the base weights: the export sees a plain transformers model."""
     assert isinstance(model, PeftModel)
     return model.merge_and_unload()

@@ -69,10 +69,10 @@ def _linears(model: nn.Module, skip: list[str]) -> list[tuple[nn.Module, str, nn
     return found
 
 
-def load(src: Path, labels: list[str], cfg: FinetuneSection) -> nn.Module:
+def load(src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool) -> nn.Module:
     assert cfg.qat is not None
     # Eager attention: the TorchScript exporter traces it to plain MatMul/Softmax that the Q/DQ pass handles.
-    model = load_classifier(src, labels, attn_implementation="eager")
+    model = load_classifier(src, labels, attn_implementation="eager", **trust)
     wrapped = 0
     for parent, name, linear in _linears(model, cfg.qat.skip_modules):
         w = QuantWrapper(linear)
@@ -187,7 +187,7 @@ def fold_weight_quantization(path: Path) -> int:
     return len(folded)
 
 
-def finalize(model: nn.Module, src: Path, labels: list[str], cfg: FinetuneSection) -> nn.Module:
+def finalize(model: nn.Module, src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool) -> nn.Module:
     """The trained float weights as a plain transformers model (the QAT model's own fp32 variant)."""
     for parent, name, child in list(_wrappers(model)):
         inner = child.module

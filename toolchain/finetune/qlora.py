@@ -20,7 +20,7 @@ from toolchain.recipe import FinetuneSection
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def load(src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
+def load(src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool) -> torch.nn.Module:
     assert cfg.lora is not None and cfg.qlora is not None
     q = cfg.qlora
     bnb = BitsAndBytesConfig(
@@ -39,8 +39,7 @@ def load(src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
         label2id={n: i for i, n in enumerate(labels)},
         quantization_config=bnb,
         device_map={"": str(device)},
-        use_safetensors=True,
-        trust_remote_code=False,
+        **{"use_safetensors": True, "trust_remote_code": False, **trust},
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     import bitsandbytes as bnb
@@ -54,12 +53,14 @@ def load(src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
     return get_peft_model(model, lora_config(model, cfg))
 
 
-def finalize(model: torch.nn.Module, src: Path, labels: list[str], cfg: FinetuneSection) -> torch.nn.Module:
+def finalize(
+    model: torch.nn.Module, src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool
+) -> torch.nn.Module:
     """A plain fp32 model: dequantized 4-bit base + trained adapters and head, merged."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    plain = load_classifier(src, labels)
+    plain = load_classifier(src, labels, **trust)
     plain_modules = dict(plain.named_modules())
     for name, module in model.get_base_model().named_modules():
         if isinstance(module, bnb.nn.Linear4bit):

@@ -17,7 +17,7 @@ from toolchain.data import load_validation
 from toolchain.errors import StageError
 from toolchain.finetune import full, lora, qat, qlora
 from toolchain.finetune.train import pad_batch, seed_everything, train_classifier
-from toolchain.models import copy_tokenizer, resolve_source
+from toolchain.models import copy_tokenizer, resolve_source, trust_kwargs
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.recipe import FreezeSection
 from toolchain.registry import register
@@ -75,22 +75,25 @@ def finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     recipe = ctx.recipe
     cfg = recipe.finetune
     labels = recipe.data.labels
-    src = resolve_source(recipe.model.source)
+    src = resolve_source(recipe.model.source, recipe.model)
+    trust = trust_kwargs(src, recipe.model)
     seed_everything(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust["trust_remote_code"])
     method = METHODS[cfg.method]
-    model = method.load(src, labels, cfg)
+    model = method.load(src, labels, cfg, **trust)
     frozen = apply_freeze(model, cfg.freeze)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("finetune: %s on %d rows, %d of %d parameters trainable", cfg.method, len(ctx.train), trainable, total)
     hook = method.on_step(cfg) if hasattr(method, "on_step") else None
-    stats = train_classifier(model, tokenizer, ctx.train, cfg, load_validation(recipe), on_step=hook)
+    stats = train_classifier(
+        model, tokenizer, ctx.train, cfg, load_validation(recipe), on_step=hook, checkpoints=ctx.checkpoint_dir
+    )
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if cfg.method == "qat" and main_rank:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(out / QAT_STATE))
-    model = method.finalize(model, src, labels, cfg).to("cpu").float()
+    model = method.finalize(model, src, labels, cfg, **trust).to("cpu").float()
     views = _rank_predictions(model, tokenizer, ctx.eval.texts[:AGREEMENT_ROWS])
     if main_rank:
         model.save_pretrained(out, safe_serialization=True)

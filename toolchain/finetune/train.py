@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from toolchain.data import Split, bucketed_batches
+from toolchain.finetune import checkpoint
 from toolchain.recipe import FinetuneSection
 
 log = logging.getLogger("toolchain")
@@ -81,6 +86,14 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
 
 
+def _resumable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: trainable parameters and every buffer (QAT observers' ranges and their
+    on/off flags too; a flag the QAT hook flipped before the checkpoint is not flipped again after a resume)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in model.named_buffers()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
+
+
 def train_classifier(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -91,13 +104,15 @@ def train_classifier(
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], torch.Tensor] | None = None,
     distributed: bool = True,
     desc: str = "finetune",
+    checkpoints: Path | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place on `train`; returns the curves and timings. Under torchrun every rank calls this.
 
     `loss_fn(model, batch, rows)` replaces the default loss (cross-entropy on the rows' labels); distillation uses
     it to add the teacher's signal. `rows` are the batch's indices into `train`. With `distributed=False` the call
     trains in this process alone even under torchrun (the other ranks are not taking part). `desc` names the stage in
-    the progress bar and the log."""
+    the progress bar and the log. `checkpoints`: the folder for resumable checkpoints (every
+    `cfg.checkpoint_every` steps); training resumes from the latest one found there."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() and distributed else (0, 1)
     device = train_device()
     model.to(device)
@@ -125,18 +140,30 @@ def train_classifier(
             epoch += 1
 
     val = cfg.validation
-    curve: list[dict[str, float]] = []
-    val_curve: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor] | None] = (-1.0, 0, None)
-    since_best = 0
+    loop = checkpoint.LoopState()
+    resume = checkpoint.latest(checkpoints)
+    if resume is not None:
+        try:
+            loop = checkpoint.load(resume, model, optimizer, scheduler, rank, world)
+        except (ValueError, OSError, KeyError, RuntimeError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
+            log.warning("%s: cannot resume from %s (%s); removed it, training from the start", desc, resume, e)
+            shutil.rmtree(resume, ignore_errors=True)
+            loop = checkpoint.LoopState()
+        else:
+            log.info("%s: resuming from %s (step %d of %d)", desc, resume, loop.step, total_steps)
+    resumed_from = loop.step or None
+    every = cfg.checkpoint_every if checkpoints is not None else None
     stopped_early = False
-    steps_run = 0
-    running, tokens, t0 = 0.0, 0, time.perf_counter()
+    steps_run = loop.step
+    t0 = time.perf_counter() - loop.seconds
     model.train()
-    bar = tqdm(total=total_steps, desc=desc, unit="step", mininterval=2.0, disable=rank != 0)
-    for step, rows in zip(range(total_steps), rank_batches(), strict=False):
+    bar = tqdm(total=total_steps, initial=loop.step, desc=desc, unit="step", mininterval=2.0, disable=rank != 0)
+    batches = rank_batches()
+    for _ in range(loop.step):  # the data position: batch order is a function of the seed and the epoch
+        next(batches)
+    for step, rows in zip(range(loop.step, total_steps), batches, strict=False):
         batch = pad_batch([ids[i] for i in rows], tokenizer.pad_token_id or 0)  # (B, T), T = longest in batch
-        tokens += int(batch["attention_mask"].sum())
+        loop.tokens += int(batch["attention_mask"].sum())
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if loss_fn is None:
@@ -148,28 +175,39 @@ def train_classifier(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        running += loss.item()
-        done = steps_run = step + 1
+        loop.running += loss.item()
+        done = steps_run = loop.step = step + 1
         if on_step is not None:
             on_step(model, done, total_steps)
         if done % 50 == 0 or done == total_steps:
             n = (step % 50) + 1
-            curve.append({"step": done, "loss": round(running / n, 5), "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{running / n:.4f}")
-            running = 0.0
+            loop.curve.append({"step": done, "loss": round(loop.running / n, 5), "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loop.running / n:.4f}")
+            loop.running = 0.0
         if validation is not None and val is not None and (done % val.every_steps == 0 or done == total_steps):
             acc = accuracy(model, tokenizer, validation, cfg.max_length, dtype)
-            val_curve.append({"step": done, "accuracy": acc})
-            if acc > best[0]:
-                best, since_best = (acc, done, _snapshot(model)), 0
+            loop.val_curve.append({"step": done, "accuracy": acc})
+            if acc > loop.best_accuracy:
+                loop.best_accuracy, loop.best_step, loop.best, loop.since_best = acc, done, _snapshot(model), 0
             else:
-                since_best += 1
-            log.info("%s: step %d validation accuracy %.4f (best %.4f at step %d)", desc, done, acc, best[0], best[1])
-            if val.patience is not None and since_best >= val.patience:
+                loop.since_best += 1
+            log.info(
+                "%s: step %d validation accuracy %.4f (best %.4f at step %d)",
+                desc,
+                done,
+                acc,
+                loop.best_accuracy,
+                loop.best_step,
+            )
+            if val.patience is not None and loop.since_best >= val.patience:
                 stopped_early = True
                 break
+        if every and done % every == 0 and done < total_steps:
+            loop.seconds = time.perf_counter() - t0
+            checkpoint.save(checkpoints, loop, _resumable(model), optimizer, scheduler, rank, world, dist.barrier)
         bar.update(1)
     bar.close()
+    best = (loop.best_accuracy, loop.best_step, loop.best)
     if best[2] is not None and best[1] != steps_run:
         model.load_state_dict(best[2], strict=False)
         log.info("%s: restored the best checkpoint (step %d, validation accuracy %.4f)", desc, best[1], best[0])
@@ -182,10 +220,11 @@ def train_classifier(
         "world_size": world,
         "device": str(device),
         "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens * world / max(seconds, 1e-9), 1),
+        "tokens_per_second": round(loop.tokens * world / max(seconds, 1e-9), 1),
+        "resumed_from_step": resumed_from,
         "best_step": best[1] if best[2] is not None else None,
         "best_validation_accuracy": best[0] if best[2] is not None else None,
         "stopped_early": stopped_early,
-        "loss_curve": curve,
-        "validation_curve": val_curve,
+        "loss_curve": loop.curve,
+        "validation_curve": loop.val_curve,
     }
