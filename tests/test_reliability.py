@@ -69,3 +69,15 @@ def test_half_written_folders_of_a_killed_run_are_removed(tmp_path: Path) -> Non
     assert sorted(p.name for p in stages.iterdir()) == [".checkpoints", "export-abc"]
     shutil.rmtree(stages)
     assert pipeline.remove_stale_temporaries(stages) == []
+
+
+def test_a_second_run_of_the_same_recipe_waits_for_nothing_and_says_who_holds_it(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    recipe = write_recipe(tmp_path, tiny_recipe_dict(tiny_model))
+    runs = tmp_path / "runs"
+    with pipeline.run_lock(runs / "tiny"):  # another run of this recipe is in progress
+        assert main(["run", str(recipe), "--runs", str(runs)]) == 1
+    err = capsys.readouterr().err
+    assert "is in use by pid" in err and "try again" in err and "Traceback" not in err
+    assert not (runs / "tiny" / "stages").exists()  # nothing was written by the refused run
