@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_recipe_dict, write_recipe
 
 from toolchain.cli import main
-from toolchain.recipe import PROJECT_ROOT
+from toolchain.recipe import PROJECT_ROOT, resolve_data_root
 
 Case = namedtuple("Case", "what make expect")
 
@@ -45,16 +45,12 @@ def _text(text: str | bytes) -> Callable[[Path, Path], list[str]]:
 def _data_file(name: str, content: str, field: str = "train") -> Callable[[dict, Path], None]:
     def change(data: dict, tmp: Path) -> None:
         (tmp / "d").mkdir(exist_ok=True)
-        shutil.copy(Path(data["data"].get("root") or _data_root()) / "sst2" / "dev.tsv", tmp / "d" / "dev.tsv")
+        shutil.copy(resolve_data_root(data["data"].get("root")) / "sst2" / "dev.tsv", tmp / "d" / "dev.tsv")
         (tmp / "d" / name).write_text(content)
         data["data"].update(root=str(tmp), train="d/dev.tsv", eval="d/dev.tsv")
         data["data"][field] = f"d/{name}"
 
     return change
-
-
-def _data_root() -> Path:
-    return Path(os.environ.get("TOOLCHAIN_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
 
 def _model_folder(edit: Callable[[Path], None]) -> Callable[[dict, Path], None]:
@@ -171,11 +167,14 @@ def _run(case: Case, tmp: Path, model: Path, capsys: pytest.CaptureFixture) -> t
 
 def _normalise(message: str, tmp: Path, model: Path) -> str:
     """The message with this machine's paths replaced by names, so that the README table is the same everywhere."""
-    data = _data_root().resolve()
+    data = resolve_data_root(None)
+    for root in sorted(
+        {str(data), str(data.resolve())}, key=len, reverse=True
+    ):  # the root as written, and behind links
+        message = message.replace(root, "<data>")
     return (
         message.replace(os.path.relpath(model, PROJECT_ROOT), "<relative path to the model>")
-        .replace(str(data), "<data>")
-        .replace(str(data.parent), "<data>/..")
+        .replace(str(data.resolve().parent), "<data>/..")
         .replace(str(tmp.resolve()), "<tmp>")
         .replace(str(tmp), "<tmp>")
         .replace(str(model.resolve()), "<model>")
