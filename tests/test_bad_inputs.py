@@ -53,6 +53,16 @@ def _data_file(name: str, content: str, field: str = "train") -> Callable[[dict,
     return change
 
 
+def _linked_out(data: dict, tmp: Path) -> None:
+    root = tmp / "root"
+    (root / "sst2").mkdir(parents=True)
+    outside = tmp / "elsewhere.tsv"
+    shutil.copy(resolve_data_root(None) / "sst2" / "dev.tsv", outside)
+    (root / "sst2" / "dev.tsv").symlink_to(outside)
+    shutil.copy(resolve_data_root(None) / "sst2" / "dev.tsv", root / "sst2" / "train.tsv")
+    data["data"].update(root=str(root), train="sst2/train.tsv", eval="sst2/dev.tsv")
+
+
 def _model_folder(edit: Callable[[Path], None]) -> Callable[[dict, Path], None]:
     def change(data: dict, tmp: Path) -> None:
         folder = tmp / "model"
@@ -136,6 +146,9 @@ CASES = [
         "data path leading out of the data root",
         _recipe(_set("data.eval", "../secrets.tsv")),
         "data.allow_outside_root: true",
+    ),
+    Case(
+        "data file that is a link leading out of the data root", _recipe(_linked_out), "data.allow_outside_root: true"
     ),
     Case("model source that does not exist", _recipe(_set("model.source", "./no/such/model")), "does not exist"),
     Case("unsupported architecture", _recipe(_model_folder(_architecture)), "'whisper' has no sequence-classif"),
