@@ -256,3 +256,113 @@ class Predictor:
                 )
             )
         return out
+
+
+@dataclass
+class Generation:
+    """What `DecoderGenerator.generate` produced, with its timings."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    first_token_seconds: float  # time to first token: the prompt's forward pass
+    decode_seconds: float  # the remaining tokens, one forward pass each with the KV cache
+    stopped_by: str  # "eos" | "stop string" | "max_new_tokens"
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return (len(self.token_ids) - 1) / self.decode_seconds if len(self.token_ids) > 1 and self.decode_seconds else 0
+
+
+class DecoderGenerator:
+    """Greedy generation from a decoder ONNX graph with past key/values inputs and present outputs (optimum's
+    text-generation-with-past export), numpy + onnxruntime (+ tokenizers for text): no torch.
+
+    The first run feeds the whole prompt with empty past tensors; each later run feeds one token and the previous
+    run's present key/values, so a step costs one token's work whatever the length so far."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        tokenizer_file: Path | str | None = None,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        eos_token_ids: list[int] | None = None,
+    ):
+        self.session = make_session(model_path, threads, providers)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = list(inputs)
+        self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
+        if not self.past_names:
+            raise BundleError(f"{model_path}: no past_key_values inputs; export it with its KV cache")
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        first = inputs[self.past_names[0]]
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.past_dtype = np.float16 if "float16" in first.type else np.float32
+        self.tokenizer = None
+        if tokenizer_file is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.eos = set(eos_token_ids or [])
+
+    def step(
+        self, ids: np.ndarray, past: dict[str, np.ndarray], total: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One forward pass: logits of the last position and the new cache. `ids` (1, T); `total` past + T."""
+        length = ids.shape[1]
+        feeds = {"input_ids": ids.astype(np.int64), **past}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.arange(total - length, total, dtype=np.int64)[None, :]
+        outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds), strict=True))
+        present = {name.replace("present.", "past_key_values."): outputs[name] for name in self.present_names}
+        return outputs["logits"][0, -1], present
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype) for n in self.past_names}
+
+    def generate_ids(
+        self, prompt_ids: list[int], max_new_tokens: int = 8, stop: Callable[[list[int]], bool] | None = None
+    ) -> tuple[list[int], float, float, str]:
+        """Greedy continuation of `prompt_ids`: (new ids, first-token seconds, decode seconds, why it stopped)."""
+        import time
+
+        t0 = time.perf_counter()
+        logits, past = self.step(np.array([prompt_ids]), self.empty_past(), len(prompt_ids))
+        token = int(logits.argmax())
+        first = time.perf_counter() - t0
+        out = [token]
+        t1 = time.perf_counter()
+        while True:
+            if token in self.eos:
+                why = "eos"
+                break
+            if stop is not None and stop(out):
+                why = "stop string"
+                break
+            if len(out) >= max_new_tokens:
+                why = "max_new_tokens"
+                break
+            logits, past = self.step(np.array([[token]]), past, len(prompt_ids) + len(out))
+            token = int(logits.argmax())
+            out.append(token)
+        return out, first, time.perf_counter() - t1, why
+
+    def generate(self, prompt: str, max_new_tokens: int = 8, stop_strings: list[str] | None = None) -> Generation:
+        """Greedy text continuation of an already-templated prompt, ending at EOS, a stop string or the limit."""
+        if self.tokenizer is None:
+            raise BundleError("generate(prompt) needs the tokenizer file; use generate_ids with token ids")
+        tok = self.tokenizer
+        prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
+
+        def stop(ids: list[int]) -> bool:
+            text = tok.decode(ids, skip_special_tokens=True)
+            return any(s in text for s in stop_strings or [])
+
+        ids, first, decode, why = self.generate_ids(prompt_ids, max_new_tokens, stop if stop_strings else None)
+        text = tok.decode([i for i in ids if i not in self.eos], skip_special_tokens=True)
+        for s in stop_strings or []:
+            text = text.split(s, 1)[0]
+        return Generation(text, ids, len(prompt_ids), first, decode, why)

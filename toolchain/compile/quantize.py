@@ -231,25 +231,38 @@ class StaticInt8(Quantizer):
         return {"calibration_rows": len(self.reader.rows), "calibration_method": self.spec.calibration_method}
 
 
+def matmul_nbits(
+    src: Path,
+    out: Path,
+    block_size: int = 32,
+    symmetric: bool = True,
+    accuracy_level: int | None = 4,
+    only: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> None:
+    """onnxruntime's MatMulNBits quantizer on every MatMul with a constant weight (or `only`, less `exclude`)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(src)),
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=exclude or [],
+        nodes_to_include=only,
+        op_types_to_quantize=("MatMul",),
+    )
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
 class Int4(Quantizer):
     """onnxruntime's MatMulNBits weight-only quantization: block-wise 4-bit weights, float activations."""
 
     def _quantize(self, out: Path, only: list[str] | None, exclude: list[str]) -> None:
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
         spec = self.spec
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(self.src)),
-            block_size=spec.block_size,
-            is_symmetric=spec.symmetric,
-            accuracy_level=spec.accuracy_level,
-            nodes_to_exclude=exclude,
-            nodes_to_include=only,
-            op_types_to_quantize=("MatMul",),
-        )
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+        matmul_nbits(self.src, out, spec.block_size, spec.symmetric, spec.accuracy_level, only, exclude)
 
     def describe(self, model: Path) -> dict[str, Any]:
         import onnx
