@@ -78,3 +78,25 @@ def test_int4_weights_keep_the_greedy_path_close(tiny_llama, tmp_path: Path) -> 
     a, _ = fp32.step(np.array([PROMPT]), fp32.empty_past(), len(PROMPT))
     b, _ = int4.step(np.array([PROMPT]), int4.empty_past(), len(PROMPT))
     assert np.corrcoef(a, b)[0, 1] > 0.9  # 4-bit weights perturb the logits, not their shape
+
+
+def test_prompt_task_parses_answers_and_trains_only_on_the_answer(tiny_llama) -> None:
+    from toolchain.llm.task import PromptTask, answer_loss
+
+    task = PromptTask(["negative", "positive"], template="Review: {text}\nSentiment:", chat=False)
+    assert task.parse(" Positive.") == 1 and task.parse("negative, clearly") == 0
+    assert task.parse("The sentiment of this review") is None and task.parse("") is None
+    model, _ = tiny_llama
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    loss_fn = answer_loss([2, 1])  # row 0: the last 2 tokens are the answer; row 1: its last real token
+    base = loss_fn(model, {"input_ids": ids, "attention_mask": mask}, [0, 1])
+    assert torch.isfinite(base)
+    # changing a prompt token changes the inputs but not the targets; changing an answer token changes the loss
+    # through its target: only the answer positions are scored
+    changed_answer = ids.clone()
+    changed_answer[0, 4] = 42
+    assert not torch.isclose(loss_fn(model, {"input_ids": changed_answer, "attention_mask": mask}, [0, 1]), base)
+    padded = ids.clone()
+    padded[1, 3:] = 77  # padding positions are never targets
+    assert torch.isclose(loss_fn(model, {"input_ids": padded, "attention_mask": mask}, [0, 1]), base)
