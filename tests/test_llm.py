@@ -85,7 +85,9 @@ def test_prompt_task_parses_answers_and_trains_only_on_the_answer(tiny_llama) ->
 
     task = PromptTask(["negative", "positive"], template="Review: {text}\nSentiment:", chat=False)
     assert task.parse(" Positive.") == 1 and task.parse("negative, clearly") == 0
+    assert task.parse("The sentiment of this review is negative, not positive") == 0  # the first label word
     assert task.parse("The sentiment of this review") is None and task.parse("") is None
+    assert task.parse("nonnegative") is None  # whole words only
     model, _ = tiny_llama
     ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])

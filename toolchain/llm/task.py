@@ -37,15 +37,18 @@ class PromptTask:
         return self.labels[label] + (end_of_turn(tokenizer) if self.chat else "")
 
     def parse(self, generated: str) -> int | None:
-        """The label whose word the answer starts with (case and surrounding punctuation ignored), else None."""
-        words = generated.strip().lower().lstrip("\"'*:- ").split()
-        if not words:
-            return None
-        first = words[0].strip(".,!:;\"'*")
-        for i, label in enumerate(self.labels):
-            if first == label.lower():
-                return i
-        return None
+        """The label whose word comes first in the answer (whole words, case ignored), else None. A tuned model answers
+        with the word itself; an untuned one writes a sentence ("The sentiment of this review is positive"), which
+        is read the same way, so that the two are compared fairly."""
+        import re
+
+        found = [
+            (m.start(), i)
+            for i, label in enumerate(self.labels)
+            for m in [re.search(rf"\b{re.escape(label.lower())}\b", generated.lower())]
+            if m is not None
+        ]
+        return min(found)[1] if found else None
 
 
 def end_of_turn(tokenizer: Any) -> str:
