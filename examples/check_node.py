@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--column", help="the text column of a .tsv (default: the recipe's)")
     parser.add_argument("--limit", type=int, help="only the first N rows")
     args = parser.parse_args(argv)
-    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    try:
+        manifest = json.loads((args.bundle / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: {args.bundle}: no readable manifest.json ({e}); is it a bundle folder?", file=sys.stderr)
+        return 2
     recipe = manifest["lineage"]["recipe"]
     path = args.texts
     if path is None:
