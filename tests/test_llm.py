@@ -102,3 +102,27 @@ def test_prompt_task_parses_answers_and_trains_only_on_the_answer(tiny_llama) ->
     padded = ids.clone()
     padded[1, 3:] = 77  # padding positions are never targets
     assert torch.isclose(loss_fn(model, {"input_ids": padded, "attention_mask": mask}, [0, 1]), base)
+
+
+def test_untying_the_lm_head_keeps_the_function_and_lets_int4_take_it(tiny_llama, tmp_path: Path) -> None:
+    import onnx
+
+    from toolchain.llm.export import untie_weights
+
+    _, folder = tiny_llama
+    src = folder / "onnx" / "model.onnx"
+    untied = tmp_path / "untied.onnx"
+    changed = untie_weights(src, untied)
+    assert changed and any("lm_head" in name for name in changed)
+    a, b = DecoderGenerator(src), DecoderGenerator(untied)
+    la, _ = a.step(np.array([PROMPT]), a.empty_past(), len(PROMPT))
+    lb, _ = b.step(np.array([PROMPT]), b.empty_past(), len(PROMPT))
+    assert np.array_equal(la, lb)
+    tied_q, untied_q = tmp_path / "tied.int4.onnx", tmp_path / "untied.int4.onnx"
+    matmul_nbits(src, tied_q)
+    matmul_nbits(untied, untied_q)
+
+    def nbits(p: Path) -> int:
+        return [n.op_type for n in onnx.load(str(p)).graph.node].count("MatMulNBits")
+
+    assert nbits(untied_q) == nbits(tied_q) + len(changed)

@@ -86,3 +86,35 @@ def decode_parity(model: Any, onnx_path: Path, prompt_ids: list[int], steps: int
             cache = out.past_key_values
             ort_logits, past = gen.step(np.array([[token]]), past, total)
     return {"max_abs_diff": max(diffs), "per_step": diffs, "greedy_agree": agree, "steps": steps}
+
+
+def untie_weights(src: Path, out: Path) -> list[str]:
+    """Give every MatMul whose weight is a Transpose of an initializer (a tied lm_head: the embedding table read
+    transposed) its own constant, transposed once here, so that weight quantizers see a constant weight. Returns the
+    MatMul nodes changed; the function computed is the same (tested)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    changed = []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        producer = producers.get(node.input[1])
+        if producer is None or producer.op_type != "Transpose" or producer.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in producer.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(inits[producer.input[0]])
+        name = f"{producer.input[0]}.untied_for.{node.name}"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name))
+        node.input[1] = name
+        changed.append(node.name)
+    used = {i for n in graph.node for i in n.input}
+    keep = [n for n in graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    onnx.save(model, str(out))
+    return changed
