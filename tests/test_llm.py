@@ -63,7 +63,7 @@ def test_runtime_generate_equals_transformers_greedy_generate(tiny_llama) -> Non
     assert why3 == "stop string" and ids3 == ids[:3]
 
 
-def test_int4_weights_keep_the_greedy_path_close(tiny_llama, tmp_path: Path) -> None:
+def test_int4_weights_keep_the_logits_close(tiny_llama, tmp_path: Path) -> None:
     import onnx
 
     _, folder = tiny_llama

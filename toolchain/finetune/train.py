@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from toolchain.data import Split, bucketed_batches
+from toolchain.errors import StageError
 from toolchain.finetune import checkpoint
 from toolchain.recipe import FinetuneSection
 
@@ -146,6 +147,11 @@ def train_classifier(
         try:
             loop = checkpoint.load(resume, model, optimizer, scheduler, rank, world)
         except (ValueError, OSError, KeyError, RuntimeError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
+            if world > 1:  # one rank starting over while the others resume would train different models
+                raise StageError(
+                    desc,
+                    f"cannot resume from {resume} on rank {rank} ({e}); delete that folder to train from the start",
+                ) from None
             log.warning("%s: cannot resume from %s (%s); removed it, training from the start", desc, resume, e)
             shutil.rmtree(resume, ignore_errors=True)
             loop = checkpoint.LoopState()
