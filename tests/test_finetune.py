@@ -4,6 +4,7 @@ checks, and the finetune stage under torchrun with two processes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,6 +71,14 @@ def test_fp16_training_needs_cuda(tiny_model: Path, tmp_path: Path) -> None:
         load_recipe(write_recipe(tmp_path, small(tiny_model, "fp16", precision="fp16")))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs a CUDA GPU")
+def test_fp16_training_runs_on_cuda(tiny_model: Path, tmp_path: Path) -> None:
+    art = finetune_only(small(tiny_model, "fp16", precision="fp16"), tmp_path)
+    assert art.meta["device"] == "cuda:0"
+    log = json.loads(art.file("train_log.json").read_text())
+    assert all(math.isfinite(x["loss"]) for x in log["loss_curve"])
+
+
 def test_qat_export_has_qdq_around_every_encoder_linear(tiny_model: Path, tmp_path: Path) -> None:
     import onnx
 
@@ -117,9 +126,9 @@ def test_qlora_merge_reproduces_the_trained_4bit_model(tiny_model: Path) -> None
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
-def test_qlora_finetune_stage_runs_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+def test_qlora_finetune_stage_runs_on_this_machines_device(tiny_model: Path, tmp_path: Path) -> None:
     art = finetune_only(small(tiny_model, "qlora", method="qlora", lora={"r": 4, "alpha": 8}), tmp_path)
-    assert art.meta["method"] == "qlora" and art.meta["device"] == "cpu"
+    assert art.meta["method"] == "qlora" and art.meta["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     config = json.loads(art.file("config.json").read_text())
     assert "quantization_config" not in config  # the saved model is plain full precision
 

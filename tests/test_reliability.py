@@ -81,3 +81,18 @@ def test_a_second_run_of_the_same_recipe_waits_for_nothing_and_says_who_holds_it
     err = capsys.readouterr().err
     assert "is in use by pid" in err and "try again" in err and "Traceback" not in err
     assert not (runs / "tiny" / "stages").exists()  # nothing was written by the refused run
+
+
+def test_a_gpu_provider_that_falls_back_to_the_cpu_is_not_timed_under_its_name() -> None:
+    import onnxruntime as ort
+
+    from toolchain.evaluate.latency import available_targets, provider_fails
+
+    assert provider_fails("CPUExecutionProvider") is None
+    # asked for a provider it cannot start, onnxruntime runs on the CPU with only a warning; the probe sees that
+    why = provider_fails("CUDAExecutionProvider")
+    if "CUDAExecutionProvider" in ort.get_available_providers() and why is None:
+        pytest.skip("CUDA starts on this machine")
+    assert why is not None and "did not start" in why
+    measured, skipped = available_targets(["cpu", "cuda"])
+    assert measured == ["cpu"] and "cuda" in skipped

@@ -87,7 +87,13 @@ class Variant:
             convert: Callable[[Feeds], Any] = lambda f: {k: torch.from_numpy(a) for k, a in f.items()}  # noqa: E731
         else:
             providers = job.get("providers") or ["CPUExecutionProvider"]
-            self.step = OnnxClassifier(job["model"], tokenizer, job["max_length"], threads, providers).run
+            classifier = OnnxClassifier(job["model"], tokenizer, job["max_length"], threads, providers)
+            if providers[0] not in classifier.session.get_providers():  # never time the CPU under a GPU's name
+                raise RuntimeError(
+                    f"{job['model']}: {providers[0]} did not start (onnxruntime runs it on "
+                    f"{classifier.session.get_providers()})"
+                )
+            self.step = classifier.run
             convert = lambda f: f  # noqa: E731
         texts = json.loads(Path(job["texts"]).read_text())
         self.step(convert(case_inputs(tokenizer, job["max_length"], texts, 1, "real")[0]))
