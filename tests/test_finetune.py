@@ -117,12 +117,17 @@ def test_qlora_merge_reproduces_the_trained_4bit_model(tiny_model: Path) -> None
     model.eval()
     ids = torch.randint(1000, 5000, (3, 12))
     mask = torch.ones_like(ids)
+
+    def logits(m: torch.nn.Module) -> torch.Tensor:  # the 4-bit model sits on the GPU where there is one
+        device = next(m.parameters()).device
+        return m(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+
     with torch.inference_mode():
-        want = model(input_ids=ids, attention_mask=mask).logits.float()
+        want = logits(model)
     plain = qlora.finalize(model, tiny_model, ["negative", "positive"], cfg).eval()
     assert not any("lora" in n for n, _ in plain.named_parameters())
     with torch.inference_mode():
-        got = plain(input_ids=ids, attention_mask=mask).logits
+        got = logits(plain)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
