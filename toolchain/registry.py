@@ -43,5 +43,6 @@ def load_all() -> dict[str, Stage]:
     from toolchain.compile import distill, export, optimize, optimum_baseline, quantize  # noqa: F401
     from toolchain.evaluate import accuracy, latency  # noqa: F401
     from toolchain.finetune import stage  # noqa: F401
+    from toolchain.llm import run, stages  # noqa: F401
 
     return STAGES

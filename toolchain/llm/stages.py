@@ -1,0 +1,381 @@
+"""The generation pipeline's stages: the base decoder as a transformers folder, LoRA tuning on prompt + label word,
+ONNX export with the KV cache (parity over decode steps), weight-only int4/int8, accuracy by greedy generation with
+an agreement check on a fixed prompt set, and time to first token / decode tokens per second in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.errors import StageError
+from toolchain.pipeline import Artifact, RunContext, StageCall
+from toolchain.registry import register
+
+log = logging.getLogger("toolchain")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def prompt_task(ctx: RunContext) -> Any:
+    from toolchain.llm.task import PromptTask
+
+    g = ctx.recipe.generation
+    assert g is not None
+    return PromptTask(ctx.recipe.data.labels, g.template, g.chat, g.max_new_tokens, list(g.stop_strings))
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end an answer: the chat template's end of turn and the tokenizer's eos."""
+    from toolchain.llm.task import end_of_turn
+
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+def _save_model(model: Any, tokenizer: Any, out: Path) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+@register("llm-base", kind="hf-model", help="The base decoder (GGUF dequantized, or a folder) saved as fp32.")
+def llm_base(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    from toolchain.llm.export import load_causal_lm
+    from toolchain.models import gguf_file, resolve_source
+
+    folder = resolve_source(ctx.recipe.model.source, ctx.recipe.model)
+    gguf = gguf_file(folder)
+    t0 = time.perf_counter()
+    model, tokenizer = load_causal_lm(folder, gguf)
+    seconds = time.perf_counter() - t0
+    _save_model(model, tokenizer, out)
+    return {
+        "source_file": gguf or str(folder),
+        "load_seconds": round(seconds, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "stop_token_ids": stop_token_ids(tokenizer),
+    }
+
+
+@register(
+    "llm-finetune",
+    kind="hf-model",
+    help="LoRA (or full) tuning on prompt + label word, the loss on the answer tokens; adapters merged.",
+)
+def llm_finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from toolchain.data import Split
+    from toolchain.finetune.train import seed_everything, train_classifier
+    from toolchain.llm.task import answer_loss, training_texts
+
+    cfg = ctx.recipe.finetune
+    seed_everything(cfg.seed)
+    base = inputs["llm-base"].path
+    tokenizer = load_tokenizer(base)
+    tokenizer.truncation_side = "left"  # a long text loses its start, never the answer the loss is on
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    task = prompt_task(ctx)
+    train = ctx.train
+    texts, answer_tokens = training_texts(task, tokenizer, train.texts, train.labels)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    cut = sum(n > cfg.max_length for n in lengths)
+    if cut:
+        log.info("llm-finetune: %d of %d training prompts are longer than %d tokens; their start is cut",
+                 cut, len(texts), cfg.max_length)  # fmt: skip
+    trained = model
+    if cfg.method == "lora":
+        assert cfg.lora is not None
+        trained = get_peft_model(
+            model,
+            LoraConfig(
+                task_type=TaskType.CAUSAL_LM,
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+            ),
+        )
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    log.info("llm-finetune: %s on %d rows, %d of %d parameters trainable", cfg.method, len(texts), trainable,
+             sum(p.numel() for p in trained.parameters()))  # fmt: skip
+    stats = train_classifier(
+        trained,
+        tokenizer,
+        Split(train.path, texts, train.labels, train.sha256),
+        cfg,
+        loss_fn=answer_loss(answer_tokens),
+        distributed=False,
+        desc="llm-finetune",
+        checkpoints=ctx.checkpoint_dir,
+    )
+    merged = trained.merge_and_unload() if cfg.method == "lora" else trained
+    merged = merged.to("cpu").eval()
+    tokenizer.truncation_side = "right"
+    _save_model(merged, tokenizer, out)
+    (out / "train_log.json").write_text(json.dumps(stats, indent=2))
+    return {
+        "method": cfg.method,
+        "trainable_parameters": trainable,
+        "rows": len(texts),
+        "prompts_cut": cut,
+        **{k: v for k, v in stats.items() if k not in ("loss_curve", "validation_curve")},
+    }
+
+
+@register("llm-export", kind="onnx", help="ONNX with past key/values (optimum); parity over the prompt and decode steps.")
+def llm_export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from toolchain.llm.export import decode_parity, export_with_past
+
+    src = inputs["llm-finetune"].path
+    onnx_path = export_with_past(src, out, opset=call.config["opset"])
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(src)
+    task = prompt_task(ctx)
+    prompt_ids = tokenizer(task.prompt(tokenizer, ctx.eval.texts[0]), add_special_tokens=False)["input_ids"]
+    parity = decode_parity(model, onnx_path, prompt_ids, steps=call.config["parity_steps"])
+    log.info("llm-export: parity over the prompt (%d tokens) and %d decode steps: max |diff| %.2e (tolerance %.0e), "
+             "greedy tokens agree: %s", len(prompt_ids), parity["steps"], parity["max_abs_diff"], call.config["atol"],
+             parity["greedy_agree"])  # fmt: skip
+    if parity["max_abs_diff"] > call.config["atol"] or not parity["greedy_agree"]:
+        raise StageError(
+            "llm-export",
+            f"ONNX logits differ from PyTorch by {parity['max_abs_diff']:.2e} (compile.export.atol "
+            f"{call.config['atol']:.0e}) or the greedy tokens differ ({parity['greedy_agree']}) over "
+            f"{parity['steps']} decode steps",
+        )
+    return {"parity": parity, "size_bytes": onnx_path.stat().st_size, "prompt_tokens": len(prompt_ids)}
+
+
+@register("llm-quantize", kind="onnx", help="Weight-only MatMulNBits (4 or 8 bits, blocks) of the decoder's MatMuls.")
+def llm_quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    import onnx
+
+    from toolchain.compile.quantize import matmul_nbits
+
+    c = call.config
+    src = inputs["llm-export"].file("model.onnx")
+    exclude = list(c.get("exclude") or [])
+    matmul_nbits(src, out / "model.onnx", c["block_size"], c["symmetric"], c["accuracy_level"], None, exclude,
+                 bits=c["bits"])  # fmt: skip
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    return {
+        "bits": c["bits"],
+        "matmulnbits_nodes": ops.count("MatMulNBits"),
+        "float_matmul_nodes": ops.count("MatMul"),
+        "excluded": exclude,
+        "size_bytes": (out / "model.onnx").stat().st_size,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accuracy by generation
+
+
+def _torch_answers(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, stops: list[int],
+                   stop_strings: list[str], batch_size: int) -> list[str]:  # fmt: skip
+    """Greedy answers from transformers' generate, left-padded batches of similar length (accuracy only)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    answers: list[str] = [""] * len(prompts)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **enc,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for j, i in enumerate(idx):
+                text = tokenizer.decode(out[j, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                for s in stop_strings:
+                    text = text.split(s, 1)[0]
+                answers[i] = text
+    return answers
+
+
+def _torch_greedy_ids(model: Any, prompt_ids: list[int], new_tokens: int, stops: list[int]) -> list[int]:
+    """Greedy continuation with the KV cache, one sequence (the agreement check's PyTorch side)."""
+    import torch
+
+    out: list[int] = []
+    with torch.inference_mode():
+        res = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        while True:
+            token = int(res.logits[0, -1].argmax())
+            out.append(token)
+            if token in stops or len(out) >= new_tokens:
+                return out
+            res = model(input_ids=torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
+
+
+@register(
+    "llm-evaluate",
+    kind="metrics",
+    help="Accuracy on the eval split from greedy answers; greedy continuations of the fixed agreement prompts.",
+    version=1,
+)
+def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from toolchain.runtime import DecoderGenerator
+
+    c = call.config
+    g = ctx.recipe.generation
+    assert g is not None
+    task = prompt_task(ctx)
+    tok_dir = inputs[c["tokenizer_from"]].path
+    tokenizer = load_tokenizer(tok_dir)
+    stops = stop_token_ids(tokenizer)
+    evl = ctx.eval
+    prompts = [task.prompt(tokenizer, t) for t in evl.texts]
+    agreement_prompts = evl.texts[: g.agreement_prompts]
+    t0 = time.perf_counter()
+    agreement: list[list[int]] = []
+    if c["format"] == "pytorch":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(ctx.threads)
+        model = AutoModelForCausalLM.from_pretrained(inputs[c["source"]].path, dtype=torch.float32).eval()
+        answers = _torch_answers(model, tokenizer, prompts, c["max_new_tokens"], stops, task.stop_strings,
+                                 g.eval_batch_size)  # fmt: skip
+        if c["agreement"]:
+            for text in agreement_prompts:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                agreement.append(_torch_greedy_ids(model, ids, g.agreement_tokens, stops))
+    else:
+        gen = DecoderGenerator(
+            inputs[c["source"]].file("model.onnx"), tok_dir / "tokenizer.json", ctx.threads, eos_token_ids=stops
+        )
+        answers = [
+            gen.generate(p, c["max_new_tokens"], task.stop_strings).text
+            for p in tqdm(prompts, desc=call.key, unit="row", mininterval=5)
+        ]
+        for text in agreement_prompts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            agreement.append(gen.generate_ids(ids, g.agreement_tokens)[0])
+    seconds = time.perf_counter() - t0
+    parsed = [task.parse(a) for a in answers]
+    correct = sum(int(p == int(y)) for p, y in zip(parsed, evl.labels, strict=True))
+    metrics = {
+        "variant": c["variant"],
+        "accuracy": correct / len(prompts),
+        "correct": correct,
+        "eval_rows": len(prompts),
+        "unparsed": sum(p is None for p in parsed),
+        "max_new_tokens": c["max_new_tokens"],
+        "seconds": round(seconds, 1),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "answers.json").write_text(json.dumps(answers))
+    if agreement:
+        (out / "agreement.json").write_text(json.dumps(agreement))
+    log.info("llm-evaluate: %s accuracy %.2f%% (%d unparsed answers) in %.0f s", c["variant"],
+             100 * metrics["accuracy"], metrics["unparsed"], seconds)  # fmt: skip
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokens per second
+
+
+@register(
+    "llm-bench",
+    kind="bench",
+    help="Time to first token, decode tokens/s, peak memory and load time per variant, a fresh process per variant "
+    "and round.",
+)
+def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    c = call.config
+    g = ctx.recipe.generation
+    assert g is not None
+    tokenizer = load_tokenizer(inputs["llm-finetune"].path)
+    task = prompt_task(ctx)
+    prompts = [
+        tokenizer(task.prompt(tokenizer, t), add_special_tokens=False)["input_ids"]
+        for t in ctx.eval.texts[: g.bench_prompts]
+    ]
+    jobs = []
+    for v in c["variants"]:
+        path = inputs[v["source"]].path if v["format"] == "pytorch" else inputs[v["source"]].file("model.onnx")
+        job = {"format": v["format"], "model": str(path), "threads": ctx.threads, "prompts": prompts,
+               "new_tokens": g.bench_new_tokens}  # fmt: skip
+        (out / f"job-{v['name']}.json").write_text(json.dumps(job))
+        jobs.append(v["name"])
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in jobs}
+    from tqdm import tqdm
+
+    bar = tqdm(total=g.bench_rounds * len(jobs), desc="llm-bench", unit="process")
+    try:
+        for r in range(g.bench_rounds):
+            for name in jobs[r % len(jobs) :] + jobs[: r % len(jobs)]:
+                time.sleep(0.05)
+                results[name].append(_measure(out / f"job-{name}.json", ctx.threads))
+                bar.update(1)
+    finally:
+        bar.close()
+        for f in out.glob("job-*.json"):
+            f.unlink()
+    variants = {}
+    for name, rounds in results.items():
+        ttft = [x for r in rounds for x in r["first_token_seconds"]]
+        per_round_tps = [r["decode_tokens"] / r["decode_seconds"] for r in rounds]
+        variants[name] = {
+            "ttft_ms": {"p50": 1e3 * float(np.median(ttft)), "p90": 1e3 * float(np.percentile(ttft, 90)),
+                        "n": len(ttft)},  # fmt: skip
+            "decode_tokens_per_second": float(np.median(per_round_tps)),
+            "decode_tokens_per_second_rounds": per_round_tps,
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
+            "load_seconds": float(np.median([r["load_seconds"] for r in rounds])),
+            "prompt_tokens": [len(p) for p in prompts],
+            "new_tokens": g.bench_new_tokens,
+        }
+        log.info("llm-bench: %-24s TTFT p50 %.0f ms  decode %.1f tokens/s  peak RSS %.0f MB", name,
+                 variants[name]["ttft_ms"]["p50"], variants[name]["decode_tokens_per_second"],
+                 variants[name]["peak_rss_bytes"] / 1e6)  # fmt: skip
+    from toolchain.report import git_commit
+
+    data = {"threads": ctx.threads, "rounds": g.bench_rounds, "git_commit": git_commit(), "variants": variants}
+    (out / "bench.json").write_text(json.dumps(data, indent=2))
+    return {"threads": ctx.threads, "rounds": g.bench_rounds, "variants": list(variants)}
+
+
+def _measure(job: Path, threads: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolchain.llm.measure", str(job)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise StageError("llm-bench", f"the measure process for {job.stem} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
