@@ -126,3 +126,21 @@ def test_untying_the_lm_head_keeps_the_function_and_lets_int4_take_it(tiny_llama
         return [n.op_type for n in onnx.load(str(p)).graph.node].count("MatMulNBits")
 
     assert nbits(untied_q) == nbits(tied_q) + len(changed)
+
+
+def test_int4_only_restricts_the_quantized_matmuls(tiny_llama, tmp_path: Path) -> None:
+    """onnxruntime's nodes_to_include adds to the op types instead of restricting them; `only` must restrict (the
+    per-node sensitivity ranking quantizes one node at a time through it)."""
+    import onnx
+
+    _, folder = tiny_llama
+    src = folder / "onnx" / "model.onnx"
+    names = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "MatMul"]
+    target = next(n for n in names if "down_proj" in n)
+    matmul_nbits(src, tmp_path / "one.onnx", only=[target])
+    quantized = [n.name for n in onnx.load(str(tmp_path / "one.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert quantized == [target + "_Q4"]
+    matmul_nbits(src, tmp_path / "all-but.onnx", exclude=[target])
+    graph = onnx.load(str(tmp_path / "all-but.onnx")).graph
+    assert target in [n.name for n in graph.node if n.op_type == "MatMul"]
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 7 - 1  # 2 layers x 7 projections, one kept

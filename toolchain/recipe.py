@@ -493,8 +493,10 @@ class GenerationSection(Strict):
     agreement_tokens: int = Field(24, ge=1, le=512, description="Greedy tokens per agreement prompt.")
     bench_prompts: int = Field(4, ge=1, le=64, description="Eval prompts timed per variant and round.")
     bench_new_tokens: int = Field(
-        64, ge=2, le=1024, description="Tokens generated per timed prompt (end of turn ignored, so every run decodes "
-        "the same number)."
+        64,
+        ge=2,
+        le=1024,
+        description="Tokens generated per timed prompt (end of turn ignored, so every run decodes the same number).",
     )
     bench_rounds: int = Field(
         3, ge=1, le=20, description="Each variant is timed in a fresh process per round, rounds in rotating order."
@@ -565,8 +567,10 @@ class Recipe(Strict):
         problems = []
         if self.finetune.method not in ("lora", "full"):
             problems.append(f"finetune.method '{self.finetune.method}': generation recipes train with lora or full")
-        if self.finetune.method == "lora" and self.finetune.lora and "target_modules" not in (
-            self.finetune.lora.model_fields_set
+        if (
+            self.finetune.method == "lora"
+            and self.finetune.lora
+            and "target_modules" not in (self.finetune.lora.model_fields_set)
         ):
             problems.append(
                 "finetune.lora.target_modules: the default names BERT's layers; name the decoder's, e.g. "

@@ -246,14 +246,20 @@ def matmul_nbits(
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    model = onnx.load(str(src))
+    skip = set(exclude or [])
+    if only is not None:
+        # onnxruntime's nodes_to_include adds nodes to op_types_to_quantize, it does not restrict them: restrict by
+        # excluding every other MatMul
+        keep = set(only)
+        skip |= {n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep}
     quantizer = MatMulNBitsQuantizer(
-        onnx.load(str(src)),
+        model,
         bits=bits,
         block_size=block_size,
         is_symmetric=symmetric,
         accuracy_level=accuracy_level,
-        nodes_to_exclude=exclude or [],
-        nodes_to_include=only,
+        nodes_to_exclude=sorted(skip),
         op_types_to_quantize=("MatMul",),
     )
     quantizer.process()

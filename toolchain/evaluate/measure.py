@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain.evaluate.stats import peak_rss_bytes
 from toolchain.runtime import OnnxClassifier, TextEncoder
 
 Feeds = dict[str, np.ndarray]
@@ -120,20 +121,6 @@ def serve(job: dict[str, Any], requests: Any, answer: Callable[[dict[str, Any]],
             request["case"], request["warmup"], request["min_iters"], request["min_seconds"], request["max_iters"]
         )
         answer({"samples_ms": [round(x, 4) for x in samples]})
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set. VmHWM, not getrusage's ru_maxrss: on Linux the latter keeps the peak of
-    the parent that forked this process, which would charge every variant with the parent's memory."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(job_file: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -36,3 +37,17 @@ def ratio_interval(variant_round_p50: list[float], base_round_p50: list[float]) 
     ratio with probability 1 - 2 * 0.5**R (94% for R = 5), whatever the noise's distribution."""
     ratios = [v / b for v, b in zip(variant_round_p50, base_round_p50, strict=True)]
     return [float(min(ratios)), float(max(ratios))]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. VmHWM, not getrusage's ru_maxrss: on Linux the latter keeps the peak of
+    the parent that forked this process, which would charge every variant with the parent's memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -10,11 +10,12 @@ token with the KV cache. End of turn is ignored so that every variant decodes th
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from toolchain.evaluate.stats import peak_rss_bytes
 
 
 def _torch_runner(model_dir: str, threads: int) -> Any:
@@ -64,7 +65,6 @@ def main(job_file: str) -> int:
         firsts.append(first)
         decode_s += seconds
         decode_n += n
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
     print(
         json.dumps(
             {
@@ -72,7 +72,7 @@ def main(job_file: str) -> int:
                 "decode_seconds": decode_s,
                 "decode_tokens": decode_n,
                 "load_seconds": load,
-                "peak_rss_bytes": rss_kb * 1024,
+                "peak_rss_bytes": peak_rss_bytes(),  # VmHWM: ru_maxrss would keep the parent's peak
             }
         )
     )

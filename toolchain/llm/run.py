@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -26,12 +25,12 @@ from toolchain.pipeline import (
 )
 from toolchain.recipe import NOT_IN_STAGE_ID, Recipe
 from toolchain.registry import register
+from toolchain.runtime import GENERATOR_MANIFEST_VERSION
 
 log = logging.getLogger("toolchain")
 
 BASELINE = "pytorch-fp32"
 UNTUNED = "pytorch-untuned"
-from toolchain.runtime import GENERATOR_MANIFEST_VERSION
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,7 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[LlmVari
     assert g is not None
     train, evl = ctx.splits
     task_identity = {"template": g.template, "chat": g.chat, "labels": d.labels, "text": d.text, "label": d.label}
-    eval_identity = {**task_identity, "eval_sha256": evl.sha256, "eval_rows": len(evl),
-                     "stop_strings": g.stop_strings}  # fmt: skip
+    eval_identity = {**task_identity, "eval_sha256": evl.sha256, "eval_rows": len(evl), "stop_strings": g.stop_strings}
     calls = [
         StageCall("llm-base", "llm-base", {}, (), {"model": source_identity(recipe.model.source, recipe.model)}),
         StageCall(

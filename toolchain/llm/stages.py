@@ -100,8 +100,12 @@ def llm_finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     cut = sum(n > cfg.max_length for n in lengths)
     if cut:
-        log.info("llm-finetune: %d of %d training prompts are longer than %d tokens; their start is cut",
-                 cut, len(texts), cfg.max_length)  # fmt: skip
+        log.info(
+            "llm-finetune: %d of %d training prompts are longer than %d tokens; their start is cut",
+            cut,
+            len(texts),
+            cfg.max_length,
+        )
     trained = model
     if cfg.method == "lora":
         assert cfg.lora is not None
@@ -116,8 +120,13 @@ def llm_finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
             ),
         )
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    log.info("llm-finetune: %s on %d rows, %d of %d parameters trainable", cfg.method, len(texts), trainable,
-             sum(p.numel() for p in trained.parameters()))  # fmt: skip
+    log.info(
+        "llm-finetune: %s on %d rows, %d of %d parameters trainable",
+        cfg.method,
+        len(texts),
+        trainable,
+        sum(p.numel() for p in trained.parameters()),
+    )
     stats = train_classifier(
         trained,
         tokenizer,
@@ -142,7 +151,9 @@ def llm_finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     }
 
 
-@register("llm-export", kind="onnx", help="ONNX with past key/values (optimum); parity over the prompt and decode steps.")
+@register(
+    "llm-export", kind="onnx", help="ONNX with past key/values (optimum); parity over the prompt and decode steps."
+)
 def llm_export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -156,9 +167,15 @@ def llm_export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
     task = prompt_task(ctx)
     prompt_ids = tokenizer(task.prompt(tokenizer, ctx.eval.texts[0]), add_special_tokens=False)["input_ids"]
     parity = decode_parity(model, onnx_path, prompt_ids, steps=call.config["parity_steps"])
-    log.info("llm-export: parity over the prompt (%d tokens) and %d decode steps: max |diff| %.2e (tolerance %.0e), "
-             "greedy tokens agree: %s", len(prompt_ids), parity["steps"], parity["max_abs_diff"], call.config["atol"],
-             parity["greedy_agree"])  # fmt: skip
+    log.info(
+        "llm-export: parity over the prompt (%d tokens) and %d decode steps: max |diff| %.2e (tolerance %.0e), "
+        "greedy tokens agree: %s",
+        len(prompt_ids),
+        parity["steps"],
+        parity["max_abs_diff"],
+        call.config["atol"],
+        parity["greedy_agree"],
+    )
     if parity["max_abs_diff"] > call.config["atol"] or not parity["greedy_agree"]:
         raise StageError(
             "llm-export",
@@ -178,8 +195,9 @@ def llm_quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     c = call.config
     src = inputs["llm-export"].file("model.onnx")
     exclude = list(c.get("exclude") or [])
-    matmul_nbits(src, out / "model.onnx", c["block_size"], c["symmetric"], c["accuracy_level"], None, exclude,
-                 bits=c["bits"])  # fmt: skip
+    matmul_nbits(
+        src, out / "model.onnx", c["block_size"], c["symmetric"], c["accuracy_level"], None, exclude, bits=c["bits"]
+    )
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     return {
@@ -195,8 +213,15 @@ def llm_quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
 # accuracy by generation
 
 
-def _torch_answers(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, stops: list[int],
-                   stop_strings: list[str], batch_size: int) -> list[str]:  # fmt: skip
+def _torch_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    new_tokens: int,
+    stops: list[int],
+    stop_strings: list[str],
+    batch_size: int,
+) -> list[str]:
     """Greedy answers from transformers' generate, left-padded batches of similar length (accuracy only)."""
     import torch
 
@@ -268,8 +293,9 @@ def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
 
         torch.set_num_threads(ctx.threads)
         model = AutoModelForCausalLM.from_pretrained(inputs[c["source"]].path, dtype=torch.float32).eval()
-        answers = _torch_answers(model, tokenizer, prompts, c["max_new_tokens"], stops, task.stop_strings,
-                                 g.eval_batch_size)  # fmt: skip
+        answers = _torch_answers(
+            model, tokenizer, prompts, c["max_new_tokens"], stops, task.stop_strings, g.eval_batch_size
+        )
         if c["agreement"]:
             for text in agreement_prompts:
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -301,8 +327,13 @@ def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     (out / "answers.json").write_text(json.dumps(answers))
     if agreement:
         (out / "agreement.json").write_text(json.dumps(agreement))
-    log.info("llm-evaluate: %s accuracy %.2f%% (%d unparsed answers) in %.0f s", c["variant"],
-             100 * metrics["accuracy"], metrics["unparsed"], seconds)  # fmt: skip
+    log.info(
+        "llm-evaluate: %s accuracy %.2f%% (%d unparsed answers) in %.0f s",
+        c["variant"],
+        100 * metrics["accuracy"],
+        metrics["unparsed"],
+        seconds,
+    )
     return metrics
 
 
@@ -329,8 +360,13 @@ def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out
     jobs = []
     for v in c["variants"]:
         path = inputs[v["source"]].path if v["format"] == "pytorch" else inputs[v["source"]].file("model.onnx")
-        job = {"format": v["format"], "model": str(path), "threads": ctx.threads, "prompts": prompts,
-               "new_tokens": g.bench_new_tokens}  # fmt: skip
+        job = {
+            "format": v["format"],
+            "model": str(path),
+            "threads": ctx.threads,
+            "prompts": prompts,
+            "new_tokens": g.bench_new_tokens,
+        }
         (out / f"job-{v['name']}.json").write_text(json.dumps(job))
         jobs.append(v["name"])
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in jobs}
@@ -352,8 +388,11 @@ def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out
         ttft = [x for r in rounds for x in r["first_token_seconds"]]
         per_round_tps = [r["decode_tokens"] / r["decode_seconds"] for r in rounds]
         variants[name] = {
-            "ttft_ms": {"p50": 1e3 * float(np.median(ttft)), "p90": 1e3 * float(np.percentile(ttft, 90)),
-                        "n": len(ttft)},  # fmt: skip
+            "ttft_ms": {
+                "p50": 1e3 * float(np.median(ttft)),
+                "p90": 1e3 * float(np.percentile(ttft, 90)),
+                "n": len(ttft),
+            },
             "decode_tokens_per_second": float(np.median(per_round_tps)),
             "decode_tokens_per_second_rounds": per_round_tps,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
@@ -361,9 +400,13 @@ def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out
             "prompt_tokens": [len(p) for p in prompts],
             "new_tokens": g.bench_new_tokens,
         }
-        log.info("llm-bench: %-24s TTFT p50 %.0f ms  decode %.1f tokens/s  peak RSS %.0f MB", name,
-                 variants[name]["ttft_ms"]["p50"], variants[name]["decode_tokens_per_second"],
-                 variants[name]["peak_rss_bytes"] / 1e6)  # fmt: skip
+        log.info(
+            "llm-bench: %-24s TTFT p50 %.0f ms  decode %.1f tokens/s  peak RSS %.0f MB",
+            name,
+            variants[name]["ttft_ms"]["p50"],
+            variants[name]["decode_tokens_per_second"],
+            variants[name]["peak_rss_bytes"] / 1e6,
+        )
     from toolchain.report import git_commit
 
     data = {"threads": ctx.threads, "rounds": g.bench_rounds, "git_commit": git_commit(), "variants": variants}
