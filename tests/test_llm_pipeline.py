@@ -84,7 +84,17 @@ def tiny_generation_recipe(model: Path) -> dict:
         },
         "compile": {
             "export": {"opset": 17, "atol": 1.0e-3},
-            "quantize": [{"mode": "int4", "block_size": 32}, {"mode": "int8-weight", "block_size": 32}],
+            "quantize": [
+                {
+                    "mode": "int4",
+                    "block_size": 32,
+                    "sensitivity": True,
+                    "auto_file": "sst2/heldout.tsv",
+                    "sensitivity_rows": 4,
+                },
+                {"mode": "int4", "block_size": 32, "int8_nodes": ["/v_proj/"]},
+                {"mode": "int8-weight", "block_size": 32},
+            ],
         },
         "bench": {"threads": 1},
         "budget": {"max_accuracy_drop": 1.0},
@@ -103,19 +113,26 @@ def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["kind"] == "generation"
     names = [r["name"] for r in report["variants"]]
-    assert names == ["pytorch-untuned", "pytorch-fp32", "onnx-fp32", "onnx-int4-b32", "onnx-int8-weight-b32"]
+    assert names == [
+        "pytorch-untuned",
+        "pytorch-fp32",
+        "onnx-fp32",
+        "onnx-int4-b32",
+        "onnx-int4-b32-mixed8",
+        "onnx-int8-weight-b32",
+    ]
     rows = {r["name"]: r for r in report["variants"]}
     assert all(r["eval_rows"] == 12 for r in rows.values())
     # the export is the tuned model: the same greedy continuations as PyTorch on the agreement prompts
     assert rows["pytorch-fp32"]["agreement_with_onnx_fp32"]["identical"] == 3
     assert rows["onnx-fp32"]["agreement_with_onnx_fp32"]["identical_rate"] == 1.0
-    for name in ("pytorch-fp32", "onnx-fp32", "onnx-int4-b32", "onnx-int8-weight-b32"):
+    for name in ("pytorch-fp32", "onnx-fp32", "onnx-int4-b32", "onnx-int4-b32-mixed8", "onnx-int8-weight-b32"):
         assert rows[name]["decode_tokens_per_second"] > 0 and rows[name]["ttft_ms"]["p50"] > 0
     assert "decode_tokens_per_second" not in rows["pytorch-untuned"]  # accuracy only
     assert rows["onnx-int4-b32"]["size_bytes"] < rows["onnx-int8-weight-b32"]["size_bytes"]
     assert rows["onnx-int8-weight-b32"]["size_bytes"] < rows["onnx-fp32"]["size_bytes"]
     assert report["export"]["parity"]["greedy_agree"] and report["export"]["parity"]["steps"] == 8
-    assert report["shipped"] in ("onnx-fp32", "onnx-int4-b32", "onnx-int8-weight-b32")
+    assert report["shipped"] in names[2:]
     md = (tiny_run / "report.md").read_text()
     assert "decode tokens/s" in md and "**(shipped)**" in md
     assert (tiny_run / "report.png").is_file()
@@ -126,6 +143,16 @@ def test_quantized_variants_use_matmulnbits_with_their_bits(tiny_run: Path) -> N
     q = report["quantize"]
     assert q["llm-quantize.onnx-int4-b32"]["bits"] == 4 and q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] > 0
     assert q["llm-quantize.onnx-int8-weight-b32"]["bits"] == 8
+    mixed = q["llm-quantize.onnx-int4-b32-mixed8"]
+    assert mixed["int8_weight_nodes"] == 2 and all("/v_proj/" in n for n in mixed["int8_nodes"])  # 2 layers
+    assert mixed["matmulnbits_nodes"] == q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] == 2 * 7
+    # the ranking: 7 projections over both layers, then each layer; at most 4 held-out rows each
+    ranking = q["llm-quantize.onnx-int4-b32"]["sensitivity"]
+    groups = {r["group"] for r in ranking}
+    assert "/model/layers.*/self_attn/v_proj/MatMul" in groups and "/layers.1/*_proj" in groups
+    assert len(ranking) == 9 and all(r["rows"] == 4 for r in ranking)
+    assert [r["margin_mse"] for r in ranking] == sorted((r["margin_mse"] for r in ranking), reverse=True)
+    assert "Projection sensitivity" in (tiny_run / "report.md").read_text()
 
 
 def test_second_run_reuses_every_stage(tiny_run: Path) -> None:
@@ -201,6 +228,8 @@ def test_a_changed_generation_bundle_is_refused(tiny_run: Path, tmp_path: Path) 
         ({"compile": {"quantize": ["dynamic-int8"]}}, "generation recipes take int4 and int8-weight"),
         ({"finetune": {"lora": {"r": 4}}}, "finetune.lora.target_modules: the default names BERT"),
         ({"budget": {"max_latency_ms": 5}}, "budget.max_latency_ms"),
+        ({"compile": {"quantize": [{"mode": "int4", "sensitivity": True}]}}, "sensitivity needs auto_file"),
+        ({"compile": {"quantize": [{"mode": "int8-weight", "int8_nodes": ["v"]}]}}, "int8_nodes applies to mode int4"),
     ],
 )
 def test_generation_recipe_errors_name_the_field_and_the_fix(

@@ -269,6 +269,13 @@ class QuantizeSpec(Strict):
         4, ge=0, le=4, description="int4 only: onnxruntime's compute type for MatMulNBits (4 = int8 on the CPU)."
     )
     symmetric: bool = Field(True, description="int4 only: symmetric blocks (no zero point).")
+    int8_nodes: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="int4 in generation recipes: MatMuls whose node name contains one of these strings (e.g. "
+        "'/v_proj/') get 8-bit weights instead of 4: mixed precision for the most sensitive projections, as "
+        "llama.cpp's Q4_K_M keeps attn_v and ffn_down at higher precision. The report ranks the projections.",
+    )
     exclude: list[str] | Literal["auto"] | None = Field(
         None,
         description="Nodes kept in float: a list of node names (as the sensitivity table in the report names them), "
@@ -315,6 +322,8 @@ class QuantizeSpec(Strict):
 
     @model_validator(mode="after")
     def _exclusion_fits_mode(self) -> QuantizeSpec:
+        if self.int8_nodes is not None and self.mode != "int4":
+            raise ValueError(f"int8_nodes applies to mode int4 (8-bit weights for some MatMuls), not '{self.mode}'")
         if self.mode in ("fp16", "qat-qdq") and (self.exclude is not None or self.sensitivity):
             raise ValueError(
                 f"mode '{self.mode}' has no per-node quantization to rank or exclude; remove 'exclude' and "
@@ -344,7 +353,7 @@ class QuantizeSpec(Strict):
         if self.mode == "static-int8":
             return f"onnx-int8-static-{self.calibration_method}" + self._exclude_suffix
         if self.mode == "int4":
-            return f"onnx-int4-b{self.block_size}" + self._exclude_suffix
+            return f"onnx-int4-b{self.block_size}" + ("-mixed8" if self.int8_nodes else "") + self._exclude_suffix
         if self.mode == "int8-weight":
             return f"onnx-int8-weight-b{self.block_size}" + self._exclude_suffix
         if self.mode == "fp16":
@@ -563,6 +572,8 @@ class Recipe(Strict):
         if self.generation is None:
             if any(q.mode == "int8-weight" for q in self.compile.quantize):
                 raise ValueError("compile.quantize mode 'int8-weight' is for generation recipes; use dynamic-int8")
+            if any(q.int8_nodes for q in self.compile.quantize):
+                raise ValueError("compile.quantize int8_nodes is for generation recipes (decoder projections)")
             return self
         problems = []
         if self.finetune.method not in ("lora", "full"):
@@ -584,6 +595,14 @@ class Recipe(Strict):
             problems.append("compile.distill: not supported for generation recipes; remove it")
         if "optimize" in self.compile.model_fields_set and self.compile.optimize:
             problems.append("compile.optimize: the BERT fusions do not apply to decoders; remove it")
+        for q in self.compile.quantize:
+            if q.exclude == "auto":
+                problems.append(f"compile.quantize {q.variant_name}: exclude: auto is for classifier recipes")
+            if q.sensitivity and q.auto_file is None:
+                problems.append(
+                    f"compile.quantize {q.variant_name}: sensitivity needs auto_file, labelled rows apart from the "
+                    "eval split to rank the projections on (e.g. auto_file: sst2/heldout.tsv)"
+                )
         wrong = [q.mode for q in self.compile.quantize if q.weight_bits is None]
         if wrong:
             problems.append(f"compile.quantize modes {wrong}: generation recipes take int4 and int8-weight")

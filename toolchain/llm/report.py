@@ -138,13 +138,20 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['export']['parity']['steps']} decode steps: max |diff| {data['export']['parity']['max_abs_diff']:.2e}, "
         f"greedy tokens agree: {data['export']['parity']['greedy_agree']}.",
         *[
-            f"- {key.removeprefix('llm-quantize.')}: {m['bits']}-bit MatMulNBits on {m['matmulnbits_nodes']} MatMuls, "
+            f"- {key.removeprefix('llm-quantize.')}: {m['bits']}-bit MatMulNBits on {m['matmulnbits_nodes']} MatMuls"
+            + (
+                f" ({m['int8_weight_nodes']} of them 8-bit: {m['int8_nodes'][:3]}...)"
+                if m.get("int8_weight_nodes")
+                else ""
+            )
+            + ", "
             f"{m['float_matmul_nodes']} left in float (MatMuls without a constant weight: attention's scores and "
             "context, and a tied lm_head, which reads the embedding through a Transpose)"
             + (f", excluded: {m['excluded']}" if m["excluded"] else "")
             + f"; {m['size_bytes'] / 1e6:.1f} MB."
             for key, m in data["quantize"].items()
         ],
+        *_sensitivity(data),
         "",
         "## Environment",
         "",
@@ -207,3 +214,24 @@ def update_readme(readme: Path, report_json: Path) -> None:
     tmp = readme.with_name(readme.name + ".tmp")
     tmp.write_text(text[:start] + block + text[end:])
     tmp.replace(readme)
+
+
+def _sensitivity(data: dict[str, Any]) -> list[str]:
+    out = []
+    for key, m in data["quantize"].items():
+        ranking = m.get("sensitivity")
+        if not ranking:
+            continue
+        out += [
+            "",
+            f"Projection sensitivity ({key.removeprefix('llm-quantize.')}): each group alone at {m['bits']} bits, "
+            f"margin between the label words' first tokens on {ranking[0]['rows']} held-out prompts, against fp32:",
+            "",
+            "| projections | MatMuls | margin MSE | rows changing side |",
+            "| --- | --- | --- | --- |",
+            *[
+                f"| `{r['group']}` | {r['nodes']} | {r['margin_mse']:.4f} | {r['rows_changing_side']} |"
+                for r in ranking
+            ],
+        ]
+    return out

@@ -79,8 +79,15 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[LlmVari
             "symmetric": q.symmetric,
             "accuracy_level": q.accuracy_level,
             "exclude": q.exclude if isinstance(q.exclude, list) else None,
+            "int8_nodes": q.int8_nodes,
         }
-        calls.append(StageCall(key, "llm-quantize", config, ("llm-export",)))
+        inputs: tuple[str, ...] = ("llm-export",)
+        identity = {}
+        if q.sensitivity:
+            config |= {"sensitivity": True, "auto_file": q.auto_file, "sensitivity_rows": q.sensitivity_rows}
+            inputs = ("llm-export", "llm-finetune")
+            identity = {**task_identity, "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file)}
+        calls.append(StageCall(key, "llm-quantize", config, inputs, identity))
         variants.append(LlmVariant(q.variant_name, key, "onnx", q.precision))
     for v in variants:
         calls.append(

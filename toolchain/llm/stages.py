@@ -195,18 +195,93 @@ def llm_quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     c = call.config
     src = inputs["llm-export"].file("model.onnx")
     exclude = list(c.get("exclude") or [])
-    matmul_nbits(
-        src, out / "model.onnx", c["block_size"], c["symmetric"], c["accuracy_level"], None, exclude, bits=c["bits"]
-    )
+    args = (c["block_size"], c["symmetric"], c["accuracy_level"])
+    eight: list[str] = []
+    if c.get("int8_nodes"):  # mixed precision: the named MatMuls to 8 bits first, the rest to c["bits"]
+        names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+        eight = [n for n in names if any(p in n for p in c["int8_nodes"]) and n not in exclude]
+        if not eight:
+            raise StageError("llm-quantize", f"int8_nodes {c['int8_nodes']} match no MatMul of the exported graph")
+        matmul_nbits(src, out / "mixed.onnx", *args, only=eight, bits=8)
+        src = out / "mixed.onnx"
+    matmul_nbits(src, out / "model.onnx", *args, None, exclude, bits=c["bits"])
+    (out / "mixed.onnx").unlink(missing_ok=True)
+    ranking = None
+    if c.get("sensitivity"):
+        ranking = rank_projections(ctx, inputs, c, out)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    ops = [n.op_type for n in graph.node]
+    nbits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
     return {
         "bits": c["bits"],
-        "matmulnbits_nodes": ops.count("MatMulNBits"),
-        "float_matmul_nodes": ops.count("MatMul"),
+        "matmulnbits_nodes": len(nbits),
+        "int8_weight_nodes": nbits.count(8) if c["bits"] != 8 else 0,
+        "int8_nodes": eight,
+        "float_matmul_nodes": sum(n.op_type == "MatMul" for n in graph.node),
         "excluded": exclude,
         "size_bytes": (out / "model.onnx").stat().st_size,
+        **({"sensitivity": ranking} if ranking is not None else {}),
     }
+
+
+def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, Any], out: Path) -> list[dict]:
+    """How much each projection group costs when it alone is quantized at this variant's bits: each projection
+    over all layers (q_proj, v_proj, down_proj, ...), then each layer's projections together. Measured on held-out
+    prompts (not the eval split) as the change of the margin between the label words' first tokens after the
+    prompt, against the fp32 graph, and how many rows change sides."""
+    import re
+
+    import onnx
+
+    from toolchain.compile.quantize import matmul_nbits
+    from toolchain.data import read_split
+    from toolchain.runtime import DecoderGenerator
+
+    recipe = ctx.recipe
+    src = inputs["llm-export"].file("model.onnx")
+    tokenizer = load_tokenizer(inputs["llm-finetune"].path)
+    task = prompt_task(ctx)
+    d = recipe.data
+    rows = read_split(recipe.data_root() / c["auto_file"], d.text, d.label, d.labels).head(c["sensitivity_rows"])
+    prompts = [tokenizer(task.prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in rows.texts]
+    first = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in d.labels[:2]]
+
+    def margins(path: Path) -> np.ndarray:
+        gen = DecoderGenerator(path, threads=ctx.threads)
+        logits = [gen.step(np.array([p]), gen.empty_past(), len(p))[0] for p in prompts]
+        return np.array([x[first[1]] - x[first[0]] for x in logits])
+
+    reference = margins(src)
+    names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    groups: dict[str, list[str]] = {}  # each projection over all layers, then each layer's projections
+    for name in names:
+        groups.setdefault(re.sub(r"layers\.\d+", "layers.*", name), []).append(name)
+    for name in names:
+        layer = re.search(r"/layers\.\d+/", name)
+        if layer and "_proj/" in name:
+            groups.setdefault(f"{layer[0]}*_proj", []).append(name)
+    ranking = []
+    probe = out / "probe.onnx"
+    for group, members in groups.items():
+        if len(members) < 2 and "_proj" not in group:  # not a projection (attention's scores have no weight)
+            continue
+        matmul_nbits(src, probe, c["block_size"], c["symmetric"], c["accuracy_level"], only=members, bits=c["bits"])
+        m = margins(probe)
+        if np.array_equal(m, reference):  # nothing quantized: MatMuls without a constant weight
+            continue
+        ranking.append(
+            {
+                "group": group,
+                "nodes": len(members),
+                "margin_mse": float(((m - reference) ** 2).mean()),
+                "rows_changing_side": int(((m > 0) != (reference > 0)).sum()),
+                "rows": len(prompts),
+            }
+        )
+    probe.unlink(missing_ok=True)
+    ranking.sort(key=lambda r: -r["margin_mse"])
+    worst = ", ".join(f"{r['group']} {r['margin_mse']:.3f}" for r in ranking[:4])
+    log.info("llm-quantize: projection sensitivity at %d bits on %d rows: %s", c["bits"], len(prompts), worst)
+    return ranking
 
 
 # ---------------------------------------------------------------------------------------------------------------
