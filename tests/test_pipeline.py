@@ -320,6 +320,18 @@ def test_damaged_artifact_is_rebuilt(first_run, tmp_path: Path) -> None:
 EXERCISED_ELSEWHERE = {
     "teacher-logits": "test_distill.py::test_distill_recipe_exports_and_quantizes_the_student",
     "distill": "test_distill.py::test_distill_recipe_exports_and_quantizes_the_student",
+    **{
+        stage: "test_llm_pipeline.py::test_generation_recipe_runs_end_to_end"
+        for stage in (
+            "llm-base",
+            "llm-finetune",
+            "llm-export",
+            "llm-quantize",
+            "llm-evaluate",
+            "llm-bench",
+            "llm-bundle",
+        )
+    },
 }
 
 

@@ -442,7 +442,7 @@ def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> 
     kind="onnx-quantized",
     help="Quantize: dynamic int8, static int8 (calibrated QDQ), int4 weight-only, fp16, or keep a QAT Q/DQ export; "
     "optionally rank nodes by sensitivity and keep the worst in float.",
-    version=4,  # 4: exclude auto targets the flip rate
+    version=5,  # 4: exclude auto targets the flip rate; 5: int4 rankings quantize one node at a time (`only` fixed)
 )
 def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     spec = QuantizeSpec.model_validate(call.config)
