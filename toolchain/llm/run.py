@@ -229,10 +229,17 @@ def choose(rows: list[dict[str, Any]], recipe: Recipe) -> tuple[str | None, dict
 
 
 def run_generation(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = ()) -> RunContext:
+    import torch.distributed as dist
+
     from toolchain.bundle import publish_bundle
     from toolchain.llm import report
     from toolchain.registry import load_all
 
+    if dist.is_available() and dist.is_initialized():
+        raise ToolchainError(
+            f"recipe '{recipe.name}' is a generation recipe, which trains in one process; run it without torchrun "
+            "(make with NPROC=1, the default)"
+        )
     load_all()
     ctx = RunContext(recipe, runs_root)
     with run_lock(ctx.run_dir):
