@@ -223,15 +223,7 @@ class Predictor:
                 f"this runtime reads {MANIFEST_VERSION}"
             )
         if verify:
-            for name, info in manifest["files"].items():
-                p = folder / name
-                if not p.is_file():
-                    raise BundleError(f"{folder}: {name} is missing")
-                if sha256_file(p) != info["sha256"]:
-                    raise BundleError(
-                        f"{folder}: {name} does not match its sha256 in manifest.json; "
-                        "the bundle was changed or damaged: rebuild it"
-                    )
+            _verify_files(folder, manifest)
         if in_graph:
             strings = manifest.get("strings_model")
             if not strings:
