@@ -63,6 +63,56 @@ def test_runtime_generate_equals_transformers_greedy_generate(tiny_llama) -> Non
     assert why3 == "stop string" and ids3 == ids[:3]
 
 
+SHARED = [1, 17, 250, 3, 99]
+BATCH = [[*SHARED, 400, 12], [*SHARED, 7], [*SHARED, 31, 32, 33, 34, 35, 36], [1, 18, 250, 5], [*SHARED, 44, 45]]
+
+
+def _decoders(folder: Path) -> list[DecoderGenerator]:
+    from toolchain.llm.torch_decoder import TorchDecoder
+
+    return [
+        DecoderGenerator(folder / "onnx" / "model.onnx", eos_token_ids=[2]),
+        TorchDecoder(folder / "hf", eos_token_ids=[2]),
+    ]
+
+
+@pytest.mark.parametrize("backend", [0, 1], ids=["onnx", "torch"])
+def test_a_batch_with_a_shared_prefix_and_padding_equals_one_prompt_at_a_time(tiny_llama, backend: int) -> None:
+    """Padding sits between the cached prefix and each prompt's own tokens: masked out, positions explicit. Every
+    row's first logits and greedy continuation must equal that prompt run alone from an empty cache."""
+    _, folder = tiny_llama
+    gen = _decoders(folder)[backend]
+    alone_logits = [gen.step(np.array([p]), gen.empty_past(), len(p))[0] for p in BATCH[:3] + BATCH[4:]]
+    alone = [gen.generate_ids(p, max_new_tokens=6)[0] for p in BATCH]
+    gen.set_prefix(SHARED)
+    assert gen.prefix_ids == SHARED
+    logits, _, mask, nxt = gen._prefill(BATCH[:3] + BATCH[4:])  # all extend the prefix: it is used
+    assert mask.shape == (4, len(SHARED) + 6) and mask[:, : len(SHARED)].all() and nxt.tolist() == [7, 6, 11, 7]
+    np.testing.assert_allclose(logits, np.stack(alone_logits), atol=1e-4)
+    assert gen.generate_batch_ids(BATCH, max_new_tokens=6) == alone  # one row does not extend it: run whole
+    assert gen.generate_batch_ids(BATCH[:3], max_new_tokens=6) == alone[:3]
+    assert [gen.generate_ids(p, max_new_tokens=6)[0] for p in BATCH] == alone
+    stop = gen.generate_batch_ids(BATCH[:2], max_new_tokens=6, stop=lambda out: len(out) >= 2)
+    assert stop == [a[:2] for a in alone[:2]]
+
+
+def test_the_pytorch_decoder_times_and_answers_like_transformers_generate(tiny_llama) -> None:
+    model, folder = tiny_llama
+    gen = _decoders(folder)[1]
+    with torch.inference_mode():
+        want = model.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, eos_token_id=2)
+    ids, first, _, _ = gen.generate_ids(PROMPT, max_new_tokens=10)
+    assert ids == want[0, len(PROMPT) :].tolist() and first > 0
+
+
+def test_common_prefix_leaves_every_sequence_a_token_of_its_own() -> None:
+    from toolchain.runtime import common_prefix
+
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 3, 4, 5]]) == [1, 2, 3]
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == [1, 2]
+    assert common_prefix([[5, 6], [7, 6]]) == [] and common_prefix([]) == []
+
+
 def test_int4_weights_keep_the_logits_close(tiny_llama, tmp_path: Path) -> None:
     import onnx
 

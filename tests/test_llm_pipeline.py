@@ -172,7 +172,9 @@ out = []
 for t in texts:
     a = gen.classify(t)
     out.append({"label": a.label, "text": a.text, "ids": a.generation.token_ids})
-print(json.dumps({"answers": out, "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+batch = gen.classify_batch(texts)
+print(json.dumps({"answers": out, "batch": batch, "prefix": gen.decoder.prefix_ids,
+                  "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
 """
 
 
@@ -201,6 +203,10 @@ def test_runtime_generator_over_the_bundle_without_torch(tiny_run: Path, tmp_pat
     shipped = manifest["variant"]
     evaluated = json.loads(next((tiny_run / "stages").glob(f"llm-evaluate.{shipped}-*/answers.json")).read_text())
     assert [a["text"] for a in result["answers"]] == evaluated
+    # the bundle carries the prompts' shared beginning (chat turn + instruction), computed once at load
+    settings = json.loads((tiny_run / "bundle" / "generation.json").read_text())
+    assert len(result["prefix"]) > 10 and result["prefix"] == settings["prefix_ids"] and settings["batch_size"] == 4
+    assert result["batch"] == [a["label"] for a in result["answers"]]
     assert all(len(a["ids"]) <= 3 for a in result["answers"])
 
 

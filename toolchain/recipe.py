@@ -489,8 +489,9 @@ class GenerationSection(Strict):
         16,
         gt=0,
         le=256,
-        description="PyTorch accuracy runs in left-padded batches of this size (ONNX variants run one prompt at a "
-        "time, as the runtime does). Timings never batch.",
+        description="Accuracy runs this many prompts per batch, PyTorch and ONNX alike, through the runtime's "
+        "batched greedy loop (the prompts' shared beginning computed once, each prompt's own tokens padded after "
+        "it). 1: one prompt at a time, as `Generator.classify` runs. Timings never batch.",
     )
     agreement_prompts: int = Field(
         32,

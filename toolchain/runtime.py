@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -286,8 +287,14 @@ class DecoderGenerator:
     """Greedy generation from a decoder ONNX graph with past key/values inputs and present outputs (optimum's
     text-generation-with-past export), numpy + onnxruntime (+ tokenizers for text): no torch.
 
-    The first run feeds the whole prompt with empty past tensors; each later run feeds one token and the previous
-    run's present key/values, so a step costs one token's work whatever the length so far."""
+    The first run feeds the prompt with empty past tensors; each later run feeds one token and the previous run's
+    present key/values, so a step costs one token's work whatever the length so far.
+
+    Prompts that share a fixed beginning (a chat template's system turn, an instruction) skip its work with
+    `set_prefix(ids)`: its key/values are computed once and every prompt that starts with exactly those ids starts
+    from them. `generate_batch_ids` runs several prompts at once: each prompt's own tokens are left-padded after the
+    shared prefix, the pads masked out, positions given explicitly, so a row's result does not depend on its padding
+    (up to float rounding in the kernels)."""
 
     def __init__(
         self,
@@ -300,36 +307,110 @@ class DecoderGenerator:
         self.session = make_session(model_path, threads, providers)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = list(inputs)
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
         if not self.past_names:
             raise BundleError(f"{model_path}: no past_key_values inputs; export it with its KV cache")
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.present_names = [n for n in self.output_names if n.startswith("present.")]
         first = inputs[self.past_names[0]]
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.past_dtype = np.float16 if "float16" in first.type else np.float32
+        # padding inside a batch needs explicit positions; a graph without them runs one prompt at a time
+        self.can_pad = "position_ids" in self.input_names and "attention_mask" in self.input_names
+        self._setup_text(tokenizer_file, eos_token_ids)
+
+    def _setup_text(self, tokenizer_file: Path | str | None, eos_token_ids: list[int] | None) -> None:
         self.tokenizer = None
         if tokenizer_file is not None:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.eos = set(eos_token_ids or [])
+        self.prefix_ids: list[int] = []
+        self.prefix_past: Any = None
 
-    def step(
-        self, ids: np.ndarray, past: dict[str, np.ndarray], total: int
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One forward pass: logits of the last position and the new cache. `ids` (1, T); `total` past + T."""
-        length = ids.shape[1]
+    # -- the model ----------------------------------------------------------------------------------------------
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
+        """One forward pass: the last position's logits (B, V) and the new cache. `ids` and `positions` (B, T),
+        `mask` (B, past + T) with 0 on padding."""
         feeds = {"input_ids": ids.astype(np.int64), **past}
         if "attention_mask" in self.input_names:
-            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
+            feeds["attention_mask"] = mask.astype(np.int64)
         if "position_ids" in self.input_names:
-            feeds["position_ids"] = np.arange(total - length, total, dtype=np.int64)[None, :]
-        outputs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds), strict=True))
+            feeds["position_ids"] = positions.astype(np.int64)
+        outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         present = {name.replace("present.", "past_key_values."): outputs[name] for name in self.present_names}
-        return outputs["logits"][0, -1], present
+        return outputs["logits"][:, -1], present
 
-    def empty_past(self) -> dict[str, np.ndarray]:
-        return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype) for n in self.past_names}
+    def empty_past(self, batch: int = 1) -> Any:
+        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype) for n in self.past_names}
+
+    def repeat_past(self, past: Any, batch: int) -> Any:
+        """The cache of one sequence for `batch` sequences (inputs are never changed by a run: no copy for one)."""
+        return past if batch == 1 else {n: np.repeat(a, batch, axis=0) for n, a in past.items()}
+
+    def step(self, ids: np.ndarray, past: Any, total: int) -> tuple[np.ndarray, Any]:
+        """One sequence's forward pass: logits of the last position and the new cache. `ids` (1, T); `total` past+T."""
+        length = ids.shape[1]
+        mask = np.ones((1, total), dtype=np.int64)
+        positions = np.arange(total - length, total, dtype=np.int64)[None, :]
+        logits, present = self.forward(ids, mask, positions, past)
+        return logits[0], present
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    def set_prefix(self, ids: list[int]) -> None:
+        """Compute the key/values of `ids` once; prompts that start with them (and go on) start from there."""
+        self.prefix_ids, self.prefix_past = [], None
+        if ids:
+            _, self.prefix_past = self.step(np.array([ids]), self.empty_past(), len(ids))
+            self.prefix_ids = list(ids)
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
+        """The prompts' forward pass, from the prefix's cache when every prompt extends it: (last logits, cache,
+        attention mask, next position per row)."""
+        n = len(self.prefix_ids)
+        use_prefix = n > 0 and all(len(p) > n and p[:n] == self.prefix_ids for p in prompts)
+        start = n if use_prefix else 0
+        past = self.repeat_past(self.prefix_past, len(prompts)) if use_prefix else self.empty_past(len(prompts))
+        own = [p[start:] for p in prompts]
+        width = max(len(o) for o in own)
+        ids = np.zeros((len(prompts), width), dtype=np.int64)
+        mask = np.zeros((len(prompts), start + width), dtype=np.int64)
+        mask[:, :start] = 1
+        positions = np.zeros((len(prompts), width), dtype=np.int64)
+        for i, o in enumerate(own):
+            ids[i, width - len(o) :] = o
+            mask[i, start + width - len(o) :] = 1
+            positions[i, width - len(o) :] = np.arange(start, start + len(o))
+        logits, past = self.forward(ids, mask, positions, past)
+        return logits, past, mask, np.array([len(p) for p in prompts], dtype=np.int64)
+
+    def generate_batch_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int = 8,
+        stop: Callable[[list[int]], bool] | None = None,
+    ) -> list[list[int]]:
+        """Greedy continuations of several prompts in one batch; a row stops at EOS, `stop` or the limit, the
+        batch when every row has."""
+        if len(prompts) > 1 and not self.can_pad:
+            return [self.generate_ids(p, max_new_tokens, stop)[0] for p in prompts]
+        logits, past, mask, nxt = self._prefill(prompts)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        while True:
+            tokens = logits.argmax(axis=-1)
+            for i, token in enumerate(tokens.tolist()):
+                if not done[i]:
+                    out[i].append(token)
+                    done[i] = token in self.eos or len(out[i]) >= max_new_tokens or (stop is not None and stop(out[i]))
+            if all(done):
+                return out
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+            logits, past = self.forward(tokens[:, None], mask, nxt[:, None], past)
+            nxt = nxt + 1
 
     def generate_ids(
         self, prompt_ids: list[int], max_new_tokens: int = 8, stop: Callable[[list[int]], bool] | None = None
@@ -338,8 +419,8 @@ class DecoderGenerator:
         import time
 
         t0 = time.perf_counter()
-        logits, past = self.step(np.array([prompt_ids]), self.empty_past(), len(prompt_ids))
-        token = int(logits.argmax())
+        logits, past, mask, nxt = self._prefill([prompt_ids])
+        token = int(logits[0].argmax())
         first = time.perf_counter() - t0
         out = [token]
         t1 = time.perf_counter()
@@ -353,27 +434,78 @@ class DecoderGenerator:
             if len(out) >= max_new_tokens:
                 why = "max_new_tokens"
                 break
-            logits, past = self.step(np.array([[token]]), past, len(prompt_ids) + len(out))
-            token = int(logits.argmax())
+            mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+            logits, past = self.forward(np.array([[token]]), mask, nxt[:, None], past)
+            nxt = nxt + 1
+            token = int(logits[0].argmax())
             out.append(token)
         return out, first, time.perf_counter() - t1, why
 
-    def generate(self, prompt: str, max_new_tokens: int = 8, stop_strings: list[str] | None = None) -> Generation:
-        """Greedy text continuation of an already-templated prompt, ending at EOS, a stop string or the limit."""
-        if self.tokenizer is None:
-            raise BundleError("generate(prompt) needs the tokenizer file; use generate_ids with token ids")
+    def _stop_check(self, stop_strings: list[str] | None) -> Callable[[list[int]], bool] | None:
+        if not stop_strings:
+            return None
         tok = self.tokenizer
-        prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
 
         def stop(ids: list[int]) -> bool:
             text = tok.decode(ids, skip_special_tokens=True)
-            return any(s in text for s in stop_strings or [])
+            return any(s in text for s in stop_strings)
 
-        ids, first, decode, why = self.generate_ids(prompt_ids, max_new_tokens, stop if stop_strings else None)
-        text = tok.decode([i for i in ids if i not in self.eos], skip_special_tokens=True)
+        return stop
+
+    def _text(self, ids: list[int], stop_strings: list[str] | None) -> str:
+        text = self.tokenizer.decode([i for i in ids if i not in self.eos], skip_special_tokens=True)
         for s in stop_strings or []:
             text = text.split(s, 1)[0]
-        return Generation(text, ids, len(prompt_ids), first, decode, why)
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise BundleError("generating from text needs the tokenizer file; use the *_ids methods with token ids")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def generate(self, prompt: str, max_new_tokens: int = 8, stop_strings: list[str] | None = None) -> Generation:
+        """Greedy text continuation of an already-templated prompt, ending at EOS, a stop string or the limit."""
+        prompt_ids = self.encode(prompt)
+        ids, first, decode, why = self.generate_ids(prompt_ids, max_new_tokens, self._stop_check(stop_strings))
+        return Generation(self._text(ids, stop_strings), ids, len(prompt_ids), first, decode, why)
+
+    def generate_batch(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 8,
+        stop_strings: list[str] | None = None,
+        batch_size: int = 16,
+        progress: Callable[[int], Any] | None = None,
+    ) -> list[str]:
+        """Greedy text continuations of many prompts, `batch_size` at a time, prompts of similar length together;
+        answers in the prompts' order. `progress(n)` is called after each batch with its size."""
+        encoded = [self.encode(p) for p in prompts]
+        order = np.argsort([len(e) for e in encoded], kind="stable")
+        answers = [""] * len(prompts)
+        stop = self._stop_check(stop_strings)
+        for begin in range(0, len(order), batch_size):
+            idx = order[begin : begin + batch_size].tolist()
+            batch = self.generate_batch_ids([encoded[i] for i in idx], max_new_tokens, stop)
+            for i, ids in zip(idx, batch, strict=True):
+                answers[i] = self._text(ids, stop_strings)
+            if progress is not None:
+                progress(len(idx))
+        return answers
+
+
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    """The longest run of first ids that every sequence starts with, one id short of the shortest sequence (so
+    that every sequence still has a token of its own to run)."""
+    if not sequences:
+        return []
+    first = sequences[0]
+    n = min(len(s) for s in sequences) - 1
+    for s in sequences[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return list(first[: max(n, 0)])
 
 
 @dataclass
@@ -427,6 +559,7 @@ class Generator:
             providers,
             eos_token_ids=settings["stop_token_ids"],
         )
+        decoder.set_prefix(settings.get("prefix_ids", []))
         return cls(folder, manifest, decoder, settings)
 
     def prompt(self, text: str) -> str:
@@ -451,6 +584,19 @@ class Generator:
         gen = self.generate(self.prompt(text))
         k = parse_label(gen.text, self.labels)
         return Answer(self.labels[k] if k is not None else None, gen.text, gen)
+
+    def classify_batch(self, texts: list[str], batch_size: int | None = None) -> list[str | None]:
+        """The label answered for each text, several texts per run (default: the batch size the bundle's accuracy
+        was measured with; with int4 or int8 weights a few answers can differ from one-at-a-time runs)."""
+        s = self.settings
+        answers = self.decoder.generate_batch(
+            [self.prompt(t) for t in texts],
+            s["max_new_tokens"],
+            s["stop_strings"],
+            batch_size or s.get("batch_size", 1),
+        )
+        found = [parse_label(a, self.labels) for a in answers]
+        return [self.labels[k] if k is not None else None for k in found]
 
 
 def _verify_files(folder: Path, manifest: dict) -> None:

@@ -1,8 +1,9 @@
 """One variant's timing process for llm-bench: load the model, generate a fixed number of tokens after each prompt,
 print one JSON line (time to first token per prompt, decode tokens and seconds, load time, peak RSS).
 
-PyTorch eager is timed with the same greedy loop as the runtime: one forward pass over the prompt, then one per
-token with the KV cache. End of turn is ignored so that every variant decodes the same number of tokens.
+PyTorch eager is timed with the runtime's own greedy loop (`TorchDecoder`): one forward pass over the whole prompt
+(no prefix cache), then one per token with the KV cache. End of turn is ignored so that every variant decodes the
+same number of tokens.
 
     python -m toolchain.llm.measure job.json
 """
@@ -18,32 +19,15 @@ from typing import Any
 from toolchain.evaluate.stats import peak_rss_bytes
 
 
-def _torch_runner(model_dir: str, threads: int) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    def run(prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            res = model(input_ids=torch.tensor([prompt]), use_cache=True)
-            token = int(res.logits[0, -1].argmax())
-            first = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for _ in range(new_tokens - 1):
-                res = model(input_ids=torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
-                token = int(res.logits[0, -1].argmax())
-            return first, time.perf_counter() - t1, new_tokens - 1
-
-    return run
-
-
-def _onnx_runner(model_path: str, threads: int) -> Any:
+def _runner(job: dict[str, Any]) -> Any:
     from toolchain.runtime import DecoderGenerator
 
-    gen = DecoderGenerator(model_path, threads=threads)
+    if job["format"] == "pytorch":
+        from toolchain.llm.torch_decoder import TorchDecoder
+
+        gen: DecoderGenerator = TorchDecoder(job["model"], threads=job["threads"])
+    else:
+        gen = DecoderGenerator(job["model"], threads=job["threads"])
 
     def run(prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
         ids, first, decode, _ = gen.generate_ids(prompt, new_tokens)
@@ -55,8 +39,7 @@ def _onnx_runner(model_path: str, threads: int) -> Any:
 def main(job_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     t0 = time.perf_counter()
-    make = _torch_runner if job["format"] == "pytorch" else _onnx_runner
-    run = make(job["model"], job["threads"])
+    run = _runner(job)
     load = time.perf_counter() - t0
     run(job["prompts"][0], 4)  # warm-up: first-call allocations and kernel choices
     firsts, decode_s, decode_n = [], 0.0, 0

@@ -101,7 +101,7 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[LlmVari
                     "tokenizer_from": "llm-finetune" if v.name != UNTUNED else "llm-base",
                     "max_new_tokens": g.untuned_max_new_tokens if v.name == UNTUNED else g.max_new_tokens,
                     "agreement": v.name != UNTUNED,
-                    "eval_batch_size": g.eval_batch_size if v.format == "pytorch" else 1,
+                    "eval_batch_size": g.eval_batch_size,
                     "agreement_prompts": g.agreement_prompts,
                     "agreement_tokens": g.agreement_tokens,
                 },
@@ -335,6 +335,7 @@ def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
     for text in ctx.eval.texts[:50]:  # the app's prompt must be the one evaluated, byte for byte
         if prefix + g.template.format(text=text) + suffix != task.prompt(tokenizer, text):
             raise StageError("bundle", f"the chat template cannot be split around the prompt for eval text {text!r}")
+    metrics = json.loads(inputs[f"llm-evaluate.{shipped}"].file("metrics.json").read_text())
     generation = {
         "template": g.template,
         "prompt_prefix": prefix,
@@ -343,10 +344,13 @@ def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
         "max_new_tokens": g.max_new_tokens,
         "stop_strings": list(g.stop_strings),
         "stop_token_ids": stop_token_ids(tokenizer),
+        # what the accuracy was measured with: the prompts' shared first tokens (their key/values computed once;
+        # a prompt that does not start with them is run whole) and the batch size of Generator.classify_batch
+        "prefix_ids": metrics["prefix_ids"],
+        "batch_size": metrics["batch_size"],
         "parse": "the label whose word comes first in the answer, whole words, case ignored; none: unparsed",
     }
     (out / "generation.json").write_text(json.dumps(generation, indent=2))
-    metrics = json.loads(inputs[f"llm-evaluate.{shipped}"].file("metrics.json").read_text())
     bench = json.loads(inputs["llm-bench"].file("bench.json").read_text())
     timing = bench["variants"][shipped]
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())}

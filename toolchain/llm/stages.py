@@ -288,67 +288,16 @@ def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, 
 # accuracy by generation
 
 
-def _torch_answers(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    new_tokens: int,
-    stops: list[int],
-    stop_strings: list[str],
-    batch_size: int,
-) -> list[str]:
-    """Greedy answers from transformers' generate, left-padded batches of similar length (accuracy only)."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    order = np.argsort([len(p) for p in prompts], kind="stable")
-    answers: list[str] = [""] * len(prompts)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc,
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for j, i in enumerate(idx):
-                text = tokenizer.decode(out[j, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                for s in stop_strings:
-                    text = text.split(s, 1)[0]
-                answers[i] = text
-    return answers
-
-
-def _torch_greedy_ids(model: Any, prompt_ids: list[int], new_tokens: int, stops: list[int]) -> list[int]:
-    """Greedy continuation with the KV cache, one sequence (the agreement check's PyTorch side)."""
-    import torch
-
-    out: list[int] = []
-    with torch.inference_mode():
-        res = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
-        while True:
-            token = int(res.logits[0, -1].argmax())
-            out.append(token)
-            if token in stops or len(out) >= new_tokens:
-                return out
-            res = model(input_ids=torch.tensor([[token]]), past_key_values=res.past_key_values, use_cache=True)
-
-
 @register(
     "llm-evaluate",
     kind="metrics",
     help="Accuracy on the eval split from greedy answers; greedy continuations of the fixed agreement prompts.",
-    version=1,
+    version=2,
 )
 def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from toolchain.runtime import DecoderGenerator
+    from toolchain.runtime import DecoderGenerator, common_prefix
 
     c = call.config
     g = ctx.recipe.generation
@@ -359,31 +308,27 @@ def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     stops = stop_token_ids(tokenizer)
     evl = ctx.eval
     prompts = [task.prompt(tokenizer, t) for t in evl.texts]
-    agreement_prompts = evl.texts[: g.agreement_prompts]
     t0 = time.perf_counter()
-    agreement: list[list[int]] = []
     if c["format"] == "pytorch":
-        import torch
-        from transformers import AutoModelForCausalLM
+        from toolchain.llm.torch_decoder import TorchDecoder
 
-        torch.set_num_threads(ctx.threads)
-        model = AutoModelForCausalLM.from_pretrained(inputs[c["source"]].path, dtype=torch.float32).eval()
-        answers = _torch_answers(
-            model, tokenizer, prompts, c["max_new_tokens"], stops, task.stop_strings, g.eval_batch_size
+        gen: DecoderGenerator = TorchDecoder(
+            inputs[c["source"]].path, tok_dir / "tokenizer.json", ctx.threads, eos_token_ids=stops
         )
-        if c["agreement"]:
-            for text in agreement_prompts:
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                agreement.append(_torch_greedy_ids(model, ids, g.agreement_tokens, stops))
     else:
         gen = DecoderGenerator(
             inputs[c["source"]].file("model.onnx"), tok_dir / "tokenizer.json", ctx.threads, eos_token_ids=stops
         )
-        answers = [
-            gen.generate(p, c["max_new_tokens"], task.stop_strings).text
-            for p in tqdm(prompts, desc=call.key, unit="row", mininterval=5)
-        ]
-        for text in agreement_prompts:
+    prefix = common_prefix([gen.encode(p) for p in prompts])
+    gen.set_prefix(prefix)
+    with tqdm(total=len(prompts), desc=call.key, unit="row", mininterval=5) as bar:
+        answers = gen.generate_batch(
+            prompts, c["max_new_tokens"], task.stop_strings, c["eval_batch_size"], progress=bar.update
+        )
+    agreement: list[list[int]] = []
+    if c["agreement"]:
+        gen.set_prefix([])
+        for text in evl.texts[: g.agreement_prompts]:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             agreement.append(gen.generate_ids(ids, g.agreement_tokens)[0])
     seconds = time.perf_counter() - t0
@@ -396,6 +341,8 @@ def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
         "eval_rows": len(prompts),
         "unparsed": sum(p is None for p in parsed),
         "max_new_tokens": c["max_new_tokens"],
+        "batch_size": c["eval_batch_size"],
+        "prefix_ids": prefix,
         "seconds": round(seconds, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -421,6 +368,7 @@ def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     kind="bench",
     help="Time to first token, decode tokens/s, peak memory and load time per variant, a fresh process per variant "
     "and round.",
+    version=2,
 )
 def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     c = call.config
