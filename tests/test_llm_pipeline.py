@@ -135,6 +135,8 @@ def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
     assert report["shipped"] in names[2:]
     md = (tiny_run / "report.md").read_text()
     assert "decode tokens/s" in md and "**(shipped)**" in md
+    assert all(r["eval_batch_size"] == 4 and r["prefix_tokens"] > 10 for r in rows.values())
+    assert "4 prompts per batch" in md
     assert (tiny_run / "report.png").is_file()
 
 

@@ -151,6 +151,8 @@ def rows(ctx: RunContext, variants: list[LlmVariant]) -> list[dict[str, Any]]:
             "eval_rows": metrics["eval_rows"],
             "unparsed": metrics["unparsed"],
             "max_new_tokens": metrics["max_new_tokens"],
+            "eval_batch_size": metrics.get("batch_size"),
+            "prefix_tokens": len(metrics.get("prefix_ids", [])),
             "accuracy_drop": base["accuracy"] - metrics["accuracy"],
             "size_bytes": size,
         }
