@@ -119,3 +119,53 @@ def test_summary_keeps_what_the_gate_reads() -> None:
     s = summarize(fake_report(0.4))
     assert set(s["variants"]) == {"pytorch-fp32", "onnx-int8"}
     assert s["variants"]["onnx-int8"]["ratio_to_pytorch"]["b1_s128"] == pytest.approx(0.4)
+
+
+def generation_report(speedups: list[float], accuracy: float = 0.86) -> dict:
+    """A generation report as llm/run.py writes it: decode tokens/s per round, PyTorch at 20 tokens/s."""
+
+    def row(name: str, rounds: list[float] | None, acc: float) -> dict:
+        r = {"name": name, "accuracy": acc, "correct": round(acc * 872)}
+        if rounds is not None:
+            r |= {"decode_tokens_per_second": sorted(rounds)[1], "decode_tokens_per_second_rounds": rounds}
+            r["decode_speedup"] = sorted(rounds)[1] / 20.0
+        return r
+
+    return {
+        "kind": "generation",
+        "recipe": "gen",
+        "measured_at_commit": "abc",
+        "environment": {"cpu_model": "cpu", "threads": 2},
+        "data": {"eval_rows": 872},
+        "variants": [
+            row("pytorch-untuned", None, 0.59),
+            row("pytorch-fp32", [20.0, 20.0, 20.0], 0.878),
+            row("onnx-int4", [20.0 * s for s in speedups], accuracy),
+        ],
+    }
+
+
+def test_a_generation_report_is_gated_on_decode_speed_and_accuracy(tmp_path: Path, capsys) -> None:
+    from toolchain.cli import main
+
+    run = tmp_path / "runs" / "gen"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps(generation_report([2.2, 2.3, 2.4])))
+    baseline = tmp_path / "gen.json"
+    data = write_baseline(run, baseline, 0.005, 0.1)
+    assert data["kind"] == "generation"
+    assert data["variants"]["onnx-int4"]["decode_speedup_range"] == [pytest.approx(2.2), pytest.approx(2.4)]
+    assert "checks pass." in run_gate(run, baseline)
+    # noise: this run's best round still within 10% of the baseline's worst
+    (run / "report.json").write_text(json.dumps(generation_report([1.9, 2.0, 2.05])))
+    assert "checks pass." in run_gate(run, baseline)
+    (run / "report.json").write_text(json.dumps(generation_report([1.5, 1.6, 1.7])))
+    with pytest.raises(GateError, match="onnx-int4 decode tokens/s vs PyTorch regressed"):
+        run_gate(run, baseline)
+    (run / "report.json").write_text(json.dumps(generation_report([2.2, 2.3, 2.4], accuracy=0.84)))
+    with pytest.raises(GateError, match="onnx-int4 accuracy % regressed"):
+        run_gate(run, baseline)
+    # a classifier report against a generation baseline: a clear error, not a KeyError
+    (run / "report.json").write_text(json.dumps(fake_report(0.4)))
+    assert main(["gate", str(run), "--baseline", str(baseline)]) == 1
+    assert "a baseline of a generation recipe" in capsys.readouterr().err

@@ -6,6 +6,10 @@ case when even the low end of its ratio's range this run (the smallest per-round
 baseline's range by more than `latency_tolerance`. Accuracy regresses when it falls more than `accuracy_tolerance`
 below the baseline's. A variant of the baseline missing from the run fails the gate too (a renamed or dropped
 variant must be re-baselined on purpose: `make bench-baseline`).
+
+A generation report (decoder LMs) is gated the same way on accuracy and on decode tokens/s as a ratio to PyTorch
+eager in the same run (higher is better): it regresses when even the high end of this run's per-round ratios is
+below the low end of the baseline's by more than `latency_tolerance`.
 """
 
 from __future__ import annotations
@@ -45,8 +49,19 @@ class Check:
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """What a baseline keeps of a report: per variant, accuracy and each case's ratio to PyTorch with its range."""
+    """What a baseline keeps of a report: per variant, accuracy and each case's ratio to PyTorch with its range
+    (a generation report: decode tokens/s against PyTorch, with the range of the per-round ratios)."""
     env = report["environment"]
+    if report.get("kind") == "generation":
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "generation",
+            "recipe": report["recipe"],
+            "measured_at_commit": report.get("measured_at_commit"),
+            "environment": {k: env.get(k) for k in ("cpu_model", "cores_physical", "threads", "versions")},
+            "eval_rows": report["data"]["eval_rows"],
+            "variants": {r["name"]: _generation_variant(r, report["variants"]) for r in report["variants"]},
+        }
     return {
         "format_version": FORMAT_VERSION,
         "recipe": report["recipe"],
@@ -64,6 +79,15 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
             for r in report["variants"]
         },
     }
+
+
+def _generation_variant(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {"accuracy": row["accuracy"], "correct": row.get("correct")}
+    if "decode_speedup" in row and row["name"] != BASELINE:
+        pt = next(r for r in rows if r["name"] == BASELINE)["decode_tokens_per_second_rounds"]
+        per_round = [a / b for a, b in zip(row["decode_tokens_per_second_rounds"], pt, strict=True)]
+        out |= {"decode_speedup": row["decode_speedup"], "decode_speedup_range": [min(per_round), max(per_round)]}
+    return out
 
 
 def compare(
@@ -92,7 +116,25 @@ def compare(
         )
         if name == BASELINE:
             continue  # the ratios' denominator
-        for case, base_ratio in base["ratio_to_pytorch"].items():
+        if "decode_speedup" in base:  # generation: higher is better
+            b_lo, b_hi = base["decode_speedup_range"]
+            if "decode_speedup" not in cur:
+                was = f"{base['decode_speedup']:.2f}x"
+                checks.append(Check(name, "decode tokens/s vs PyTorch", was, "not timed", "", False))
+                continue
+            c_lo, c_hi = cur["decode_speedup_range"]
+            floor = b_lo * (1 - latency_tolerance)
+            checks.append(
+                Check(
+                    name,
+                    "decode tokens/s vs PyTorch",
+                    f"{base['decode_speedup']:.2f}x ({b_lo:.2f}–{b_hi:.2f})",
+                    f"{cur['decode_speedup']:.2f}x ({c_lo:.2f}–{c_hi:.2f})",
+                    f"high end >= {floor:.2f}x",
+                    c_hi >= floor,
+                )
+            )
+        for case, base_ratio in base.get("ratio_to_pytorch", {}).items():
             if case not in cur["ratio_to_pytorch"]:
                 checks.append(Check(name, f"{case} vs PyTorch", f"{base_ratio:.3f}x", "case missing", "", False))
                 continue
@@ -154,6 +196,13 @@ def run_gate(
         latency_tolerance if latency_tolerance is not None else tolerances.get("latency", DEFAULT_LATENCY_TOLERANCE)
     )
     current = summarize(json.loads(report_path.read_text()))
+    kinds = (baseline.get("kind", "classifier"), current.get("kind", "classifier"))
+    if kinds[0] != kinds[1]:
+        raise ToolchainError(
+            f"{baseline_path}: a baseline of a {kinds[0]} recipe, but {report_path} is a {kinds[1]} report; "
+            f"gate against the baseline of the same recipe, or create one with "
+            f"`python -m toolchain baseline {run_dir} --out bench/baselines/{run_dir.name}.json`"
+        )
     checks = compare(current, baseline, acc_tol, lat_tol)
     failed = [c for c in checks if not c.ok]
     text = "\n".join(
