@@ -94,6 +94,8 @@ def test_a_batch_with_a_shared_prefix_and_padding_equals_one_prompt_at_a_time(ti
     assert [gen.generate_ids(p, max_new_tokens=6)[0] for p in BATCH] == alone
     stop = gen.generate_batch_ids(BATCH[:2], max_new_tokens=6, stop=lambda out: len(out) >= 2)
     assert stop == [a[:2] for a in alone[:2]]
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        gen.generate_batch(["a prompt"], batch_size=0)
 
 
 def test_the_pytorch_decoder_times_and_answers_like_transformers_generate(tiny_llama) -> None:

@@ -479,6 +479,8 @@ class DecoderGenerator:
     ) -> list[str]:
         """Greedy text continuations of many prompts, `batch_size` at a time, prompts of similar length together;
         answers in the prompts' order. `progress(n)` is called after each batch with its size."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         encoded = [self.encode(p) for p in prompts]
         order = np.argsort([len(e) for e in encoded], kind="stable")
         answers = [""] * len(prompts)
