@@ -96,6 +96,10 @@ def test_a_batch_with_a_shared_prefix_and_padding_equals_one_prompt_at_a_time(ti
     assert stop == [a[:2] for a in alone[:2]]
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         gen.generate_batch(["a prompt"], batch_size=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate_batch_ids([SHARED, []])
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        gen.generate_ids(SHARED, max_new_tokens=0)
 
 
 def test_the_pytorch_decoder_times_and_answers_like_transformers_generate(tiny_llama) -> None:

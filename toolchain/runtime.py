@@ -370,6 +370,8 @@ class DecoderGenerator:
     def _prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
         """The prompts' forward pass, from the prefix's cache when every prompt extends it: (last logits, cache,
         attention mask, next position per row)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (an empty text encodes to none)")
         n = len(self.prefix_ids)
         use_prefix = n > 0 and all(len(p) > n and p[:n] == self.prefix_ids for p in prompts)
         start = n if use_prefix else 0
@@ -395,6 +397,7 @@ class DecoderGenerator:
     ) -> list[list[int]]:
         """Greedy continuations of several prompts in one batch; a row stops at EOS, `stop` or the limit, the
         batch when every row has."""
+        _check_new_tokens(max_new_tokens)
         if len(prompts) > 1 and not self.can_pad:
             return [self.generate_ids(p, max_new_tokens, stop)[0] for p in prompts]
         logits, past, mask, nxt = self._prefill(prompts)
@@ -418,6 +421,7 @@ class DecoderGenerator:
         """Greedy continuation of `prompt_ids`: (new ids, first-token seconds, decode seconds, why it stopped)."""
         import time
 
+        _check_new_tokens(max_new_tokens)
         t0 = time.perf_counter()
         logits, past, mask, nxt = self._prefill([prompt_ids])
         token = int(logits[0].argmax())
@@ -493,6 +497,11 @@ class DecoderGenerator:
             if progress is not None:
                 progress(len(idx))
         return answers
+
+
+def _check_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
 
 
 def common_prefix(sequences: list[list[int]]) -> list[int]:

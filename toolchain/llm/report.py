@@ -95,7 +95,7 @@ def table(rows: list[dict[str, Any]], verdicts: dict[str, str] | None = None) ->
     return "\n".join(lines)
 
 
-def batching(rows: list[dict[str, Any]]) -> str:
+def answer_method(rows: list[dict[str, Any]]) -> str:
     """How the answers were generated (older reports lack the fields)."""
     batch = {r.get("eval_batch_size") for r in rows}
     prefix = {r.get("prefix_tokens") for r in rows}
@@ -130,7 +130,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Accuracy: {data['data']['eval_rows']} eval rows; the tuned variants generate at most {g['max_new_tokens']} "
         f"tokens, the untuned model {g['untuned_max_new_tokens']} (it answers in a sentence); "
-        f"{batching(rows)} Agreement: the first "
+        f"{answer_method(rows)} Agreement: the first "
         f"{g['agreement_prompts']} eval texts as plain-text prompts, {g['agreement_tokens']} greedy tokens each, "
         "against onnx-fp32's tokens (identical sequences; share of tokens before the first difference). "
         f"Timing: {data['bench']['threads']} threads, {g['bench_prompts']} eval prompts per round "
