@@ -1,6 +1,10 @@
-"""Fault injection: the pipeline is killed during fine-tuning (after a checkpoint), during export and during
-quantization; every rerun keeps what was finished, resumes the rest, and ends with the same files and accuracy as a
-run that was never interrupted."""
+"""Fault injection at named points (toolchain/faults.py, TOOLCHAIN_FAULT), never a race against a running process.
+
+Every registered stage, and the copy of the bundle into place, is stopped in the middle of its work (an exception
+the toolchain does not know) and just before its artifact is renamed into place (Ctrl-C); a run is also killed
+outright (SIGKILL) after a training checkpoint, with a whole artifact.json in a folder not yet renamed, and halfway
+through swapping the bundle, and terminated (SIGTERM) in quantization. Every rerun keeps what was finished, and the
+last one ends with the same files as a run that was never interrupted."""
 
 from __future__ import annotations
 
@@ -9,117 +13,227 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import tiny_recipe_dict, write_recipe
+from conftest import tiny_generation_recipe, tiny_recipe_dict, write_recipe
 
-from toolchain.runtime import sha256_file
+from toolchain.cli import main
+from toolchain.faults import ENV
+from toolchain.registry import load_all
 
 pytestmark = pytest.mark.slow
 
+# (point, action, exit code): an unknown exception mid-stage, Ctrl-C with the artifact whole but not in place
+STAGE_FAULTS = (("mid-stage", "raise", 1), ("before-rename", "SIGINT", 130))
 
-def _recipe(tiny_model: Path, folder: Path) -> Path:
+
+def _classifier_recipe(tiny_model: Path, folder: Path) -> Path:
+    """Every classifier stage: fine-tuning with checkpoints, distillation, export, fusion, quantization, Optimum's
+    baseline, evaluation, bench, bundle."""
     data = tiny_recipe_dict(tiny_model)
     data["finetune"]["checkpoint_every"] = 5
+    data["compile"]["distill"] = {"num_layers": 1, "epochs": 1, "lr": 3.0e-3, "precision": "fp32"}
     data["compile"]["quantize"] = ["dynamic-int8"]
-    data["bench"].update(
-        batch_sizes=[1], seq_lens=[16], rounds=1, min_iters=3, warmup=1, optimum_baseline=False, targets=["cpu"]
-    )
-    data["budget"]["latency_case"] = "b1_s16"
+    data["bench"].update(batch_sizes=[1], seq_lens=[16], rounds=1, min_iters=3, warmup=1, targets=["cpu"])
+    # exactly one shippable variant fits (int8, 1.0 MB; fp32 is 4 MB), so which one ships never depends on times
+    data["budget"].update(latency_case="b1_s16", max_accuracy_drop=1.0, max_size_mb=2.0)
     data["bundle"] = {"ort_format": False}
     return write_recipe(folder, data)
 
 
-def _command(recipe: Path, runs: Path) -> list[str]:
-    return [sys.executable, "-m", "toolchain", "run", str(recipe), "--runs", str(runs)]
+def _generation_recipe(model: Path, folder: Path) -> Path:
+    data = tiny_generation_recipe(model)
+    data["compile"]["quantize"] = [{"mode": "int4", "block_size": 32}]
+    data["budget"]["max_size_mb"] = 12.85  # only int4 fits (12.7 MB; fp32 13.0), whatever decodes faster
+    return write_recipe(folder, data)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# Files that hold measured times: compared without them (a rerun measures again), and without the step a resumed
+# training started from (the weights it ends with are compared byte for byte).
+TIMED_KEYS = {"train_seconds", "tokens_per_second", "seconds", "eval_seconds", "resumed_from_step"}
 
 
-def _run_until(recipe: Path, runs: Path, pattern: str, sig: int) -> tuple[int, str]:
-    """Start a run; the moment a path matching `pattern` (under the run's stages folder) appears, send `sig`."""
-    stages = runs / "tiny" / "stages"
-    runs.mkdir(parents=True, exist_ok=True)
-    log = runs.parent / f"run-{time.monotonic_ns()}.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(_command(recipe, runs), stdout=out, stderr=subprocess.STDOUT, env=_env())
-        deadline = time.monotonic() + 600
-        while proc.poll() is None and time.monotonic() < deadline:
-            if stages.is_dir() and any(stages.glob(pattern)):
-                proc.send_signal(sig)
-                break
-            time.sleep(0.005)
-        code = proc.wait(timeout=600)
-    return code, log.read_text()
+def _timeless(name: str, data: Any) -> Any:
+    if name == "bench.json":  # nothing but timings: the variants and cases measured
+        return sorted(data["variants"])
+    if name == "manifest.json":  # the bundle's measured latencies and memory
+        data["metrics"] = {k: v for k, v in data["metrics"].items() if "accuracy" in k or k.startswith("eval")}
+        data["lineage"].pop("stages", None)  # lists this run's stages, timings included
+        return data
+    if isinstance(data, dict):
+        return {k: _timeless(name, v) for k, v in data.items() if k not in TIMED_KEYS}
+    return data
 
 
-def _finish(recipe: Path, runs: Path) -> str:
-    out = subprocess.run(_command(recipe, runs), capture_output=True, text=True, env=_env(), timeout=900, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout + out.stderr
-
-
-def _status(log: str, key: str) -> str:
-    """'reused' or 'done' from the run log's line for a stage."""
-    line = next(
-        line for line in log.splitlines() if f"stage {key} " in line and (" reused " in line or " done " in line)
-    )
-    return "reused" if " reused " in line else "done"
-
-
-def _results(runs: Path) -> dict:
-    run = runs / "tiny"
-    stages = run / "stages"
-
-    def only(prefix: str) -> Path:
-        (folder,) = [p for p in stages.glob(f"{prefix}-*") if (p / "artifact.json").is_file()]
-        return folder
-
-    report = json.loads((run / "report.json").read_text())
-    return {
-        "weights": sha256_file(only("finetune") / "model.safetensors"),
-        "export": sha256_file(only("export") / "model.onnx"),
-        "quantized": sha256_file(only("quantize.onnx-int8-dynamic") / "model.onnx"),
-        "bundle_model": sha256_file(run / "bundle" / "model.onnx"),
-        "accuracy": {v["name"]: v["accuracy"] for v in report["variants"]},
-        "predictions": json.loads((only("evaluate.onnx-int8-dynamic") / "metrics.json").read_text())["predictions"],
+def artifacts(run: Path) -> dict[str, Any]:
+    """Every complete artifact of a run: its id and each file's sha256 (timing files as their timeless content)."""
+    out = {}
+    for record in sorted((run / "stages").glob("*/artifact.json")):
+        data = json.loads(record.read_text())
+        files = {}
+        for rel, digest in data["files"].items():
+            name = rel.rsplit("/", 1)[-1]
+            if name in ("bench.json", "manifest.json", "train_log.json", "metrics.json"):
+                files[rel] = _timeless(name, json.loads((record.parent / rel).read_text()))
+            else:
+                files[rel] = digest
+        out[data["key"]] = {"id": data["id"], "files": files}
+    bundle = run / "bundle"
+    out["<bundle>"] = {
+        p.name: _timeless("manifest.json", json.loads(p.read_text())) if p.name == "manifest.json" else p.read_bytes()
+        for p in sorted(bundle.iterdir())
     }
+    report = json.loads((run / "report.json").read_text())
+    out["<accuracy>"] = {v["name"]: v["accuracy"] for v in report["variants"]}
+    return out
 
 
-def test_killed_runs_resume_and_end_like_an_uninterrupted_run(tiny_model: Path, tmp_path: Path) -> None:
-    recipe = _recipe(tiny_model, tmp_path)
-    reference = tmp_path / "reference" / "runs"
-    _finish(recipe, reference)
-    want = _results(reference)
+def _run(recipe: Path, runs: Path, monkeypatch: pytest.MonkeyPatch, capsys, fault: str | None) -> tuple[int, str]:
+    if fault is None:
+        monkeypatch.delenv(ENV, raising=False)
+    else:
+        monkeypatch.setenv(ENV, fault)
+    code = main(["run", str(recipe), "--runs", str(runs)])
+    return code, capsys.readouterr().err
 
-    runs = tmp_path / "interrupted" / "runs"
-    # 1. SIGKILL in the middle of fine-tuning, once a checkpoint exists
-    code, log = _run_until(recipe, runs, ".checkpoints/finetune-*/step-*", signal.SIGKILL)
-    assert code == -signal.SIGKILL, log[-2000:]
-    assert not any((runs / "tiny" / "stages").glob("finetune-*/artifact.json"))
 
-    # 2. rerun: fine-tuning resumes from the checkpoint; SIGKILL during export
-    code, log = _run_until(recipe, runs, ".tmp-export-*", signal.SIGKILL)
-    assert code == -signal.SIGKILL, log[-2000:]
-    assert "finetune: resuming from" in log
-    assert any((runs / "tiny" / "stages").glob("finetune-*/artifact.json"))
-    assert not any((runs / "tiny" / "stages" / ".checkpoints").glob("finetune-*")), "spent checkpoints are removed"
+def _complete(run: Path) -> set[str]:
+    return {json.loads(p.read_text())["key"] for p in (run / "stages").glob("*/artifact.json")}
 
-    # 3. rerun: fine-tuning is reused, the half export removed and rebuilt; Ctrl-C during quantization
-    code, log = _run_until(recipe, runs, ".tmp-quantize.*", signal.SIGINT)
-    assert code == 130, log[-2000:]
-    assert "half-written folder" in log and _status(log, "finetune") == "reused"
-    assert "interrupted: completed stages are kept" in log and "Traceback" not in log
 
-    # 4. rerun to the end: nothing before quantization reruns
-    log = _finish(recipe, runs)
-    for key in ("finetune", "export", "optimize"):
-        assert _status(log, key) == "reused", key
-    assert _status(log, "quantize.onnx-int8-dynamic") == "done"
+@pytest.fixture(scope="module")
+def classifier_reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("reference")
+    recipe = _classifier_recipe(tiny_model, folder)
+    assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
+    return recipe, artifacts(folder / "runs" / "tiny")
 
-    got = _results(runs)
-    assert got == want  # the same weights, graphs, predictions and accuracy, byte for byte
+
+@pytest.fixture(scope="module")
+def generation_reference(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("reference-gen")
+    recipe = _generation_recipe(tiny_chat_llama, folder)
+    assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
+    return recipe, artifacts(folder / "runs" / "tiny-gen")
+
+
+def _walk(reference: tuple[Path, dict], run_name: str, tmp_path: Path, monkeypatch, capsys) -> list[str]:
+    """Stop the run at each point of each stage in turn (each rerun goes one fault further), then finish it; the
+    stage names walked."""
+    recipe, want = reference
+    runs = tmp_path / "runs"
+    run = runs / run_name
+    lineage = json.loads((recipe.parent / "runs" / run_name / "lineage.json").read_text())
+    names = list(dict.fromkeys(s["stage"] for s in lineage["stages"]))
+    first_key = {name: next(s["key"] for s in lineage["stages"] if s["stage"] == name) for name in names}
+    for name in [*names, "publish"]:
+        key = first_key.get(name, "publish")
+        for point, action, want_code in STAGE_FAULTS:
+            before = _complete(run) if run.is_dir() else set()
+            code, err = _run(recipe, runs, monkeypatch, capsys, f"{name}:{point}:{action}")
+            where = f"{name}:{point}:{action}"
+            assert code == want_code, f"{where}: exit {code}\n{err[-3000:]}"
+            assert "Traceback" not in err, f"{where}\n{err[-3000:]}"
+            last = err.strip().splitlines()[-1]
+            if action == "raise":
+                assert last.startswith(f"error: stage {key} failed unexpectedly: InjectedFault: "), where
+                log = Path(last.rsplit("full traceback: ", 1)[1])
+                assert "Traceback (most recent call last)" in log.read_text(), where
+            else:
+                assert last.startswith("interrupted: ") and "run the same command again" in last, where
+            done = _complete(run)
+            assert before <= done, f"{where}: a finished stage was lost: {before - done}"
+            assert key not in done, f"{where}: the interrupted stage looks complete"
+            assert not list((run / "stages").glob(".tmp-*")), f"{where}: a half-written folder was left"
+            if name == "publish" and point == "mid-stage":
+                assert not (run / "bundle").exists()
+    code, err = _run(recipe, runs, monkeypatch, capsys, None)
+    assert code == 0, err[-3000:]
+    assert artifacts(run) == want  # the same ids, weights, graphs, predictions, bundle and accuracies
+    return names
+
+
+def test_every_classifier_stage_stopped_at_each_point_resumes_to_the_same_files(
+    classifier_reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    walked = _walk(classifier_reference, "tiny", tmp_path, monkeypatch, capsys)
+    assert {"finetune", "teacher-logits", "distill", "optimum-baseline", "bench", "bundle"} <= set(walked)
+
+
+def test_every_generation_stage_stopped_at_each_point_resumes_to_the_same_files(
+    generation_reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    walked = _walk(generation_reference, "tiny-gen", tmp_path, monkeypatch, capsys)
+    assert walked[0] == "llm-base" and walked[-1] == "llm-bundle"
+
+
+def test_the_walks_cover_every_registered_stage(tiny_model: Path, tiny_chat_llama: Path, tmp_path: Path) -> None:
+    from toolchain import pipeline
+    from toolchain.llm import run as llm_run
+    from toolchain.recipe import load_recipe
+
+    recipes = [_classifier_recipe(tiny_model, tmp_path), _generation_recipe(tiny_chat_llama, tmp_path)]
+    planned = set()
+    for path in recipes:
+        recipe = load_recipe(path)
+        ctx = pipeline.RunContext(recipe, tmp_path / "runs")
+        calls, _ = (llm_run.plan if recipe.generation else pipeline.plan)(recipe, ctx)
+        planned |= {c.stage for c in calls}
+    planned |= {"bundle", "llm-bundle"}  # planned after the choice
+    assert planned == set(load_all()), f"registered but not walked: {set(load_all()) - planned}"
+
+
+def _subprocess(recipe: Path, runs: Path, fault: str | None, *extra: str) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop(ENV, None)
+    if fault:
+        env[ENV] = fault
+    out = subprocess.run(
+        [sys.executable, "-m", "toolchain", "run", str(recipe), "--runs", str(runs), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    return out.returncode, out.stdout + out.stderr
+
+
+def test_killed_and_terminated_runs_resume_to_the_same_files(classifier_reference, tmp_path: Path) -> None:
+    recipe, want = classifier_reference
+    runs = tmp_path / "runs"
+    stages = runs / "tiny" / "stages"
+
+    # 1. SIGKILL once the first training checkpoint is written
+    code, out = _subprocess(recipe, runs, "finetune:after-checkpoint-1:SIGKILL")
+    assert code == -signal.SIGKILL, out[-2000:]
+    assert not list(stages.glob("finetune-*/artifact.json")) and list(stages.glob(".checkpoints/finetune-*/step-*"))
+
+    # 2. fine-tuning resumes from it; SIGKILL with the export whole in its temporary folder, artifact.json included
+    code, out = _subprocess(recipe, runs, "export:before-rename:SIGKILL")
+    assert code == -signal.SIGKILL, out[-2000:]
+    assert "finetune: resuming from" in out
+    assert not list(stages.glob(".checkpoints/finetune-*")), "spent checkpoints are removed"
+    (half,) = stages.glob(".tmp-export-*")
+    assert (half / "artifact.json").is_file() and not list(stages.glob("export-*/artifact.json"))
+
+    # 3. the half export is removed and rebuilt; SIGTERM (a `kill`, a CI runner cancelling) in quantization
+    code, out = _subprocess(recipe, runs, "quantize:mid-stage:SIGTERM")
+    assert code == 143, out[-2000:]
+    assert "half-written folder" in out and "Traceback" not in out
+    assert "terminated: finetune, " in out and "run the same command again to resume" in out
+
+    # 4. to the end; then a damaged bundle is replaced, with SIGKILL between moving it aside and moving the new
+    #    one into place: the next run puts the old one back first, then replaces it
+    code, out = _subprocess(recipe, runs, None)
+    assert code == 0, out[-3000:]
+    (runs / "tiny" / "bundle" / "model.onnx").write_bytes(b"damaged")
+    code, out = _subprocess(recipe, runs, "publish:before-rename:SIGKILL")
+    assert code == -signal.SIGKILL, out[-2000:]
+    assert not (runs / "tiny" / "bundle").exists() and list((runs / "tiny").glob(".bundle.old-*"))
+    code, out = _subprocess(recipe, runs, None)
+    assert code == 0 and "put back as bundle" in out, out[-3000:]
+    assert not list((runs / "tiny").glob(".bundle.*"))
+    assert artifacts(runs / "tiny") == want

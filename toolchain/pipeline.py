@@ -25,8 +25,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from toolchain import faults
 from toolchain.data import Split, load_splits
-from toolchain.errors import StageError, ToolchainError
+from toolchain.errors import StageError, ToolchainError, UnexpectedError
 from toolchain.recipe import NOT_IN_STAGE_ID, PROJECT_ROOT, Recipe
 from toolchain.registry import STAGES, load_all
 from toolchain.runtime import sha256_file
@@ -210,7 +211,8 @@ def run_stage(ctx: RunContext, call: StageCall, force: bool = False) -> Artifact
             log.warning("stage %s: cached artifact %s is damaged (%s); rebuilding it", call.key, folder, why)
         status = "rebuilt" if why not in ("absent", "") or force else "ran"
         log.info("stage %s: running -> %s", call.key, _rel(folder))
-        meta = _build(ctx, call, stage.fn, inputs, folder, sid, input_ids)
+        with phase(ctx, call.key):
+            meta = _build(ctx, call, stage.fn, inputs, folder, sid, input_ids)
     seconds = time.perf_counter() - t0
     art = Artifact(call.key, call.stage, stage.kind, sid, folder, meta)
     ctx.artifacts[call.key] = art
@@ -237,7 +239,10 @@ def _build(
     tmp.mkdir(parents=True)
     ctx.checkpoint_dir = checkpoint_dir(ctx, call.key, sid)
     try:
-        meta = fn(ctx, call, inputs, tmp) or {}
+        with faults.in_stage(call.key, call.stage):
+            faults.point(call.key, call.stage, "start")
+            meta = fn(ctx, call, inputs, tmp) or {}
+            faults.point(call.key, call.stage, "mid-stage")
         record = {
             "id": sid,
             "key": call.key,
@@ -250,14 +255,54 @@ def _build(
             "files": hash_tree(tmp),
         }
         (tmp / "artifact.json").write_text(json.dumps(record, indent=2, default=str))
+        faults.point(call.key, call.stage, "before-rename")
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
+        faults.point(call.key, call.stage, "after-rename")
         shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)  # the artifact is whole: its checkpoints are spent
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         ctx.checkpoint_dir = None
     return meta
+
+
+def kept(ctx: RunContext) -> str:
+    """What an interrupted or failed run leaves for the next one, in words."""
+    done = [r.key for r in ctx.records]
+    if not done:
+        return "no stage was complete yet"
+    names = ", ".join(done) if len(done) <= 6 else f"{', '.join(done[:4])} and {len(done) - 4} more"
+    verb = "is" if len(done) == 1 else "are"
+    return f"{names} {verb} complete and will be reused"
+
+
+@contextlib.contextmanager
+def phase(ctx: RunContext, name: str) -> Iterator[None]:
+    """Run a stage or a step of the engine (plan, report); an exception that is not the toolchain's own comes out
+    as an UnexpectedError naming `name` and what was kept (the traceback stays attached as its cause)."""
+    try:
+        yield
+    except ToolchainError:
+        raise
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the CLI says what the next run reuses
+        if not hasattr(e, "toolchain_kept"):
+            e.toolchain_kept = kept(ctx)  # type: ignore[attr-defined]
+        raise
+    except Exception as e:
+        raise UnexpectedError(name, e, kept(ctx)) from e
+
+
+def prepare_run_dir(ctx: RunContext) -> None:
+    """With the run lock held: remove what an interrupted run left half-written, put back a bundle it moved aside."""
+    from toolchain.bundle import recover_bundle
+
+    stale = remove_stale_temporaries(ctx.stages_dir)
+    if stale:
+        log.info("removed %d half-written folder(s) an interrupted run left: %s", len(stale), ", ".join(stale))
+    notes = recover_bundle(ctx.run_dir / "bundle")
+    if notes:
+        log.info("an interrupted bundle copy was undone: %s", "; ".join(notes))
 
 
 def checkpoint_dir(ctx: RunContext, key: str, sid: str) -> Path:
@@ -460,11 +505,10 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
         return _run_worker(ctx, force)
     with run_lock(ctx.run_dir):
         log.info("run %s -> %s", recipe.name, _rel(ctx.run_dir))
-        stale = remove_stale_temporaries(ctx.stages_dir)
-        if stale:
-            log.info("removed %d half-written folder(s) an interrupted run left: %s", len(stale), ", ".join(stale))
-        ctx.resources = expect_resources(ctx)
-        calls, variants = plan(recipe, ctx)
+        prepare_run_dir(ctx)
+        with phase(ctx, "plan"):
+            ctx.resources = expect_resources(ctx)
+            calls, variants = plan(recipe, ctx)
         unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls} | {"bundle"}]
         if unknown:
             raise ToolchainError(
@@ -480,10 +524,12 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
             run_stage(ctx, call, force=call.key in forced)
             if call.stage == "finetune":
                 _barrier()  # the workers are done; rank 0 goes on alone
-        rows = report.variant_rows(ctx, variants)
-        choice = choose_variant(rows, recipe.budget)
+        with phase(ctx, "choose"):
+            rows = report.variant_rows(ctx, variants)
+            choice = choose_variant(rows, recipe.budget)
         if choice.shipped is None:
-            report.write(ctx, rows, choice, bundle=None)
+            with phase(ctx, "report"):
+                report.write(ctx, rows, choice, bundle=None)
             raise StageError("bundle", "no variant meets the recipe's budget:\n" + choice.table())
         bundle_call = StageCall(
             "bundle",
@@ -509,9 +555,11 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
             {"recipe": recipe.model_dump(mode="json")},
         )
         art = run_stage(ctx, bundle_call, force="bundle" in force or bool(forced & set(bundle_call.inputs)))
-        bundle_dir = publish_bundle(art, ctx.run_dir / "bundle")
-        report.write(ctx, rows, choice, bundle=bundle_dir)
-        write_lineage(ctx)
+        with phase(ctx, "publish"):
+            bundle_dir = publish_bundle(art, ctx.run_dir / "bundle")
+        with phase(ctx, "report"):
+            report.write(ctx, rows, choice, bundle=bundle_dir)
+            write_lineage(ctx)
     return ctx
 
 
@@ -563,7 +611,8 @@ def _run_worker(ctx: RunContext, force: tuple[str, ...]) -> RunContext:
         scratch = Path(tempfile.mkdtemp(prefix=f"toolchain-rank{_rank()}-"))
         ctx.checkpoint_dir = checkpoint_dir(ctx, call.key, sid)
         try:
-            meta = STAGES[call.stage].fn(ctx, call, {}, scratch)
+            with phase(ctx, call.key), faults.in_stage(call.key, call.stage):
+                meta = STAGES[call.stage].fn(ctx, call, {}, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         ctx.records.append(StageRecord(call.key, call.stage, sid, "ran", 0.0, "", call.config, {}, meta))

@@ -16,8 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolchain.errors import RecipeError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from toolchain.paths import PROJECT_ROOT
 
 
 class Strict(BaseModel):

@@ -29,6 +29,7 @@ from toolchain.evaluate.measure import case_name, time_calls
 from toolchain.evaluate.stats import latency_stats, ratio_interval
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.registry import register
+from toolchain.runlog import child_failed
 
 __all__ = ["available_targets", "bench", "latency_stats", "ratio_interval", "time_calls"]
 
@@ -113,9 +114,10 @@ class _Process:
             self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            self.proc.wait()
-            err = self.log.read_text(errors="replace")
-            raise StageError("bench", f"measuring {self.name} failed in its process:\n{err[-2000:]}")
+            code = self.proc.wait()
+            raise StageError(
+                "bench", child_failed(f"measuring {self.name}", code, self.log.read_text(errors="replace"))
+            )
         return json.loads(line)
 
     def close(self) -> None:
@@ -197,8 +199,8 @@ def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Pa
                 finally:
                     proc.close()
                 bar.update(1)
-        bar.close()
     finally:
+        bar.close()
         for f in [*out.glob("job-*.json"), *out.glob("job-*.log")]:
             f.unlink()
         texts.unlink()

@@ -134,6 +134,9 @@ def main(job_file: str) -> None:
         out.write(json.dumps(message) + "\n")
         out.flush()
 
+    from toolchain import faults
+
+    faults.point("bench", "bench", "child")
     serve(json.loads(Path(job_file).read_text()), sys.stdin, answer)
 
 

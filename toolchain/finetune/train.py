@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from toolchain import faults
 from toolchain.data import Split, bucketed_batches
 from toolchain.errors import StageError
 from toolchain.finetune import checkpoint
@@ -208,9 +209,11 @@ def train_classifier(
             if val.patience is not None and loop.since_best >= val.patience:
                 stopped_early = True
                 break
+        faults.here(f"after-step-{done}")
         if every and done % every == 0 and done < total_steps:
             loop.seconds = time.perf_counter() - t0
             checkpoint.save(checkpoints, loop, _resumable(model), optimizer, scheduler, rank, world, dist.barrier)
+            faults.here(f"after-checkpoint-{done // every}")
         bar.update(1)
     bar.close()
     best = (loop.best_accuracy, loop.best_step, loop.best)

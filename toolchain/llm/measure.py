@@ -37,6 +37,9 @@ def _runner(job: dict[str, Any]) -> Any:
 
 
 def main(job_file: str) -> int:
+    from toolchain import faults
+
+    faults.point("llm-bench", "llm-bench", "child")
     job = json.loads(Path(job_file).read_text())
     t0 = time.perf_counter()
     run = _runner(job)

@@ -17,7 +17,8 @@ from toolchain.pipeline import (
     RunContext,
     StageCall,
     _rel,
-    remove_stale_temporaries,
+    phase,
+    prepare_run_dir,
     run_lock,
     run_stage,
     sha256_file,
@@ -246,11 +247,10 @@ def run_generation(recipe: Recipe, runs_root: Path | None = None, force: tuple[s
     ctx = RunContext(recipe, runs_root)
     with run_lock(ctx.run_dir):
         log.info("run %s -> %s", recipe.name, _rel(ctx.run_dir))
-        stale = remove_stale_temporaries(ctx.stages_dir)
-        if stale:
-            log.info("removed %d half-written folder(s) an interrupted run left: %s", len(stale), ", ".join(stale))
-        check_disk(ctx)
-        calls, variants = plan(recipe, ctx)
+        prepare_run_dir(ctx)
+        with phase(ctx, "plan"):
+            check_disk(ctx)
+            calls, variants = plan(recipe, ctx)
         unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls} | {"bundle"}]
         if unknown:
             raise ToolchainError(
@@ -261,10 +261,12 @@ def run_generation(recipe: Recipe, runs_root: Path | None = None, force: tuple[s
             if call.key in force or call.stage in force or forced & set(call.inputs):
                 forced.add(call.key)
             run_stage(ctx, call, force=call.key in forced)
-        table = rows(ctx, variants)
-        shipped, verdicts = choose(table, recipe)
+        with phase(ctx, "choose"):
+            table = rows(ctx, variants)
+            shipped, verdicts = choose(table, recipe)
         if shipped is None:
-            report.write(ctx, table, None, verdicts, None)
+            with phase(ctx, "report"):
+                report.write(ctx, table, None, verdicts, None)
             raise StageError("bundle", "no variant meets the recipe's budget:\n" + report.table(table, verdicts))
         source = next(v.source for v in variants if v.name == shipped)
         bundle_call = StageCall(
@@ -275,9 +277,11 @@ def run_generation(recipe: Recipe, runs_root: Path | None = None, force: tuple[s
             {"recipe": recipe.model_dump(mode="json")},
         )
         art = run_stage(ctx, bundle_call, force="bundle" in force or bool(forced & set(bundle_call.inputs)))
-        bundle_dir = publish_bundle(art, ctx.run_dir / "bundle")
-        report.write(ctx, table, shipped, verdicts, bundle_dir)
-        write_lineage(ctx)
+        with phase(ctx, "publish"):
+            bundle_dir = publish_bundle(art, ctx.run_dir / "bundle")
+        with phase(ctx, "report"):
+            report.write(ctx, table, shipped, verdicts, bundle_dir)
+            write_lineage(ctx)
     return ctx
 
 

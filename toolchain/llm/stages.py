@@ -18,6 +18,7 @@ import numpy as np
 from toolchain.errors import StageError
 from toolchain.pipeline import Artifact, RunContext, StageCall
 from toolchain.registry import register
+from toolchain.runlog import child_failed
 
 log = logging.getLogger("toolchain")
 
@@ -443,5 +444,5 @@ def _measure(job: Path, threads: int) -> dict[str, Any]:
         [sys.executable, "-m", "toolchain.llm.measure", str(job)], env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise StageError("llm-bench", f"the measure process for {job.stem} failed:\n{proc.stderr[-3000:]}")
+        raise StageError("llm-bench", child_failed(f"the measure process for {job.stem}", proc.returncode, proc.stderr))
     return json.loads(proc.stdout.strip().splitlines()[-1])
