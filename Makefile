@@ -13,7 +13,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RECIPES := $(sort $(basename $(notdir $(wildcard recipes/*.yaml))))
 ARGS ?=
-# NPROC=2 runs the fine-tuning in 2 processes under torchrun (gloo on the CPU, NCCL on GPUs); rank 0 does the rest.
+# NPROC=2 runs the fine-tuning in 2 processes (torch's elastic launcher, as torchrun; gloo on the CPU, NCCL on GPUs);
+# rank 0 does the rest.
 NPROC ?= 1
 # The torch pin, read from pyproject.toml: installed first so that pip takes the CPU build on this machine's disk
 # instead of resolving a multi-GB CUDA build as a dependency of the rest.
@@ -43,11 +44,7 @@ $(STAMP): pyproject.toml requirements/models.txt
 venv: $(STAMP)
 
 $(RECIPES): %: recipes/%.yaml $(STAMP)
-ifeq ($(NPROC),1)
-	$(PY) -m toolchain run $< $(ARGS)
-else
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m toolchain run $< $(ARGS)
-endif
+	$(PY) -m toolchain run $< --nproc $(NPROC) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

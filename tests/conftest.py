@@ -7,10 +7,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
+from transformers.utils import logging as transformers_logging
 
 from toolchain.recipe import resolve_data_root
 
+# Property tests never time an example (deadline=None: the machines are noisy) and, in CI (CI=true), draw the same
+# examples on every run (derandomize): a failure found there reproduces anywhere; each one found is pinned as an
+# @example beside its test.
+settings.register_profile("default", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "default")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# transformers makes its log handler on first use, bound to sys.stderr as it is then; made inside a test that
+# captures stderr (capsys), it would write to that test's closed stream later. Made now, it writes to the session's.
+transformers_logging.get_logger("transformers")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

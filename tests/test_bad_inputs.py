@@ -108,6 +108,16 @@ def _with_override(override: str) -> Callable[[Path, Path], list[str]]:
     return make
 
 
+def _duplicate_key(tmp: Path, model: Path) -> list[str]:
+    path = write_recipe(tmp, tiny_recipe_dict(model))
+    path.write_text(path.read_text().replace("  lr: 0.003\n", "  lr: 0.003\n  lr: 0.0003\n"))
+    return ["validate", str(path)]
+
+
+def _copied_under_another_name(tmp: Path, model: Path) -> list[str]:
+    return ["validate", str(write_recipe(tmp, {**tiny_recipe_dict(model), "name": "sst2-minilm"}, name="my-try"))]
+
+
 def _outside_project(data: dict, tmp: Path) -> None:
     data["model"]["source"] = os.path.relpath(data["model"]["source"], PROJECT_ROOT)
 
@@ -168,6 +178,8 @@ CASES = [
     Case("fp16 training without a GPU", _recipe(_set("finetune.precision", "fp16")), "needs a CUDA GPU"),
     Case("override of an unknown key", _with_override("finetune.lrate=1e-4"), "finetune.lrate: unknown key"),
     Case("override value of the wrong type", _with_override("bench.batch_sizes=[one]"), "bench.batch_sizes"),
+    Case("a key set twice", _duplicate_key, "finetune.lr: set twice, on lines"),
+    Case("a recipe copied to a new file, its name left as it was", _copied_under_another_name, "differs from"),
 ]
 
 

@@ -144,25 +144,10 @@ def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path)
     data["compile"]["distill"] = {"num_layers": 1, "epochs": 1, "lr": 3.0e-3, "precision": "fp32"}
     recipe = write_recipe(tmp_path, data)
     runs = tmp_path / "runs"
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "toolchain",
-            "run",
-            str(recipe),
-            "--runs",
-            str(runs),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    # `run --nproc 2` starts the ranks with torch's elastic launcher, as `torchrun --standalone` does
+    command = [sys.executable, "-m", "toolchain", "run", str(recipe), "--runs", str(runs), "--nproc", "2"]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lineage = json.loads((runs / "ddp" / "lineage.json").read_text())
     meta = lineage["stages"][0]["meta"]
@@ -189,6 +174,25 @@ def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path)
     assert np.isfinite(json.loads((runs / "ddp" / "report.json").read_text())["variants"][0]["accuracy"])
     distill = next(s for s in lineage["stages"] if s["key"] == "distill")
     assert distill["meta"]["world_size"] == 1 and distill["meta"]["kept_layers"] == [1]
+
+
+def test_a_failing_rank_is_one_line_from_every_process(tiny_model: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, small(tiny_model, "ddp", checkpoint_every=2))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOOLCHAIN_FAULT": "finetune:after-step-3:raise:rank=1"}
+    command = [sys.executable, "-m", "toolchain", "run", str(recipe), "--runs", str(runs), "--nproc", "2"]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "error: stage finetune failed unexpectedly: InjectedFault" in out.stderr  # rank 1's own line
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: rank 1 of 2 failed first: stage finetune failed unexpectedly: InjectedFault")
+    )
+    logs = sorted((runs / "ddp" / "logs").glob("*-rank1.log"))
+    assert logs and "Traceback (most recent call last)" in logs[-1].read_text()
+    assert not list((runs / "ddp" / "stages").glob("finetune-*/artifact.json"))
 
 
 class _Stop(Exception):

@@ -237,3 +237,89 @@ def test_killed_and_terminated_runs_resume_to_the_same_files(classifier_referenc
     assert code == 0 and "put back as bundle" in out, out[-3000:]
     assert not list((runs / "tiny").glob(".bundle.*"))
     assert artifacts(runs / "tiny") == want
+
+
+def _copy_run(reference: tuple[Path, dict], run_name: str, tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    recipe, _ = reference
+    runs = tmp_path / "runs"
+    shutil.copytree(recipe.parent / "runs" / run_name, runs / run_name, ignore=shutil.ignore_patterns("logs", ".lock"))
+    return recipe, runs
+
+
+@pytest.mark.parametrize("kind", ["classifier", "generation"])
+def test_a_failing_bench_child_is_one_line_and_its_output_goes_to_the_log(
+    kind: str, request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    stage, name = ("bench", "tiny") if kind == "classifier" else ("llm-bench", "tiny-gen")
+    recipe, runs = _copy_run(request.getfixturevalue(f"{kind}_reference"), name, tmp_path)
+    monkeypatch.setenv(ENV, f"{stage}:child:raise")
+    assert main(["run", str(recipe), "--runs", str(runs), "--force", stage]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last.startswith(f"error: stage {stage} failed: ") and "failed in its process (exit code 1): " in last
+    assert "InjectedFault: fault injected by TOOLCHAIN_FAULT" in last
+    log = Path(last.rsplit("its output is in ", 1)[1])
+    assert "Traceback (most recent call last)" in log.read_text()  # the child's, kept in the run's log
+    assert len(list((runs / name / "stages").glob(f"{stage}-*/artifact.json"))) == 1  # the earlier bench is kept
+
+
+def test_a_failure_outside_the_stages_names_the_step_and_what_is_kept(
+    classifier_reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from toolchain import report
+
+    recipe, runs = _copy_run(classifier_reference, "tiny", tmp_path)
+    before = (runs / "tiny" / "report.json").read_bytes()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("latency_ms")
+
+    monkeypatch.setattr(report, "write", broken)
+    assert main(["run", str(recipe), "--runs", str(runs)]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stage report failed unexpectedly: KeyError: 'latency_ms'; finetune, ")
+    assert "more are complete and will be reused; full traceback: " in last and "Traceback" not in err
+    assert (runs / "tiny" / "report.json").read_bytes() == before  # the last report is untouched
+    # --verbose prints the traceback too (anywhere on the command line)
+    assert main(["run", str(recipe), "--runs", str(runs), "--verbose"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_failure_outside_any_run_is_one_line_with_its_traceback_in_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from toolchain import recipe as recipe_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setattr(recipe_module, "load_recipe", broken)
+    assert main(["validate", str(tmp_path / "x.yaml")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: validate failed unexpectedly: RuntimeError: a bug; full traceback: ")
+    assert len(err.splitlines()) == 1
+    assert "RuntimeError: a bug" in Path(err.rsplit("full traceback: ", 1)[1]).read_text()
+
+
+def test_a_malformed_fault_spec_is_refused_naming_the_grammar(monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolchain import faults
+    from toolchain.errors import ToolchainError
+
+    assert faults.parse("quantize:mid-stage:SIGINT, finetune:after-step-3:raise:rank=1") == [
+        faults.Fault("quantize", "mid-stage", "SIGINT"),
+        faults.Fault("finetune", "after-step-3", "raise", 1),
+    ]
+    for bad in ("export:midstage:raise", "export:mid-stage:SIGHUP", "export:mid-stage", "a:start:raise:rank=x"):
+        with pytest.raises(ToolchainError, match="TOOLCHAIN_FAULT"):
+            faults.parse(bad)
+    monkeypatch.delenv(ENV, raising=False)
+    faults.point("export", "export", "mid-stage")  # inert without the variable
+    monkeypatch.setenv(ENV, "export:mid-stage:raise:rank=1")
+    faults.point("export", "export", "mid-stage")  # another rank's fault
+    with pytest.raises(faults.InjectedFault):
+        monkeypatch.setenv("RANK", "1")
+        faults.point("export", "export", "mid-stage")

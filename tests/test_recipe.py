@@ -149,7 +149,85 @@ def test_validate_cli_ok(tmp_path: Path, tiny_model: Path, capsys) -> None:
 def test_recipe_round_trips_through_yaml(tmp_path: Path, tiny_model: Path) -> None:
     r = load_recipe(write_recipe(tmp_path, tiny_recipe_dict(tiny_model)))
     again = yaml.safe_load(yaml.safe_dump(r.model_dump(mode="json")))
-    assert load_recipe(write_recipe(tmp_path, again, name="again")).model_dump() == r.model_dump()
+    (tmp_path / "copy").mkdir()
+    assert load_recipe(write_recipe(tmp_path / "copy", again)).model_dump() == r.model_dump()
+
+
+RECIPE_WITH_TWO_MISTAKES = """\
+name: sst2-minilm
+model: {source: MODEL}
+data:
+  train: sst2/train.tsv
+  eval: sst2/dev.tsv
+  text: sentence
+  label: label
+  labels: [negative, positive]
+finetune:
+  method: full
+  lr: 1.0e-4
+  epochs: 1
+  lr: 3.0e-4
+"""
+
+
+def test_a_key_set_twice_and_a_name_that_is_not_the_files_are_both_refused(
+    tmp_path: Path, tiny_model: Path, capsys
+) -> None:
+    path = tmp_path / "my-try.yaml"
+    path.write_text(RECIPE_WITH_TWO_MISTAKES.replace("MODEL", str(tiny_model)))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.lr: set twice, on lines 11 and 13" in err
+    assert "name: 'sst2-minilm' differs from the file name 'my-try'" in err and "runs/sst2-minilm/" in err
+    assert "Traceback" not in err
+    # an explicit name on the command line is the user's choice; the duplicate is still refused
+    assert main(["validate", str(path), "name=sst2-minilm"]) == 2
+    err = capsys.readouterr().err
+    assert "set twice" in err and "differs from the file name" not in err
+    path.write_text(RECIPE_WITH_TWO_MISTAKES.replace("MODEL", str(tiny_model)).replace("  lr: 3.0e-4\n", ""))
+    assert main(["validate", str(path), "name=sst2-minilm"]) == 0
+    assert load_recipe(path, ["name=sst2-minilm"]).name == "sst2-minilm"
+
+
+def test_duplicate_sections_and_keys_in_lists_are_found_at_any_depth(tmp_path: Path) -> None:
+    from toolchain.recipe_yaml import duplicate_keys
+
+    text = "a: 1\nb:\n  - {mode: int4, mode: int8}\n  - x\na: 2\nbase: &b {k: 1}\nc:\n  <<: *b\n  k: 2\n"
+    assert duplicate_keys(text) == [
+        "b.0.mode: set twice, on lines 3 and 3 (YAML would keep the second silently); keep one",
+        "a: set twice, on lines 1 and 5 (YAML would keep the second silently); keep one",
+    ]  # a merge key overridden by an explicit one is YAML's rule, not a duplicate
+
+
+def test_overrides_given_twice_are_named_by_position(tmp_path: Path, tiny_model: Path) -> None:
+    path = write_recipe(tmp_path, tiny_recipe_dict(tiny_model))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, ["finetune.lr=1e-4", "bench.threads=1", "finetune.lr=3e-4", "finetune={epochs: 1}"])
+    assert e.value.problems[:3] == [
+        "overrides 1 and 3 both set finetune.lr; give it once",
+        "overrides 1 and 4 both set finetune.lr (one sets all of finetune); give it once",
+        "overrides 3 and 4 both set finetune.lr (one sets all of finetune); give it once",
+    ]
+
+
+def test_every_problem_is_reported_in_one_message(tmp_path: Path, tiny_model: Path) -> None:
+    data = tiny_recipe_dict(tiny_model)
+    data["finetune"]["epoch"] = 1
+    data["bench"]["batch_sizes"] = ["one"]
+    path = write_recipe(tmp_path, data, name="other")  # the file's name is not the recipe's
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, ["finetune.seed=1", "finetune.seed=2"])
+    problems = e.value.problems
+    assert any("differs from the file name 'other'" in p for p in problems)
+    assert any("overrides 1 and 2 both set finetune.seed" in p for p in problems)
+    assert any(p.startswith("finetune.epoch: unknown key") for p in problems)
+    assert any(p.startswith("bench.batch_sizes.0:") for p in problems)
+    data = tiny_recipe_dict(tiny_model)
+    data["data"]["train"] = "sst2/nope.tsv"
+    data["model"]["source"] = str(tmp_path / "no-model")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write_recipe(tmp_path, data, name="other"))
+    assert [p.split(" ")[0].rstrip(":") for p in e.value.problems] == ["name", "data.train", "model.source"]
 
 
 def test_compression_settings_are_checked_before_compute(tmp_path: Path, tiny_model: Path) -> None:

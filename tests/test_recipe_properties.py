@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from toolchain.errors import RecipeError
 from toolchain.recipe import Recipe, _inner_model, load_recipe
 
-# database=None: no .hypothesis/ folder in the checkout; every run starts from fresh random examples.
+# database=None: no .hypothesis/ folder in the checkout. Locally every run draws fresh random examples; in CI
+# (CI=true, the profile in conftest.py) the same ones every time.
 SETTINGS: dict[str, Any] = {
     "deadline": None,
     "database": None,

@@ -61,17 +61,17 @@ def _fail(error: BaseException, command: str, verbose: bool) -> int:
     if isinstance(error, KeyboardInterrupt):
         word, code = ("terminated", 143) if isinstance(error, Terminated) else ("interrupted", 130)
         kept = getattr(error, "toolchain_kept", "completed stages are kept")
-        print(f"\n{word}: {kept}; run the same command again to resume (log: {where})", file=sys.stderr)
-        return code
-    if isinstance(error, UnexpectedError):
-        print(f"error: {error}; full traceback: {where}", file=sys.stderr)
-        return error.exit_code
-    if isinstance(error, ToolchainError):
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    # a failure outside any stage: still one line
-    print(f"error: {command} failed unexpectedly: {one_line(error)}; full traceback: {where}", file=sys.stderr)
-    return 1
+        line = f"{word}: {kept}; run the same command again to resume (log: {where})"
+    elif isinstance(error, UnexpectedError):
+        line, code = f"error: {error}; full traceback: {where}", error.exit_code
+    elif isinstance(error, ToolchainError):
+        line, code = f"error: {error}", error.exit_code
+    else:  # a failure outside any stage: still one line
+        line, code = f"error: {command} failed unexpectedly: {one_line(error)}; full traceback: {where}", 1
+    print(("\n" if isinstance(error, KeyboardInterrupt) else "") + line, file=sys.stderr)
+    if runlog.current() is not None and "LOCAL_RANK" in os.environ:  # a rank under the launcher: say when
+        runlog.mark_failure(int(os.environ.get("RANK", "0")), line.removeprefix("error: "), code)
+    return code
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

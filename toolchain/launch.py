@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
+
+from toolchain import runlog
 
 
 def launch(nproc: int, argv: list[str], run_dir: Path) -> int:
@@ -19,15 +22,24 @@ def launch(nproc: int, argv: list[str], run_dir: Path) -> int:
     # the launcher's own records (rendezvous, "failed (exitcode: 1)", the closing signals it sends) say less than
     # the one line below and the ranks' own messages
     logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    started = time.time_ns()
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"killed by {failure.signal_name()}"
+        # The rank that failed first is the cause; the others stop because it did (a closed connection, the
+        # launcher's SIGTERM), and the exit code the launcher saw may be that SIGTERM's: each rank notes its own.
+        first = runlog.first_failure(run_dir / "logs", started)
+        if first is not None:
+            rank, code, why = first["rank"], first["exit_code"], f": {first['error']}"
+        else:  # killed before it could say (SIGKILL, out of memory)
+            rank, failure = e.get_first_failure()
+            code = failure.exitcode if failure.exitcode > 0 else 1
+            why = (
+                f" (exit code {failure.exitcode})" if failure.exitcode >= 0 else f" (killed by {failure.signal_name()})"
+            )
         print(
-            f"error: rank {rank} of {nproc} failed ({how}); its error is above, each rank's log is in "
-            f"{run_dir / 'logs'}; completed stages are kept, run the same command again to resume",
+            f"error: rank {rank} of {nproc} failed first{why}; each rank's log is in {run_dir / 'logs'}",
             file=sys.stderr,
         )
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return code
     return 0

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from toolchain.errors import RecipeError
 from toolchain.paths import PROJECT_ROOT
+from toolchain.recipe_yaml import duplicate_keys, name_mismatch, override_clashes
 
 
 class Strict(BaseModel):
@@ -745,14 +746,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         ) from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Apply `key.path=value` overrides to `raw` in place; the problems found (all of them)."""
     problems = []
+    keys = []
     for text in overrides:
         try:
             parts, value = parse_override(text)
         except (ValueError, yaml.YAMLError) as e:
             problems.append(f"override: {e}")
             continue
+        keys.append(parts)
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
@@ -764,9 +768,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str) -> dic
             node = child
         else:
             node[parts[-1]] = value
-    if problems:
-        raise RecipeError(file, problems)
-    return raw
+    return problems + override_clashes(keys)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
@@ -776,7 +778,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     if not path.is_file():
         raise RecipeError(file, [f"no such recipe file; recipes available: {', '.join(list_recipes()) or 'none'}"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -795,38 +798,48 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(file, [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
+    # Every problem in one message: the file's (duplicate keys, its name), the overrides', the schema's, the data's.
+    problems = duplicate_keys(text)
+    overrides = overrides or []
+    names_overridden = any(o.split("=", 1)[0].strip() == "name" for o in overrides)
+    problems += name_mismatch(raw, path.stem, file, names_overridden)
     raw.setdefault("name", path.stem)
-    raw = apply_overrides(raw, overrides or [], file)
+    problems += apply_overrides(raw, overrides)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(file, _format_validation_error(e)) from None
+        raise RecipeError(file, problems + _format_validation_error(e)) from None
     recipe._path = path
     if check_files:
-        from toolchain.data import check_data
-        from toolchain.models import check_model_source
-
-        distill = recipe.compile.distill
-        try:
-            problems = check_data(recipe)
-        except (OSError, RuntimeError, ValueError) as e:  # a path the OS refuses (too long, NUL byte, unknown ~user)
-            problems = [
-                f"data: the data files cannot be looked up ({type(e).__name__}: {e}); make data.root, data.train, "
-                "data.eval and any other file paths in the recipe paths this machine can open"
-            ]
-        try:
-            problems += check_model_source(
-                recipe.model, distill.layers if distill else None, causal_lm=recipe.generation is not None
-            )
-        except (OSError, ValueError, TypeError) as e:  # a path too long, a Hub id or package name that is no name
-            problems.append(
-                f"model.source '{recipe.model.source}' cannot be resolved ({type(e).__name__}: {e}); use "
-                "'pypi:<package>', an existing model folder, or a Hub id 'org/name'"
-            )
-        problems += check_machine(recipe)
-        if problems:
-            raise RecipeError(file, problems)
+        problems += check_recipe_files(recipe)
+    if problems:
+        raise RecipeError(file, problems)
     return recipe
+
+
+def check_recipe_files(recipe: Recipe) -> list[str]:
+    """What the recipe names on disk or needs of this machine: data files and columns, the model source, a GPU."""
+    from toolchain.data import check_data
+    from toolchain.models import check_model_source
+
+    distill = recipe.compile.distill
+    try:
+        problems = check_data(recipe)
+    except (OSError, RuntimeError, ValueError) as e:  # a path the OS refuses (too long, NUL byte, unknown ~user)
+        problems = [
+            f"data: the data files cannot be looked up ({type(e).__name__}: {e}); make data.root, data.train, "
+            "data.eval and any other file paths in the recipe paths this machine can open"
+        ]
+    try:
+        problems += check_model_source(
+            recipe.model, distill.layers if distill else None, causal_lm=recipe.generation is not None
+        )
+    except (OSError, ValueError, TypeError) as e:  # a path too long, a Hub id or package name that is no name
+        problems.append(
+            f"model.source '{recipe.model.source}' cannot be resolved ({type(e).__name__}: {e}); use "
+            "'pypi:<package>', an existing model folder, or a Hub id 'org/name'"
+        )
+    return problems + check_machine(recipe)
 
 
 def check_machine(recipe: Recipe) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shlex
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from toolchain.errors import last_line
+from toolchain.errors import ToolchainError, last_line
 
 _file: TextIO | None = None
 _path: Path | None = None
@@ -29,16 +30,18 @@ class _Tee(io.TextIOBase):
         self.console = console
         self.file = file
 
+    # A library that made its log handler while the run was capturing (transformers makes its handler on first
+    # use, with sys.stderr as it is then) keeps writing here after the run: a closed file is skipped, not an error.
     def write(self, s: str) -> int:
-        self.console.write(s)
-        with contextlib.suppress(ValueError):  # the file is closed: a thread printing after the run ended
-            self.file.write(s)
+        for stream in (self.console, self.file):
+            with contextlib.suppress(ValueError):
+                stream.write(s)
         return len(s)
 
     def flush(self) -> None:
-        self.console.flush()
-        with contextlib.suppress(ValueError):
-            self.file.flush()
+        for stream in (self.console, self.file):
+            with contextlib.suppress(ValueError):
+                stream.flush()
 
     def isatty(self) -> bool:
         return self.console.isatty()
@@ -112,8 +115,30 @@ def write_crash_log(error: BaseException, folder: Path, command: str) -> Path:
     return path
 
 
-def child_failed(what: str, returncode: int, output: str) -> str:
-    """One line for a child process that failed, its output's tail kept in the run's log."""
+def child_failed(stage: str, what: str, returncode: int, output: str) -> ToolchainError:
+    """The error for a child process that failed: one line, its output's tail kept in the run's log (exit code 1:
+    not a check that failed, a process that broke)."""
     to_file(f"--- {what}: exit code {returncode}; the end of its output:\n{output[-20000:]}\n---")
     how = f"exit code {returncode}" if returncode >= 0 else f"killed by signal {-returncode}"
-    return f"{what} failed in its process ({how}): {last_line(output)}; its output is in {where()}"
+    return ToolchainError(
+        f"stage {stage} failed: {what} failed in its process ({how}): {last_line(output)}; its output is in {where()}"
+    )
+
+
+def mark_failure(rank: int, line: str, code: int) -> None:
+    """Beside the log, `<log>.failed`: when this rank failed and why, so the launcher can tell which rank failed
+    first (the others fail because it did: a closed connection, the launcher's SIGTERM)."""
+    if _path is not None:
+        data = {"rank": rank, "ns": time.time_ns(), "error": line, "exit_code": code}
+        _path.with_suffix(".failed").write_text(json.dumps(data))
+
+
+def first_failure(logs: Path, since_ns: int) -> dict | None:
+    """The earliest failure marked under `logs` since `since_ns` (see mark_failure)."""
+    found = []
+    for p in logs.glob("*.failed"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            data = json.loads(p.read_text())
+            if data["ns"] >= since_ns:
+                found.append(data)
+    return min(found, key=lambda d: d["ns"]) if found else None

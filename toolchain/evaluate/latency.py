@@ -24,7 +24,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolchain.compile.parity import check_onnx
-from toolchain.errors import StageError
 from toolchain.evaluate.measure import case_name, time_calls
 from toolchain.evaluate.stats import latency_stats, ratio_interval
 from toolchain.pipeline import Artifact, RunContext, StageCall
@@ -115,9 +114,7 @@ class _Process:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
-            raise StageError(
-                "bench", child_failed(f"measuring {self.name}", code, self.log.read_text(errors="replace"))
-            )
+            raise child_failed("bench", f"measuring {self.name}", code, self.log.read_text(errors="replace"))
         return json.loads(line)
 
     def close(self) -> None:

@@ -444,5 +444,5 @@ def _measure(job: Path, threads: int) -> dict[str, Any]:
         [sys.executable, "-m", "toolchain.llm.measure", str(job)], env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise StageError("llm-bench", child_failed(f"the measure process for {job.stem}", proc.returncode, proc.stderr))
+        raise child_failed("llm-bench", f"the measure process for {job.stem}", proc.returncode, proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
