@@ -173,3 +173,27 @@ def write_recipe(folder: Path, data: dict, name: str | None = None) -> Path:
     path = folder / f"{name or data.get('name', 'recipe')}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data_root: Path):
+    """The tiny classifier recipe run once (strings-in model too): (recipe path, runs folder, run context)."""
+    folder = tmp_path_factory.mktemp("e2e")
+    recipe_path = write_recipe(folder, {**tiny_recipe_dict(tiny_model), "bundle": {"tokenizer": "in-graph"}})
+    runs = folder / "runs"
+    from toolchain import pipeline
+    from toolchain.recipe import load_recipe
+
+    ctx = pipeline.run(load_recipe(recipe_path), runs)
+    return recipe_path, runs, ctx
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny generation recipe run once: its run folder."""
+    from toolchain.cli import main
+
+    folder = tmp_path_factory.mktemp("tiny-gen-run")
+    recipe = write_recipe(folder, tiny_generation_recipe(tiny_chat_llama))
+    assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
+    return folder / "runs" / "tiny-gen"

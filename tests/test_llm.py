@@ -94,7 +94,7 @@ def test_a_batch_with_a_shared_prefix_and_padding_equals_one_prompt_at_a_time(ti
     assert [gen.generate_ids(p, max_new_tokens=6)[0] for p in BATCH] == alone
     stop = gen.generate_batch_ids(BATCH[:2], max_new_tokens=6, stop=lambda out: len(out) >= 2)
     assert stop == [a[:2] for a in alone[:2]]
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    with pytest.raises(ValueError, match="batch_size must be a whole number of at least 1"):
         gen.generate_batch(["a prompt"], batch_size=0)
     with pytest.raises(ValueError, match="at least one token"):
         gen.generate_batch_ids([SHARED, []])

@@ -17,14 +17,6 @@ from toolchain.recipe import RecipeError, load_recipe
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-gen-run")
-    recipe = write_recipe(folder, tiny_generation_recipe(tiny_chat_llama))
-    assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
-    return folder / "runs" / "tiny-gen"
-
-
 def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["kind"] == "generation"

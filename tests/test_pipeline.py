@@ -19,15 +19,6 @@ from toolchain.recipe import load_recipe
 from toolchain.registry import load_all
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data_root: Path):
-    folder = tmp_path_factory.mktemp("e2e")
-    recipe_path = write_recipe(folder, {**tiny_recipe_dict(tiny_model), "bundle": {"tokenizer": "in-graph"}})
-    runs = folder / "runs"
-    ctx = pipeline.run(load_recipe(recipe_path), runs)
-    return recipe_path, runs, ctx
-
-
 def _report(runs: Path) -> dict:
     return json.loads((runs / "tiny" / "report.json").read_text())
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolchain.choose import BASELINE, OPTIMUM_BASELINE, Choice, pareto_front
 from toolchain.evaluate.stats import ratio_interval
+from toolchain.provenance import environment, git_commit  # noqa: F401 - git_commit: re-exported
 
 if TYPE_CHECKING:
     from toolchain.pipeline import RunContext, Variant
@@ -101,53 +100,6 @@ def changed_predictions(
                 }
             )
     return {**counts, "changed": sum(counts.values()), "rows": rows}
-
-
-def environment(threads: int, versions: dict[str, str]) -> dict[str, Any]:
-    import psutil
-
-    cpu_model, flags = platform.processor() or "unknown", []
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        for line in info.splitlines():
-            if line.startswith("model name") and cpu_model in ("unknown", "", platform.machine()):
-                cpu_model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = sorted(
-                    have & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}
-                )
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "cpu_flags": flags,
-        "cores_physical": psutil.cpu_count(logical=False),
-        "cores_logical": psutil.cpu_count(logical=True),
-        "threads": threads,
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "git_commit": git_commit(),
-    }
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:

@@ -30,6 +30,36 @@ class BundleError(ValueError):
     """The bundle is incomplete or was changed after it was made."""
 
 
+def clean_text(text: object, where: str = "text") -> str:
+    """A text as the tokenizer can take it: a str (anything else is a TypeError naming `where`), with lone UTF-16
+    surrogates (which no UTF-8 text can hold: a broken emoji from a JSON escape, say) replaced by U+FFFD, as Node's
+    TextEncoder and the WHATWG encoding standard do."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def clean_texts(texts: object) -> list[str]:
+    """`texts` (a list, tuple or other iterable of str; not one str) as a list of clean texts."""
+    if isinstance(texts, str | bytes):
+        raise TypeError(f"texts must be a list of str, got one {type(texts).__name__}: pass [text]")
+    try:
+        items = list(texts)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"texts must be a list of str, got {type(texts).__name__}") from None
+    return [clean_text(t, f"texts[{i}]") for i, t in enumerate(items)]
+
+
+def _check_batch_size(batch_size: object) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    return batch_size
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str
@@ -87,6 +117,9 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         """input_ids, attention_mask, token_type_ids: each (B, T) int64, T = longest text in the batch."""
         encs = self.tokenizer.encode_batch(texts)
+        empty = [i for i, e in enumerate(encs) if not e.ids]
+        if empty:  # a tokenizer without [CLS]/[SEP] and a text of nothing but spaces: no input for the graph
+            raise ValueError(f"texts {empty[:5]} encode to no tokens; give each text at least one word")
         width = max(len(e.ids) for e in encs)
         ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encs), width), dtype=np.int64)
@@ -239,10 +272,20 @@ class Predictor:
         return cls(folder, manifest, classifier)
 
     def predict(self, texts: list[str], batch_size: int | None = None) -> list[Prediction]:
-        """Label and probabilities per text. `batch_size` defaults to the one the bundle's accuracy was measured
-        with: a dynamically quantized model's outputs depend slightly on what shares a batch."""
-        batch_size = batch_size or self.manifest["preprocessing"].get("batch_size", 1)
-        probs = softmax(self.classifier.logits(list(texts), batch_size))
+        """Label and probabilities per text, in order. `batch_size` defaults to the one the bundle's accuracy was
+        measured with: a dynamically quantized model's outputs depend slightly on what shares a batch.
+
+        A text longer than the bundle's max_length tokens is classified by its first max_length tokens (special
+        tokens included); an empty or whitespace-only text is classified like any other; lone surrogates are read
+        as U+FFFD. Not a list of str: TypeError; a batch_size below 1: ValueError. Safe to call from several
+        threads at once on one Predictor."""
+        texts = clean_texts(texts)
+        if batch_size is None:
+            batch_size = self.manifest["preprocessing"].get("batch_size", 1)
+        batch_size = _check_batch_size(batch_size)
+        if not texts:
+            return []
+        probs = softmax(self.classifier.logits(texts, batch_size))
         out = []
         for row in probs:
             k = int(row.argmax())
@@ -325,7 +368,12 @@ class DecoderGenerator:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+            # a prompt is encoded whole: a tokenizer.json saved after training carries its truncation (which would
+            # cut the chat template's turn markers) and padding; lengths are Generator.fit's and check_length's job
+            self.tokenizer.no_truncation()
+            self.tokenizer.no_padding()
         self.eos = set(eos_token_ids or [])
+        self.context_length: int | None = None  # prompt + answer tokens the model takes (None: not known)
         self.prefix_ids: list[int] = []
         self.prefix_past: Any = None
 
@@ -465,11 +513,20 @@ class DecoderGenerator:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise BundleError("generating from text needs the tokenizer file; use the *_ids methods with token ids")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(clean_text(text, "prompt"), add_special_tokens=False).ids
+
+    def check_length(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        """A prompt and its answer must fit the model's context (`context_length`, when known)."""
+        if self.context_length and len(prompt_ids) + max_new_tokens > self.context_length:
+            raise ValueError(
+                f"the prompt is {len(prompt_ids)} tokens and {max_new_tokens} new tokens would follow; the model's "
+                f"context is {self.context_length} tokens: shorten the prompt"
+            )
 
     def generate(self, prompt: str, max_new_tokens: int = 8, stop_strings: list[str] | None = None) -> Generation:
         """Greedy text continuation of an already-templated prompt, ending at EOS, a stop string or the limit."""
         prompt_ids = self.encode(prompt)
+        self.check_length(prompt_ids, max_new_tokens)
         ids, first, decode, why = self.generate_ids(prompt_ids, max_new_tokens, self._stop_check(stop_strings))
         return Generation(self._text(ids, stop_strings), ids, len(prompt_ids), first, decode, why)
 
@@ -483,9 +540,10 @@ class DecoderGenerator:
     ) -> list[str]:
         """Greedy text continuations of many prompts, `batch_size` at a time, prompts of similar length together;
         answers in the prompts' order. `progress(n)` is called after each batch with its size."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        _check_batch_size(batch_size)
         encoded = [self.encode(p) for p in prompts]
+        for e in encoded:
+            self.check_length(e, max_new_tokens)
         order = np.argsort([len(e) for e in encoded], kind="stable")
         answers = [""] * len(prompts)
         stop = self._stop_check(stop_strings)
@@ -571,12 +629,31 @@ class Generator:
             eos_token_ids=settings["stop_token_ids"],
         )
         decoder.set_prefix(settings.get("prefix_ids", []))
+        decoder.context_length = settings.get("context_length")  # bundles before it was recorded: not checked
         return cls(folder, manifest, decoder, settings)
 
     def prompt(self, text: str) -> str:
         """The prompt the bundle was evaluated with: the recipe's template in the chat template's turn."""
         s = self.settings
-        return s["prompt_prefix"] + s["template"].format(text=text) + s["prompt_suffix"]
+        return s["prompt_prefix"] + s["template"].format(text=clean_text(text)) + s["prompt_suffix"]
+
+    def fit(self, text: str) -> str:
+        """`text`, cut to its first tokens (as the tokenizer reads the text alone) when its prompt and answer would
+        not fit the model's context: a text too long for the model is classified by its beginning."""
+        text = clean_text(text)
+        limit = self.decoder.context_length
+        tokenizer = self.decoder.tokenizer
+        if not limit or tokenizer is None:
+            return text
+        room = limit - self.settings["max_new_tokens"] - len(self.decoder.encode(self.prompt("")))
+        if room < 1:
+            raise ValueError(f"the prompt template alone fills the model's context of {limit} tokens")
+        while len(self.decoder.encode(self.prompt(text))) > limit - self.settings["max_new_tokens"]:
+            enc = tokenizer.encode(text, add_special_tokens=False)
+            keep = min(room, len(enc.ids) - 1)  # at least one token shorter each time round
+            text = text[: enc.offsets[keep - 1][1]] if keep > 0 else ""
+            room -= 1  # the template's tokens may merge with the text's at the cut
+        return text
 
     def generate(
         self, prompt: str, max_new_tokens: int | None = None, stop_strings: list[str] | None = None
@@ -586,13 +663,15 @@ class Generator:
         s = self.settings
         return self.decoder.generate(
             prompt,
-            max_new_tokens or s["max_new_tokens"],
+            s["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
             s["stop_strings"] if stop_strings is None else stop_strings,
         )
 
     def classify(self, text: str) -> Answer:
-        """The label the model answers for `text` (None when the answer names no label)."""
-        gen = self.generate(self.prompt(text))
+        """The label the model answers for `text` (None when the answer names no label). A text too long for the
+        model's context is classified by its first tokens (see fit); lone surrogates are read as U+FFFD; not a
+        str: TypeError."""
+        gen = self.generate(self.prompt(self.fit(text)))
         k = parse_label(gen.text, self.labels)
         return Answer(self.labels[k] if k is not None else None, gen.text, gen)
 
@@ -601,10 +680,10 @@ class Generator:
         was measured with; with int4 or int8 weights a few answers can differ from one-at-a-time runs)."""
         s = self.settings
         answers = self.decoder.generate_batch(
-            [self.prompt(t) for t in texts],
+            [self.prompt(self.fit(t)) for t in clean_texts(texts)],
             s["max_new_tokens"],
             s["stop_strings"],
-            batch_size or s.get("batch_size", 1),
+            s.get("batch_size", 1) if batch_size is None else batch_size,
         )
         found = [parse_label(a, self.labels) for a in answers]
         return [self.labels[k] if k is not None else None for k in found]

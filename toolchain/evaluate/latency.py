@@ -217,7 +217,7 @@ def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Pa
             per_case[case] = {**stats, "samples_ms": samples}
         variants[name] = {k: v for k, v in res.items() if k != "rounds"} | {"cases": per_case}
         log.info("bench: %-28s %s", name, "  ".join(f"{c} p50 {r['p50']:.2f} ms" for c, r in per_case.items()))
-    from toolchain.report import git_commit
+    from toolchain.provenance import git_commit
 
     # The commit these numbers were measured at: reports re-rendered later from a reused bench must not claim theirs.
     bench_data = {

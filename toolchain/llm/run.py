@@ -321,6 +321,7 @@ def _fp32_bytes(folder: Path) -> int:
     "llm-bundle",
     kind="bundle",
     help="The chosen decoder with its tokenizer, generation settings and manifest (toolchain.runtime.Generator).",
+    version=2,  # 2: generation.json records the model's context length (the runtime fits long texts into it)
 )
 def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from toolchain.bundle import io_spec
@@ -354,6 +355,8 @@ def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
         # a prompt that does not start with them is run whole) and the batch size of Generator.classify_batch
         "prefix_ids": metrics["prefix_ids"],
         "batch_size": metrics["batch_size"],
+        # prompt + answer tokens the model takes; Generator.classify cuts a longer text to its first tokens
+        "context_length": _context_length(tok_dir),
         "parse": "the label whose word comes first in the answer, whole words, case ignored; none: unparsed",
     }
     (out / "generation.json").write_text(json.dumps(generation, indent=2))
@@ -397,3 +400,9 @@ def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {"shipped": shipped, "files": sorted(files), "bundle_bytes": manifest["bundle_bytes"]}
+
+
+def _context_length(model_dir: Path) -> int | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    value = config.get("max_position_embeddings")
+    return int(value) if value else None

@@ -293,7 +293,7 @@ def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, 
     "llm-evaluate",
     kind="metrics",
     help="Accuracy on the eval split from greedy answers; greedy continuations of the fixed agreement prompts.",
-    version=2,
+    version=3,  # 3: prompts are encoded whole (the saved tokenizer's training truncation no longer applies)
 )
 def llm_evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from tqdm import tqdm
@@ -431,7 +431,7 @@ def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out
             variants[name]["decode_tokens_per_second"],
             variants[name]["peak_rss_bytes"] / 1e6,
         )
-    from toolchain.report import git_commit
+    from toolchain.provenance import git_commit
 
     data = {"threads": ctx.threads, "rounds": g.bench_rounds, "git_commit": git_commit(), "variants": variants}
     (out / "bench.json").write_text(json.dumps(data, indent=2))
