@@ -41,10 +41,9 @@ def dev_texts(data_root: Path) -> list[str]:
         return [row["sentence"] for row in csv.DictReader(f, delimiter="\t")]
 
 
-def start_server(bundle: Path, threads: int | None) -> tuple[subprocess.Popen, int]:
+def start_server(bundle: Path, threads: int | None, workers: int) -> tuple[subprocess.Popen, int]:
     command = [sys.executable, str(PROJECT / "examples" / "serve.py"), str(bundle), "--port", "0"]
-    if threads:
-        command += ["--threads", str(threads)]
+    command += ["--workers", str(workers)] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()  # the line it prints once it listens
@@ -58,6 +57,7 @@ def level(port: int, clients: int, seconds: float, texts: list[str], server: psu
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     statuses: dict[int, int] = {}
+    failures: dict[str, int] = {}  # connection errors by kind
     start = threading.Barrier(clients + 1)
     deadline = [0.0]
 
@@ -74,8 +74,10 @@ def level(port: int, clients: int, seconds: float, texts: list[str], server: psu
                 response.read()
                 ok = response.status == 200
                 statuses[response.status] = statuses.get(response.status, 0) + 1
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as e:
                 ok = False
+                kind = type(e).__name__
+                failures[kind] = failures.get(kind, 0) + 1
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             if ok:
@@ -107,6 +109,7 @@ def level(port: int, clients: int, seconds: float, texts: list[str], server: psu
         "p99_ms": float(np.percentile(samples, 99)) if samples.size else None,
         "errors": sum(errors),
         "statuses": statuses,
+        "connection_errors": failures,
         "load_cpu_share": ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / wall / cores,
         "server_cpu_share": ((server1.user + server1.system) - (server0.user + server0.system)) / wall / cores,
     }
@@ -133,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=None, help="the server's onnxruntime threads")
+    parser.add_argument("--workers", type=int, default=1, help="the server's inferences at once")
     parser.add_argument(
         "--data", type=Path, default=Path(os.environ.get("TOOLCHAIN_DATA", PROJECT.parent / "shared" / "data"))
     )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/reliability.md")
+    parser.add_argument("--block", default="load", help="the block of docs/reliability.md to write")
     args = parser.parse_args(argv)
     texts = dev_texts(args.data)
-    proc, port = start_server(args.bundle, args.threads)
+    proc, port = start_server(args.bundle, args.threads, args.workers)
     try:
         server = psutil.Process(proc.pid)
         level(port, 1, min(2.0, args.seconds), texts, server)  # warm-up: first-call allocations
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(
                 f"{n:>3} clients: {r['requests_per_second']:.1f} requests/s, p50 {r['p50_ms']:.2f} ms, "
-                f"p99 {r['p99_ms']:.2f} ms, errors {r['errors']}, statuses {r['statuses']}",
+                f"p99 {r['p99_ms']:.2f} ms, errors {r['errors']}, statuses {r['statuses']}, "
+                f"connection errors {r['connection_errors']}",
                 flush=True,
             )
     finally:
@@ -163,12 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         manifest = json.loads((args.bundle / "manifest.json").read_text())
         header = (
-            f"`examples/serve.py` on `{args.bundle}` (`{manifest['variant']}`, 1 worker, queue 64), "
+            f"`examples/serve.py` on `{args.bundle}` (`{manifest['variant']}`, {args.workers} worker(s), "
+            f"{args.threads or 'default'} onnxruntime thread(s) each, queue 64), "
             f"{args.seconds:.0f} s per level, clients in `bench/load.py`'s own process; {machine()}; "
             f"{platform.python_implementation()} {platform.python_version()}:"
         )
-        command = f"python bench/load.py {args.bundle} --seconds {args.seconds:g}"
-        replace_block(PROJECT / "docs" / "reliability.md", "load", header + "\n\n" + text, command)
+        command = f"python bench/load.py {args.bundle} --seconds {args.seconds:g} --workers {args.workers}"
+        command += f" --threads {args.threads}" if args.threads else ""
+        command += f" --block {args.block}" if args.block != "load" else ""
+        replace_block(PROJECT / "docs" / "reliability.md", args.block, header + "\n\n" + text, command)
     return 0
 
 

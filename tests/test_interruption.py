@@ -1,9 +1,9 @@
 """Fault injection at named points (toolchain/faults.py, TOOLCHAIN_FAULT), never a race against a running process.
 
 Every registered stage, and the copy of the bundle into place, is stopped in the middle of its work (an exception
-the toolchain does not know) and just before its artifact is renamed into place (Ctrl-C); a run is also killed
-outright (SIGKILL) after a training checkpoint, with a whole artifact.json in a folder not yet renamed, and halfway
-through swapping the bundle, and terminated (SIGTERM) in quantization. Every rerun keeps what was finished, and the
+the toolchain does not know) and just before its artifact is renamed into place (Ctrl-C or SIGTERM); a run is also
+killed outright (SIGKILL) after a training checkpoint, with a whole artifact.json in a folder not yet renamed, and
+halfway through swapping the bundle. Every rerun keeps what was finished, and the
 last one ends with the same files as a run that was never interrupted."""
 
 from __future__ import annotations
@@ -25,8 +25,14 @@ from toolchain.registry import load_all
 
 pytestmark = pytest.mark.slow
 
-# (point, action, exit code): an unknown exception mid-stage, Ctrl-C with the artifact whole but not in place
-STAGE_FAULTS = (("mid-stage", "raise", 1), ("before-rename", "SIGINT", 130))
+# (point, action, exit code): an unknown exception mid-stage; Ctrl-C (SIGINT) or a `kill` (SIGTERM), every other
+# stage, with the artifact whole but not in place
+STOPS = {"SIGINT": (130, "interrupted: "), "SIGTERM": (143, "terminated: ")}
+
+
+def _faults(i: int) -> tuple[tuple[str, str, int], ...]:
+    stop = "SIGINT" if i % 2 == 0 else "SIGTERM"
+    return (("mid-stage", "raise", 1), ("before-rename", stop, STOPS[stop][0]))
 
 
 def _classifier_recipe(tiny_model: Path, folder: Path) -> Path:
@@ -128,9 +134,9 @@ def _walk(reference: tuple[Path, dict], run_name: str, tmp_path: Path, monkeypat
     lineage = json.loads((recipe.parent / "runs" / run_name / "lineage.json").read_text())
     names = list(dict.fromkeys(s["stage"] for s in lineage["stages"]))
     first_key = {name: next(s["key"] for s in lineage["stages"] if s["stage"] == name) for name in names}
-    for name in [*names, "publish"]:
+    for i, name in enumerate([*names, "publish"]):
         key = first_key.get(name, "publish")
-        for point, action, want_code in STAGE_FAULTS:
+        for point, action, want_code in _faults(i):
             before = _complete(run) if run.is_dir() else set()
             code, err = _run(recipe, runs, monkeypatch, capsys, f"{name}:{point}:{action}")
             where = f"{name}:{point}:{action}"
@@ -142,7 +148,8 @@ def _walk(reference: tuple[Path, dict], run_name: str, tmp_path: Path, monkeypat
                 log = Path(last.rsplit("full traceback: ", 1)[1])
                 assert "Traceback (most recent call last)" in log.read_text(), where
             else:
-                assert last.startswith("interrupted: ") and "run the same command again" in last, where
+                assert last.startswith(STOPS[action][1]) and "run the same command again" in last, where
+                assert ("no stage was complete yet" if not before else "complete and will be reused") in last
             done = _complete(run)
             assert before <= done, f"{where}: a finished stage was lost: {before - done}"
             assert key not in done, f"{where}: the interrupted stage looks complete"
@@ -201,7 +208,9 @@ def _subprocess(recipe: Path, runs: Path, fault: str | None, *extra: str) -> tup
     return out.returncode, out.stdout + out.stderr
 
 
-def test_killed_and_terminated_runs_resume_to_the_same_files(classifier_reference, tmp_path: Path) -> None:
+def test_killed_runs_resume_to_the_same_files(
+    classifier_reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, caplog
+) -> None:
     recipe, want = classifier_reference
     runs = tmp_path / "runs"
     stages = runs / "tiny" / "stages"
@@ -219,22 +228,19 @@ def test_killed_and_terminated_runs_resume_to_the_same_files(classifier_referenc
     (half,) = stages.glob(".tmp-export-*")
     assert (half / "artifact.json").is_file() and not list(stages.glob("export-*/artifact.json"))
 
-    # 3. the half export is removed and rebuilt; SIGTERM (a `kill`, a CI runner cancelling) in quantization
-    code, out = _subprocess(recipe, runs, "quantize:mid-stage:SIGTERM")
-    assert code == 143, out[-2000:]
-    assert "half-written folder" in out and "Traceback" not in out
-    assert "terminated: finetune, " in out and "run the same command again to resume" in out
+    # 3. to the end: the half export is removed and rebuilt, nothing finished reruns
+    code, err = _run(recipe, runs, monkeypatch, capsys, None)
+    assert code == 0, err[-3000:]
+    assert not list(stages.glob(".tmp-*")) and artifacts(runs / "tiny") == want
 
-    # 4. to the end; then a damaged bundle is replaced, with SIGKILL between moving it aside and moving the new
-    #    one into place: the next run puts the old one back first, then replaces it
-    code, out = _subprocess(recipe, runs, None)
-    assert code == 0, out[-3000:]
+    # 4. a damaged bundle is replaced, with SIGKILL between moving it aside and moving the new one into place:
+    #    the next run puts the old one back first, then replaces it
     (runs / "tiny" / "bundle" / "model.onnx").write_bytes(b"damaged")
     code, out = _subprocess(recipe, runs, "publish:before-rename:SIGKILL")
     assert code == -signal.SIGKILL, out[-2000:]
     assert not (runs / "tiny" / "bundle").exists() and list((runs / "tiny").glob(".bundle.old-*"))
-    code, out = _subprocess(recipe, runs, None)
-    assert code == 0 and "put back as bundle" in out, out[-3000:]
+    code, err = _run(recipe, runs, monkeypatch, capsys, None)
+    assert code == 0 and "put back as bundle" in caplog.text, err[-3000:]
     assert not list((runs / "tiny").glob(".bundle.*"))
     assert artifacts(runs / "tiny") == want
 
