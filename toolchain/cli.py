@@ -1,4 +1,4 @@
-"""Command line: `python -m toolchain {validate,run,list,report,gate,baseline} ...`.
+"""Command line: `python -m toolchain {validate,plan,run,list,report,gate,baseline} ...`.
 
 Exit codes: 0 success; 2 invalid recipe, data or model source (found before any compute); 3 a stage check failed
 (parity, budget); 4 the bench gate found a regression; 1 any other error (an unexpected one is printed as one
@@ -143,6 +143,27 @@ def _run(args: argparse.Namespace, recipe: Recipe, runs_root: Path | None) -> in
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from toolchain import pipeline
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    ctx = pipeline.RunContext(recipe, Path(args.runs) if args.runs else None)
+    planned = pipeline.planned_ids(ctx)
+    print(
+        f"{recipe.name}: {len(planned)} stages, then the bundle of the chosen variant (its id depends on the choice); "
+        f"ids computed under {ctx.threads} thread(s), CPU preset {ctx.cpu_preset}, "
+        + ", ".join(f"{k} {v}" for k, v in ctx.versions.items())
+    )
+    width = max(len(call.key) for call, _ in planned)
+    for call, sid in planned:
+        done = (ctx.stages_dir / f"{call.key}-{sid[:12]}" / "artifact.json").is_file()
+        shown = sid if args.ids else sid[:12]
+        inputs = ", ".join(call.inputs) or "-"
+        print(f"  {call.key:<{width}}  {shown}  {'complete' if done else 'to run  '}  <- {inputs}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from toolchain.recipe import list_recipes
     from toolchain.registry import load_all
@@ -233,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune in N processes on this machine (torch's elastic launcher, as torchrun --standalone)",
     )
     r.set_defaults(fn=cmd_run)
+
+    pl = sub.add_parser("plan", help="the stages a recipe runs, their inputs and ids; nothing is run")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="key.path=value overrides, as for run")
+    pl.add_argument("--ids", action="store_true", help="print whole ids (64 hex digits) instead of their first 12")
+    pl.add_argument("--runs", help="folder that holds run folders (default: runs/ in the project)")
+    pl.set_defaults(fn=cmd_plan)
 
     ls = sub.add_parser("list", help="list recipes and registered stages")
     ls.set_defaults(fn=cmd_list)

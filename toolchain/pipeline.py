@@ -116,11 +116,22 @@ class StageRecord:
 class RunContext:
     """What stages share during one run: the recipe, its run folder, the data splits, thread settings."""
 
-    def __init__(self, recipe: Recipe, runs_root: Path | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        runs_root: Path | None = None,
+        *,
+        versions: dict[str, str] | None = None,
+        threads: int | None = None,
+        cpu_preset: str | None = None,
+    ):
+        """`versions`, `threads` and `cpu_preset` stand in for this machine's (to recompute ids made elsewhere)."""
         self.recipe = recipe
         self.run_dir = (runs_root or PROJECT_ROOT / "runs") / recipe.name
         self.stages_dir = self.run_dir / "stages"
-        self.versions = library_versions()
+        self.versions = versions or library_versions()
+        self._threads = threads
+        self._cpu_preset = cpu_preset
         self.records: list[StageRecord] = []
         self.artifacts: dict[str, Artifact] = {}
         self.checkpoint_dir: Path | None = None  # the running stage's folder for resumable checkpoints
@@ -151,7 +162,14 @@ class RunContext:
 
     @property
     def threads(self) -> int:
-        return self.recipe.bench.threads or default_threads()
+        return self.recipe.bench.threads or self._threads or default_threads()
+
+    @cached_property
+    def cpu_preset(self) -> str:
+        """The ORTQuantizer preset this CPU gets (Optimum's baseline is built with it)."""
+        from toolchain.compile.optimum_baseline import cpu_flags, cpu_preset
+
+        return self._cpu_preset or cpu_preset(cpu_flags())
 
 
 def default_threads() -> int:
@@ -447,13 +465,12 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
         variants.append(Variant(q.variant_name, key, "onnx", q.precision))
     if recipe.bench.optimum_baseline:
         from toolchain.choose import OPTIMUM_BASELINE
-        from toolchain.compile.optimum_baseline import cpu_flags, cpu_preset
 
         calls.append(
             StageCall(
                 "optimum-baseline",
                 "optimum-baseline",
-                {"preset": cpu_preset(cpu_flags())},
+                {"preset": ctx.cpu_preset},
                 (ctx.model_key, "export"),  # the export holds the PyTorch reference logits
                 {**eval_identity, "export": comp.export.model_dump(mode="json")},
             )
@@ -487,6 +504,24 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[Variant
         )
     )
     return calls, variants
+
+
+def planned_ids(ctx: RunContext) -> list[tuple[StageCall, str]]:
+    """Every stage call a recipe makes before the choice (the bundle's id depends on what is chosen) with the id it
+    gets on this run context, computed without running anything."""
+    load_all()
+    if ctx.recipe.generation is not None:
+        from toolchain.llm.run import plan as generation_plan
+
+        calls, _ = generation_plan(ctx.recipe, ctx)
+    else:
+        calls, _ = plan(ctx.recipe, ctx)
+    ids: dict[str, str] = {}
+    out = []
+    for call in calls:
+        ids[call.key] = stage_id(call, {k: ids[k] for k in call.inputs}, ctx.versions)
+        out.append((call, ids[call.key]))
+    return out
 
 
 def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = ()) -> RunContext:

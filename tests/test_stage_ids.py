@@ -1,0 +1,71 @@
+"""Stage ids are the cache's contract: a refactor that changes one silently retrains or re-measures a user's runs.
+The golden file holds the id of every stage every recipe plans (recipes/ and bench/), with the library versions,
+threads and CPU preset it was computed under; the test recomputes them under those recorded values, so a new wheel
+or another machine does not fail it, and a change to what a stage hashes does.
+
+Regenerate on purpose (and say why in the commit): `.venv/bin/python tests/test_stage_ids.py --write`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from toolchain.paths import PROJECT_ROOT
+from toolchain.pipeline import RunContext, planned_ids
+from toolchain.recipe import load_recipe
+
+GOLDEN = Path(__file__).parent / "golden" / "stage_ids.json"
+RECIPES = sorted([*PROJECT_ROOT.glob("recipes/*.yaml"), *PROJECT_ROOT.glob("bench/*.yaml")])
+
+
+def ids_of(path: Path, under: dict[str, Any] | None = None) -> dict[str, str]:
+    recipe = load_recipe(path, [])
+    under = under or {}
+    ctx = RunContext(
+        recipe, versions=under.get("versions"), threads=under.get("threads"), cpu_preset=under.get("cpu_preset")
+    )
+    return {call.key: sid for call, sid in planned_ids(ctx)}
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(PROJECT_ROOT))
+
+
+def test_every_recipe_is_in_the_golden_file() -> None:
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(golden["recipes"]) == [_name(p) for p in RECIPES]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_name)
+def test_stage_ids_are_those_recorded(path: Path) -> None:
+    golden = json.loads(GOLDEN.read_text())
+    assert ids_of(path, golden["computed_under"]) == golden["recipes"][_name(path)]
+
+
+def test_an_id_follows_what_its_stage_is_given() -> None:
+    """The check can fail: another learning rate changes finetune's id and every id after it."""
+    path = PROJECT_ROOT / "recipes" / "sst2-minilm.yaml"
+    golden = json.loads(GOLDEN.read_text())
+    recipe = load_recipe(path, ["finetune.lr=3e-5"])
+    under = golden["computed_under"]
+    ctx = RunContext(recipe, versions=under["versions"], threads=under["threads"], cpu_preset=under["cpu_preset"])
+    changed = {call.key for call, sid in planned_ids(ctx) if sid != golden["recipes"][_name(path)][call.key]}
+    assert changed == set(golden["recipes"][_name(path)])
+
+
+def write() -> None:
+    first = RunContext(load_recipe(PROJECT_ROOT / "recipes" / "sst2-minilm.yaml", []))
+    under = {"versions": first.versions, "threads": first.threads, "cpu_preset": first.cpu_preset}
+    data = {"computed_under": under, "recipes": {_name(p): ids_of(p, under) for p in RECIPES}}
+    GOLDEN.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"{GOLDEN}: {sum(len(v) for v in data['recipes'].values())} ids of {len(RECIPES)} recipes")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit(__doc__)
+    write()
