@@ -31,7 +31,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))  # run from a checkout
 
 from toolchain.blocks import replace_block  # noqa: E402
-from toolchain.provenance import machine  # noqa: E402
+from toolchain.core.provenance import machine  # noqa: E402
 
 
 def dev_texts(data_root: Path) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from hypothesis import settings
 from transformers.utils import logging as transformers_logging
 
-from toolchain.recipe import resolve_data_root
+from toolchain.recipe.schema import resolve_data_root
 
 # Property tests never time an example (deadline=None: the machines are noisy) and, in CI (CI=true), draw the same
 # examples on every run (derandomize): a failure found there reproduces anywhere; each one found is pinned as an
@@ -20,6 +21,12 @@ settings.register_profile("ci", deadline=None, derandomize=True, database=None, 
 settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("true", "1") else "default")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A test session started in the background (`pytest ... &` in a script, nohup) inherits SIGINT ignored; neither it
+# nor the runs it starts could then be interrupted the way the interruption tests interrupt them (a real SIGINT,
+# exit 130). Python's own handler back in place; children get the default on exec and install theirs.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # transformers makes its log handler on first use, bound to sys.stderr as it is then; made inside a test that
 # captures stderr (capsys), it would write to that test's closed stream later. Made now, it writes to the session's.
@@ -181,10 +188,10 @@ def first_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, data_r
     folder = tmp_path_factory.mktemp("e2e")
     recipe_path = write_recipe(folder, {**tiny_recipe_dict(tiny_model), "bundle": {"tokenizer": "in-graph"}})
     runs = folder / "runs"
-    from toolchain import pipeline
-    from toolchain.recipe import load_recipe
+    from toolchain import engine
+    from toolchain.recipe.load import load_recipe
 
-    ctx = pipeline.run(load_recipe(recipe_path), runs)
+    ctx = engine.run(load_recipe(recipe_path), runs)
     return recipe_path, runs, ctx
 
 

@@ -1,7 +1,7 @@
 """Every bad input the toolchain is known to meet, through the CLI as a user meets it: exit code 2, a message that
-names the file, the field and the fix, no traceback, nothing computed. The README's table of bad inputs is this list
-with the messages the CLI printed; the last test fails when the two drift apart (TOOLCHAIN_UPDATE_README=1 rewrites
-the README's table)."""
+names the file, the field and the fix, no traceback, nothing computed. The table of bad inputs in docs/reliability.md
+is this list with the messages the CLI printed; the last test fails when the two drift apart
+(TOOLCHAIN_UPDATE_README=1 rewrites that table)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 from conftest import tiny_recipe_dict, write_recipe
 
 from toolchain.cli import main
-from toolchain.recipe import PROJECT_ROOT, resolve_data_root
+from toolchain.paths import PROJECT_ROOT
+from toolchain.recipe.schema import resolve_data_root
 
 Case = namedtuple("Case", "what make expect")
 
@@ -243,12 +244,12 @@ def test_readme_lists_every_bad_input_with_its_message(
         rows.append((case.what, _normalise(problem, tmp, tiny_model)))
     assert len(rows) >= 15
     table = _readme_table(rows)
-    readme = PROJECT_ROOT / "README.md"
+    readme = PROJECT_ROOT / "docs" / "reliability.md"
     text = readme.read_text()
     start, end = "<!-- bad-inputs:start -->\n", "\n<!-- bad-inputs:end -->"
     current = text.split(start, 1)[1].split(end, 1)[0] if start in text else None
     if os.environ.get("TOOLCHAIN_UPDATE_README") == "1":
-        assert current is not None, "README has no <!-- bad-inputs:start --> marker"
+        assert current is not None, "docs/reliability.md has no <!-- bad-inputs:start --> marker"
         readme.write_text(text.replace(start + current + end, start + table + end))
         return
     assert current == table, "README's bad-input table is stale: rerun with TOOLCHAIN_UPDATE_README=1"

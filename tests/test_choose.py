@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from toolchain.choose import choose_variant
-from toolchain.recipe import BudgetSection
+from toolchain.choose import choice_table, choose_variant
+from toolchain.recipe.schema import BudgetSection
 
 
 def row(name: str, fmt: str, acc: float, p50: float, mb: float, base_acc: float = 0.90) -> dict:
@@ -38,7 +38,7 @@ def test_size_and_latency_budgets() -> None:
     assert c.shipped == "onnx-int4"
     c = choose_variant(ROWS, BudgetSection(max_accuracy_drop=0.0, max_latency_ms=5))
     assert c.shipped is None
-    table = c.table()
+    table = choice_table(c)
     assert "onnx-fp32" in table and "p50 19.00 ms > budget 5.00 ms" in table
 
 
@@ -48,7 +48,7 @@ def test_exact_budget_edge_is_inclusive() -> None:
 
 
 def test_changed_predictions_counts_by_direction() -> None:
-    from toolchain.report import changed_predictions
+    from toolchain.tasks.classification import changed_predictions
 
     labels = [0, 1, 1, 0, 2]
     base = {"predictions": [0, 1, 0, 1, 2], "confidences": [0.9, 0.8, 0.6, 0.7, 0.99]}
@@ -76,7 +76,7 @@ def test_speedup_budget_is_a_ratio_to_pytorch_in_the_same_run() -> None:
     assert c.shipped == "onnx-int4"  # 20 / 8 = 2.5x
     assert "speed-up 2.00x over PyTorch < budget 2.20x" in c.verdicts["onnx-int8"]
     c = choose_variant(rows, BudgetSection(max_accuracy_drop=0.1, min_speedup=3.0))
-    assert c.shipped is None and "2.50x" in c.table()
+    assert c.shipped is None and "2.50x" in choice_table(c)
 
 
 def test_pareto_front_drops_dominated_variants() -> None:

@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import tiny_recipe_dict, write_recipe
 
-from toolchain import pipeline
+from toolchain import engine
 from toolchain.compile.distill import build_student, make_loss
 from toolchain.errors import StageError
-from toolchain.recipe import DistillSection, load_recipe
+from toolchain.recipe.load import load_recipe
+from toolchain.recipe.schema import DistillSection
 
 
 def teacher(tiny_model: Path, eager: bool = False) -> torch.nn.Module:
@@ -84,7 +85,7 @@ def test_distill_recipe_exports_and_quantizes_the_student(tiny_model: Path, tmp_
     data["budget"].update(max_accuracy_drop=0.5)
     runs = tmp_path / "runs"
     recipe_file = write_recipe(tmp_path, data)
-    ctx = pipeline.run(load_recipe(recipe_file), runs)
+    ctx = engine.run(load_recipe(recipe_file), runs)
 
     student = ctx.artifacts["distill"]
     assert json.loads(student.file("config.json").read_text())["num_hidden_layers"] == 1
@@ -106,7 +107,7 @@ def test_distill_recipe_exports_and_quantizes_the_student(tiny_model: Path, tmp_
 
     # A new temperature retrains the student and reuses the cached teacher logits.
     data["compile"]["distill"]["temperature"] = 4.0
-    ctx2 = pipeline.run(load_recipe(write_recipe(tmp_path, data)), runs)
+    ctx2 = engine.run(load_recipe(write_recipe(tmp_path, data)), runs)
     status = {r.key: r.status for r in ctx2.records}
     assert status["finetune"] == status["teacher-logits"] == "reused"
     assert status["distill"] == "ran"

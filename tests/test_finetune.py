@@ -15,12 +15,16 @@ import pytest
 import torch
 from conftest import tiny_recipe_dict, write_recipe
 
-from toolchain import pipeline
-from toolchain.compile.quantize import matmul_input_sources
+from toolchain import engine
+from toolchain.compile.graph import matmul_input_sources
+from toolchain.core.artifact import Artifact
+from toolchain.core.context import RunContext
+from toolchain.core.store import run_stage
+from toolchain.engine import load_all
 from toolchain.errors import RecipeError
-from toolchain.pipeline import RunContext, plan, run_stage
-from toolchain.recipe import load_recipe
-from toolchain.registry import load_all
+from toolchain.paths import PROJECT_ROOT
+from toolchain.recipe.load import load_recipe
+from toolchain.tasks.classification import plan
 
 
 def small(tiny_model: Path, name: str, **finetune: object) -> dict:
@@ -33,10 +37,10 @@ def small(tiny_model: Path, name: str, **finetune: object) -> dict:
     return data
 
 
-def finetune_only(data: dict, tmp_path: Path) -> pipeline.Artifact:
+def finetune_only(data: dict, tmp_path: Path) -> Artifact:
     load_all()
     ctx = RunContext(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
-    calls, _ = plan(ctx.recipe, ctx)
+    calls, _ = plan(ctx)
     return run_stage(ctx, calls[0])
 
 
@@ -84,7 +88,7 @@ def test_qat_export_has_qdq_around_every_encoder_linear(tiny_model: Path, tmp_pa
 
     data = small(tiny_model, "qat", method="qat", precision="fp32")
     data["compile"]["quantize"] = ["qat-qdq", "dynamic-int8"]
-    ctx = pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+    ctx = engine.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
     art = ctx.artifacts["quantize.onnx-int8-qat"]
     assert art.meta["qdq"]["matmuls_with_qdq_weights"] >= 12  # 2 layers x 6 Linear (+ attention matmuls)
     assert art.meta["int8_weights"] == 12  # stored as int8, not float + QuantizeLinear
@@ -103,7 +107,7 @@ def test_qat_export_has_qdq_around_every_encoder_linear(tiny_model: Path, tmp_pa
 
 def test_qlora_merge_reproduces_the_trained_4bit_model(tiny_model: Path) -> None:
     from toolchain.finetune import qlora
-    from toolchain.recipe import FinetuneSection
+    from toolchain.recipe.schema import FinetuneSection
 
     cfg = FinetuneSection.model_validate(
         {"method": "qlora", "precision": "fp32", "lora": {"r": 4, "alpha": 8}, "qlora": {"compute_dtype": "fp32"}}
@@ -160,7 +164,7 @@ def test_finetune_under_torchrun_two_processes(tiny_model: Path, tmp_path: Path)
     from toolchain.finetune.train import pad_batch
 
     folder = Path(lineage["stages"][0]["path"])
-    folder = folder if folder.is_absolute() else pipeline.PROJECT_ROOT / folder
+    folder = folder if folder.is_absolute() else PROJECT_ROOT / folder
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     texts = load_recipe(recipe).data_root() / "sst2/dev.tsv"
@@ -207,7 +211,7 @@ def test_interrupted_training_resumes_from_its_checkpoint_to_the_same_weights(
 
     from toolchain.data import load_validation
     from toolchain.finetune import checkpoint
-    from toolchain.finetune.stage import METHODS
+    from toolchain.finetune.methods import METHODS
     from toolchain.finetune.train import seed_everything, train_classifier
 
     validation = {"file": "sst2/heldout.tsv", "every_steps": 3, "max_rows": 60}

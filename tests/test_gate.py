@@ -122,7 +122,7 @@ def test_summary_keeps_what_the_gate_reads() -> None:
 
 
 def generation_report(speedups: list[float], accuracy: float = 0.86) -> dict:
-    """A generation report as llm/run.py writes it: decode tokens/s per round, PyTorch at 20 tokens/s."""
+    """A generation report as report/generation.py writes it: decode tokens/s per round, PyTorch at 20 tokens/s."""
 
     def row(name: str, rounds: list[float] | None, acc: float) -> dict:
         r = {"name": name, "accuracy": acc, "correct": round(acc * 872)}

@@ -1,4 +1,4 @@
-"""Fault injection at named points (toolchain/faults.py, TOOLCHAIN_FAULT), never a race against a running process.
+"""Fault injection at named points (toolchain/core/faults.py, TOOLCHAIN_FAULT), never a race against a running process.
 
 Every registered stage, and the copy of the bundle into place, is stopped in the middle of its work (an exception
 the toolchain does not know) and just before its artifact is renamed into place (Ctrl-C or SIGTERM); a run is also
@@ -20,8 +20,8 @@ import pytest
 from conftest import tiny_generation_recipe, tiny_recipe_dict, write_recipe
 
 from toolchain.cli import main
-from toolchain.faults import ENV
-from toolchain.registry import load_all
+from toolchain.core.faults import ENV
+from toolchain.engine import load_all
 
 pytestmark = pytest.mark.slow
 
@@ -177,16 +177,15 @@ def test_every_generation_stage_stopped_at_each_point_resumes_to_the_same_files(
 
 
 def test_the_walks_cover_every_registered_stage(tiny_model: Path, tiny_chat_llama: Path, tmp_path: Path) -> None:
-    from toolchain import pipeline
-    from toolchain.llm import run as llm_run
-    from toolchain.recipe import load_recipe
+    from toolchain.core.context import RunContext
+    from toolchain.core.task import task_for
+    from toolchain.recipe.load import load_recipe
 
     recipes = [_classifier_recipe(tiny_model, tmp_path), _generation_recipe(tiny_chat_llama, tmp_path)]
     planned = set()
     for path in recipes:
         recipe = load_recipe(path)
-        ctx = pipeline.RunContext(recipe, tmp_path / "runs")
-        calls, _ = (llm_run.plan if recipe.generation else pipeline.plan)(recipe, ctx)
+        calls, _ = task_for(recipe).plan(RunContext(recipe, tmp_path / "runs"))
         planned |= {c.stage for c in calls}
     planned |= {"bundle", "llm-bundle"}  # planned after the choice
     assert planned == set(load_all()), f"registered but not walked: {set(load_all()) - planned}"
@@ -275,7 +274,7 @@ def test_a_failing_bench_child_is_one_line_and_its_output_goes_to_the_log(
 def test_a_failure_outside_the_stages_names_the_step_and_what_is_kept(
     classifier_reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from toolchain import report
+    from toolchain.report import classification as report
 
     recipe, runs = _copy_run(classifier_reference, "tiny", tmp_path)
     before = (runs / "tiny" / "report.json").read_bytes()
@@ -298,7 +297,7 @@ def test_a_failure_outside_the_stages_names_the_step_and_what_is_kept(
 def test_a_failure_outside_any_run_is_one_line_with_its_traceback_in_a_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from toolchain import recipe as recipe_module
+    from toolchain.recipe import load as recipe_module
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug\nwith a second line")
@@ -312,7 +311,7 @@ def test_a_failure_outside_any_run_is_one_line_with_its_traceback_in_a_file(
 
 
 def test_a_malformed_fault_spec_is_refused_naming_the_grammar(monkeypatch: pytest.MonkeyPatch) -> None:
-    from toolchain import faults
+    from toolchain.core import faults
     from toolchain.errors import ToolchainError
 
     assert faults.parse("quantize:mid-stage:SIGINT, finetune:after-step-3:raise:rank=1") == [

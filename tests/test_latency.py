@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from toolchain.evaluate.latency import latency_stats, time_calls
+from toolchain.evaluate.measure import time_calls
+from toolchain.evaluate.stats import latency_stats
 
 
 def test_percentiles_and_cv_on_known_samples() -> None:
@@ -61,3 +62,40 @@ def test_round_ratio_range_covers_the_median_ratio_about_94_percent_of_the_time(
     assert 0.90 <= hits / trials <= 0.97  # 1 - 2 * 0.5**5 = 0.9375
     # a shared drift cancels in the ratio: the range stays narrow even when the machine doubles its latency
     assert ratio_interval([8.0, 16.0, 8.2], [20.0, 40.0, 20.1]) == [0.4, pytest.approx(0.40796, abs=1e-4)]
+
+
+def test_the_pytorch_timing_process_imports_only_what_it_times(tiny_model, tmp_path) -> None:
+    """What the measuring process imports adds to the cold start and memory it reports for PyTorch: it loads the
+    model and the timing code, never the recipe schema (pydantic) or the engine. (yaml comes with transformers.)"""
+    import json
+
+    from toolchain.core.launcher import MeasureProcess
+
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(["a short review, and then a much longer sentence that fills sixteen tokens"] * 4))
+    job = tmp_path / "job-pytorch.json"
+    job.write_text(
+        json.dumps(
+            {
+                "threads": 1,
+                "max_length": 16,
+                "format": "pytorch",
+                "model": str(tiny_model),
+                "tokenizer": str(tiny_model / "tokenizer.json"),
+                "texts": str(texts),
+                "cases": [[1, 16]],
+            }
+        )
+    )
+    proc = MeasureProcess("bench", "pytorch", "toolchain.evaluate.measure", job, threads=1)
+    try:
+        assert proc.ask()["ready"]
+        imported = proc.ask({"cmd": "stop"})["imported"]
+        proc.wait()
+    finally:
+        proc.close()
+    assert "toolchain.evaluate.stats" in imported  # the answer does list what the process imported
+    assert [m for m in imported if m.split(".")[0] == "pydantic"] == []
+    assert [
+        m for m in imported if m.startswith(("toolchain.recipe", "toolchain.core.context", "toolchain.engine"))
+    ] == []

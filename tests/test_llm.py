@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolchain.compile.quantize import matmul_nbits
+from toolchain.compile.graph import matmul_nbits
 from toolchain.llm.export import decode_parity, export_with_past
 from toolchain.runtime import DecoderGenerator
 

@@ -12,7 +12,8 @@ import pytest
 from conftest import tiny_generation_recipe, write_recipe
 
 from toolchain.cli import main
-from toolchain.recipe import RecipeError, load_recipe
+from toolchain.errors import RecipeError
+from toolchain.recipe.load import load_recipe
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ from toolchain.models import (
     resolve_source,
     trust_kwargs,
 )
-from toolchain.recipe import PROJECT_ROOT, ModelSection
+from toolchain.paths import PROJECT_ROOT
+from toolchain.recipe.schema import ModelSection
 
 
 def model(source: str | Path, **trust: bool) -> ModelSection:

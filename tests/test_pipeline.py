@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from conftest import tiny_recipe_dict, write_recipe
 
-from toolchain import pipeline
-from toolchain.pipeline import sha256_file
-from toolchain.recipe import load_recipe
-from toolchain.registry import load_all
+from toolchain import engine
+from toolchain.engine import load_all
+from toolchain.paths import PROJECT_ROOT
+from toolchain.recipe.load import load_recipe
+from toolchain.runtime import sha256_file
 
 
 def _report(runs: Path) -> dict:
@@ -202,7 +203,7 @@ def test_strings_in_model_is_checked_at_batch_one_when_accuracy_is_measured_batc
     recipe_path, runs, _ = first_run
     runs_copy = tmp_path / "runs"
     shutil.copytree(runs, runs_copy)
-    ctx = pipeline.run(load_recipe(recipe_path, ["evaluate.batch_size=4"]), runs_copy)
+    ctx = engine.run(load_recipe(recipe_path, ["evaluate.batch_size=4"]), runs_copy)
     manifest = json.loads((runs_copy / "tiny" / "bundle" / "manifest.json").read_text())
     assert manifest["preprocessing"]["batch_size"] == 4
     assert manifest["strings_model"]["agrees_with_model_onnx"] == "300/300 eval rows, batch 1"
@@ -215,7 +216,7 @@ def test_node_app_agrees_with_the_python_runtime_on_every_eval_row(first_run, tm
     import os
 
     required = os.environ.get("TOOLCHAIN_REQUIRE_NODE") == "1"
-    app = pipeline.PROJECT_ROOT / "examples" / "node"
+    app = PROJECT_ROOT / "examples" / "node"
     if shutil.which("node") is None or shutil.which("npm") is None:
         if required:
             pytest.fail("node and npm are required (TOOLCHAIN_REQUIRE_NODE=1)")
@@ -231,7 +232,7 @@ def test_node_app_agrees_with_the_python_runtime_on_every_eval_row(first_run, tm
             if required:
                 pytest.fail(f"npm ci failed: {install.stderr[-2000:]}")
             pytest.skip(f"npm ci failed (no registry?): {install.stderr[-300:]}")
-    sys.path.insert(0, str(pipeline.PROJECT_ROOT / "examples"))
+    sys.path.insert(0, str(PROJECT_ROOT / "examples"))
     try:
         from check_node import compare
     finally:
@@ -268,7 +269,7 @@ def test_tampered_bundle_is_refused(first_run, tmp_path: Path) -> None:
 
 def test_second_run_reuses_every_stage(first_run) -> None:
     recipe_path, runs, first = first_run
-    ctx = pipeline.run(load_recipe(recipe_path), runs)
+    ctx = engine.run(load_recipe(recipe_path), runs)
     assert [r.status for r in ctx.records] == ["reused"] * len(ctx.records)
     assert [r.id for r in ctx.records] == [r.id for r in first.records]
 
@@ -276,7 +277,7 @@ def test_second_run_reuses_every_stage(first_run) -> None:
 def test_changed_quantize_setting_reruns_only_what_follows(first_run) -> None:
     recipe_path, runs, first = first_run
     recipe = load_recipe(recipe_path, ["compile.quantize=[{mode: dynamic-int8, per_channel: false}]"])
-    ctx = pipeline.run(recipe, runs)
+    ctx = engine.run(recipe, runs)
     status = {r.key: r.status for r in ctx.records}
     before = {r.key: r.id for r in first.records}
     assert all(ctx.artifacts[k].id == before[k] for k in ("finetune", "export", "optimize"))
@@ -301,7 +302,7 @@ def test_damaged_artifact_is_rebuilt(first_run, tmp_path: Path) -> None:
     export_dir = runs_copy / "tiny" / "stages" / first.artifacts["export"].path.name
     model = export_dir / "model.onnx"
     model.write_bytes(model.read_bytes()[:1000])  # truncated
-    ctx = pipeline.run(load_recipe(recipe_path), runs_copy)
+    ctx = engine.run(load_recipe(recipe_path), runs_copy)
     status = {r.key: r.status for r in ctx.records}
     assert status["finetune"] == "reused" and status["export"] == "rebuilt"
     assert sha256_file(model) == sha256_file(first.artifacts["export"].file("model.onnx"))
@@ -357,7 +358,7 @@ def test_lora_finetune_merges_into_plain_model(tiny_model: Path, tmp_path: Path,
     data["compile"] = {"optimize": False, "quantize": [], "export": {"parity_rows": 16}}
     data["bench"].update(batch_sizes=[1], seq_lens=[16])
     data["budget"] = {"max_accuracy_drop": 0.05, "latency_case": "b1_s16"}
-    ctx = pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+    ctx = engine.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
     meta = ctx.artifacts["finetune"].meta
     assert meta["method"] == "lora" and meta["trainable_parameters"] < meta["parameters"] / 2
     config = json.loads(ctx.artifacts["finetune"].file("config.json").read_text())
@@ -367,8 +368,8 @@ def test_lora_finetune_merges_into_plain_model(tiny_model: Path, tmp_path: Path,
 
 
 def test_run_lock_refuses_a_second_writer(tmp_path: Path) -> None:
+    from toolchain.core.lock import run_lock
     from toolchain.errors import ToolchainError
-    from toolchain.pipeline import run_lock
 
     with run_lock(tmp_path), pytest.raises(ToolchainError, match="in use"), run_lock(tmp_path):
         pass
@@ -399,7 +400,7 @@ def test_force_reruns_the_stage_and_everything_after_it(first_run, tmp_path: Pat
     recipe_path, runs, _ = first_run
     runs_copy = tmp_path / "runs"
     shutil.copytree(runs, runs_copy)
-    ctx = pipeline.run(load_recipe(recipe_path), runs_copy, force=("quantize",))
+    ctx = engine.run(load_recipe(recipe_path), runs_copy, force=("quantize",))
     status = {r.key: r.status for r in ctx.records}
     for key in ("finetune", "export", "optimize", "evaluate.pytorch-fp32", "evaluate.onnx-fp32"):
         assert status[key] == "reused", key
@@ -412,14 +413,14 @@ def test_force_reruns_the_stage_and_everything_after_it(first_run, tmp_path: Pat
 def test_readme_app_runs_on_a_copied_bundle_with_the_runtime_file_alone(first_run, tmp_path: Path) -> None:
     """The README's complete app, verbatim, beside a copy of toolchain/runtime.py (nothing else of the toolchain)."""
     _, runs, ctx = first_run
-    readme = (pipeline.PROJECT_ROOT / "README.md").read_text()
+    readme = (PROJECT_ROOT / "README.md").read_text()
     block = readme.split("<!-- app:start -->", 1)[1].split("<!-- app:end -->", 1)[0]
     code = block.split("```python\n", 1)[1].split("```", 1)[0]
     assert 8 <= len([line for line in code.splitlines() if line.strip()]) <= 10
     app = tmp_path / "app"
     app.mkdir()
     (app / "app.py").write_text(code)
-    shutil.copy2(pipeline.PROJECT_ROOT / "toolchain" / "runtime.py", app / "runtime.py")
+    shutil.copy2(PROJECT_ROOT / "toolchain" / "runtime.py", app / "runtime.py")
     bundle = tmp_path / "bundle"
     shutil.copytree(runs / "tiny" / "bundle", bundle)
     texts = ctx.eval.texts[:30]
@@ -441,7 +442,7 @@ def test_force_bundle_rebuilds_only_the_bundle(first_run, tmp_path: Path) -> Non
     recipe_path, runs, _ = first_run
     runs_copy = tmp_path / "runs"
     shutil.copytree(runs, runs_copy)
-    ctx = pipeline.run(load_recipe(recipe_path), runs_copy, force=("bundle",))
+    ctx = engine.run(load_recipe(recipe_path), runs_copy, force=("bundle",))
     status = {r.key: r.status for r in ctx.records}
     assert status.pop("bundle") == "rebuilt"
     assert set(status.values()) == {"reused"}
@@ -458,7 +459,7 @@ def test_example_cli_classifies_like_the_pipeline_without_torch(first_run, tmp_p
         import runpy, sys
         sys.argv = ["classify.py", {str(bundle)!r}]
         try:
-            runpy.run_path({str(pipeline.PROJECT_ROOT / "examples" / "classify.py")!r}, run_name="__main__")
+            runpy.run_path({str(PROJECT_ROOT / "examples" / "classify.py")!r}, run_name="__main__")
         except SystemExit as e:
             assert not e.code, e.code
         heavy = sorted(m for m in ("torch", "transformers", "optimum") if m in sys.modules)

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 from conftest import tiny_recipe_dict, write_recipe
 
-from toolchain import pipeline
-from toolchain.compile.quantize import matmul_input_sources
-from toolchain.recipe import load_recipe
+from toolchain import engine
+from toolchain.compile.graph import matmul_input_sources
+from toolchain.recipe.load import load_recipe
 
 
 def test_static_int8_and_int4_variants(tiny_model: Path, tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_static_int8_and_int4_variants(tiny_model: Path, tmp_path: Path) -> None
     ]
     data["bench"].update(batch_sizes=[1], seq_lens=[16])
     data["budget"].update(latency_case="b1_s16", max_accuracy_drop=0.5)
-    ctx = pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+    ctx = engine.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
 
     static = ctx.artifacts["quantize.onnx-int8-static-percentile"]
     assert static.meta["calibration_rows"] == 40
@@ -63,7 +63,7 @@ def test_fp16_per_tensor_and_sensitivity_variants(tiny_model: Path, tmp_path: Pa
     ]
     data["bench"].update(batch_sizes=[1], seq_lens=[16])
     data["budget"].update(latency_case="b1_s16", max_accuracy_drop=0.5)
-    ctx = pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+    ctx = engine.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
 
     fp16 = ctx.artifacts["quantize.onnx-fp16"]
     model = onnx.load(str(fp16.file("model.onnx")))
@@ -109,4 +109,4 @@ def test_excluding_a_node_the_graph_lacks_is_an_error(tiny_model: Path, tmp_path
     data["data"].update(max_train_rows=200, max_eval_rows=40)
     data["compile"]["quantize"] = [{"mode": "int4", "exclude": ["/no/such/MatMul"]}]
     with pytest.raises(StageError, match=r"no quantizable node called: \['/no/such/MatMul'\]"):
-        pipeline.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")
+        engine.run(load_recipe(write_recipe(tmp_path, data)), tmp_path / "runs")

@@ -10,7 +10,8 @@ from conftest import tiny_recipe_dict, write_recipe
 
 from toolchain.cli import main
 from toolchain.errors import RecipeError
-from toolchain.recipe import PROJECT_ROOT, list_recipes, load_recipe, parse_override
+from toolchain.paths import PROJECT_ROOT
+from toolchain.recipe.load import list_recipes, load_recipe, parse_override
 
 RECIPES = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
 
@@ -190,7 +191,7 @@ def test_a_key_set_twice_and_a_name_that_is_not_the_files_are_both_refused(
 
 
 def test_duplicate_sections_and_keys_in_lists_are_found_at_any_depth(tmp_path: Path) -> None:
-    from toolchain.recipe_yaml import duplicate_keys
+    from toolchain.recipe.keys import duplicate_keys
 
     text = "a: 1\nb:\n  - {mode: int4, mode: int8}\n  - x\na: 2\nbase: &b {k: 1}\nc:\n  <<: *b\n  k: 2\n"
     assert duplicate_keys(text) == [

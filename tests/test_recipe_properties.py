@@ -1,7 +1,7 @@
 """Property-based tests of the recipe validator: whatever the file holds and whatever the overrides say,
 `load_recipe` returns a Recipe or raises RecipeError naming the file, never any other exception.
 
-The @example cases are crashes hypothesis or a probe found once (now fixed in toolchain/recipe.py); they run
+The @example cases are crashes hypothesis or a probe found once (now fixed in toolchain/recipe/); they run
 on every run, whatever the random search draws.
 """
 
@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from toolchain.errors import RecipeError
-from toolchain.recipe import Recipe, _inner_model, load_recipe
+from toolchain.recipe.load import _inner_model, load_recipe
+from toolchain.recipe.schema import Recipe
 
 # database=None: no .hypothesis/ folder in the checkout. Locally every run draws fresh random examples; in CI
 # (CI=true, the profile in conftest.py) the same ones every time.

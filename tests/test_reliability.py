@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from conftest import tiny_recipe_dict, write_recipe
 
-from toolchain import pipeline, resources
+from toolchain import resources
 from toolchain.cli import main
 from toolchain.compile.parity import check_onnx
+from toolchain.core import store
+from toolchain.core.lock import run_lock
 from toolchain.errors import StageError
-from toolchain.recipe import load_recipe
+from toolchain.recipe.load import load_recipe
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -65,10 +67,10 @@ def test_half_written_folders_of_a_killed_run_are_removed(tmp_path: Path) -> Non
     (stages / ".tmp-export-abc-123" / "model.onnx").write_bytes(b"half")
     (stages / ".checkpoints" / "finetune-abc").mkdir(parents=True)
     (stages / "export-abc").mkdir()
-    assert pipeline.remove_stale_temporaries(stages) == [".tmp-export-abc-123"]
+    assert store.remove_stale_temporaries(stages) == [".tmp-export-abc-123"]
     assert sorted(p.name for p in stages.iterdir()) == [".checkpoints", "export-abc"]
     shutil.rmtree(stages)
-    assert pipeline.remove_stale_temporaries(stages) == []
+    assert store.remove_stale_temporaries(stages) == []
 
 
 def test_a_second_run_of_the_same_recipe_waits_for_nothing_and_says_who_holds_it(
@@ -76,7 +78,7 @@ def test_a_second_run_of_the_same_recipe_waits_for_nothing_and_says_who_holds_it
 ) -> None:
     recipe = write_recipe(tmp_path, tiny_recipe_dict(tiny_model))
     runs = tmp_path / "runs"
-    with pipeline.run_lock(runs / "tiny"):  # another run of this recipe is in progress
+    with run_lock(runs / "tiny"):  # another run of this recipe is in progress
         assert main(["run", str(recipe), "--runs", str(runs)]) == 1
     err = capsys.readouterr().err
     assert "is in use by pid" in err and "try again" in err and "Traceback" not in err

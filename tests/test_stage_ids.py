@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from toolchain.core.context import RunContext
+from toolchain.engine import planned_ids
 from toolchain.paths import PROJECT_ROOT
-from toolchain.pipeline import RunContext, planned_ids
-from toolchain.recipe import load_recipe
+from toolchain.recipe.load import load_recipe
 
 GOLDEN = Path(__file__).parent / "golden" / "stage_ids.json"
 RECIPES = sorted([*PROJECT_ROOT.glob("recipes/*.yaml"), *PROJECT_ROOT.glob("bench/*.yaml")])

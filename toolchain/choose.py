@@ -3,35 +3,30 @@ front of accuracy against latency that the report draws."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from toolchain.recipe import BudgetSection
+from toolchain.core.task import Choice
+from toolchain.recipe.schema import BudgetSection
 
 BASELINE = "pytorch-fp32"
 OPTIMUM_BASELINE = "optimum-int8-dynamic"
 
 
-@dataclass
-class Choice:
-    shipped: str | None
-    latency_case: str
-    verdicts: dict[str, str] = field(default_factory=dict)  # variant -> why chosen / rejected
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    def table(self) -> str:
-        lines = [
-            f"| variant | accuracy | drop (pts) | p50 {self.latency_case} ms | speed-up vs PyTorch | MB | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in self.rows:
-            ratio = r.get("latency_ratio_to_pytorch", {}).get(self.latency_case)
-            lines.append(
-                f"| {r['name']} | {r['accuracy'] * 100:.2f} | {r['accuracy_drop'] * 100:+.2f} | "
-                f"{r['latency_ms'][self.latency_case]['p50']:.2f} | {f'{1 / ratio:.2f}x' if ratio else '?'} | "
-                f"{r['size_bytes'] / 1e6:.1f} | {self.verdicts.get(r['name'], '')} |"
-            )
-        return "\n".join(lines)
+def choice_table(choice: Choice) -> str:
+    """The variants with accuracy, latency at the choice's case, size and verdict (for a budget nothing meets)."""
+    case = choice.latency_case
+    lines = [
+        f"| variant | accuracy | drop (pts) | p50 {case} ms | speed-up vs PyTorch | MB | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in choice.rows:
+        ratio = r.get("latency_ratio_to_pytorch", {}).get(case)
+        lines.append(
+            f"| {r['name']} | {r['accuracy'] * 100:.2f} | {r['accuracy_drop'] * 100:+.2f} | "
+            f"{r['latency_ms'][case]['p50']:.2f} | {f'{1 / ratio:.2f}x' if ratio else '?'} | "
+            f"{r['size_bytes'] / 1e6:.1f} | {choice.verdicts.get(r['name'], '')} |"
+        )
+    return "\n".join(lines)
 
 
 def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:

@@ -17,12 +17,12 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from toolchain import runlog
+from toolchain.core import runlog
 from toolchain.errors import RecipeError, Terminated, ToolchainError, UnexpectedError, one_line
 from toolchain.paths import PROJECT_ROOT
 
 if TYPE_CHECKING:
-    from toolchain.recipe import Recipe
+    from toolchain.recipe.schema import Recipe
 
 log = logging.getLogger("toolchain")
 
@@ -75,7 +75,7 @@ def _fail(error: BaseException, command: str, verbose: bool) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from toolchain.recipe import load_recipe
+    from toolchain.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(
@@ -86,7 +86,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from toolchain.recipe import load_recipe
+    from toolchain.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     runs_root = Path(args.runs) if args.runs else None
@@ -117,13 +117,15 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def _run(args: argparse.Namespace, recipe: Recipe, runs_root: Path | None) -> int:
     import torch
 
-    from toolchain import pipeline
+    from toolchain import engine
+    from toolchain.core.context import default_threads
+    from toolchain.core.distributed import init_distributed
 
-    distributed = pipeline.init_distributed()
+    distributed = init_distributed()
     if not distributed:
-        torch.set_num_threads(recipe.bench.threads or pipeline.default_threads())
+        torch.set_num_threads(recipe.bench.threads or default_threads())
     try:
-        ctx = pipeline.run(recipe, runs_root, force=tuple(args.force))
+        ctx = engine.run(recipe, runs_root, force=tuple(args.force))
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
@@ -136,7 +138,7 @@ def _run(args: argparse.Namespace, recipe: Recipe, runs_root: Path | None) -> in
     print(f"  report: {run_dir / 'report.md'} (+ report.json, report.png)")
     print(f"  log: {runlog.where()}")
     if args.readme:
-        from toolchain.report import update_readme
+        from toolchain.report.render import update_readme
 
         update_readme(Path(args.readme), run_dir / "report.json")
         print(f"  README results table updated: {args.readme}")
@@ -144,12 +146,13 @@ def _run(args: argparse.Namespace, recipe: Recipe, runs_root: Path | None) -> in
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from toolchain import pipeline
-    from toolchain.recipe import load_recipe
+    from toolchain.core.context import RunContext
+    from toolchain.engine import planned_ids
+    from toolchain.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    ctx = pipeline.RunContext(recipe, Path(args.runs) if args.runs else None)
-    planned = pipeline.planned_ids(ctx)
+    ctx = RunContext(recipe, Path(args.runs) if args.runs else None)
+    planned = planned_ids(ctx)
     print(
         f"{recipe.name}: {len(planned)} stages, then the bundle of the chosen variant (its id depends on the choice); "
         f"ids computed under {ctx.threads} thread(s), CPU preset {ctx.cpu_preset}, "
@@ -165,8 +168,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from toolchain.recipe import list_recipes
-    from toolchain.registry import load_all
+    from toolchain.engine import load_all
+    from toolchain.recipe.load import list_recipes
 
     print("recipes (make <name>):")
     for name in list_recipes():
@@ -180,7 +183,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from toolchain.report import render, results_table, update_readme
+    from toolchain.report.render import render, results_table, update_readme
 
     path = Path(args.run_dir) / "report.json"
     if not path.is_file():
@@ -198,7 +201,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     import json
 
     from toolchain.gate import GateError, run_gate
-    from toolchain.report import results_table
+    from toolchain.report.render import results_table
 
     run_dir = Path(args.run_dir)
     try:

@@ -19,7 +19,7 @@ import numpy as np
 from toolchain.runtime import sha256_file
 
 if TYPE_CHECKING:
-    from toolchain.recipe import Recipe
+    from toolchain.recipe.schema import Recipe
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from toolchain import runlog
+from toolchain.core import runlog
 
 
 def launch(nproc: int, argv: list[str], run_dir: Path) -> int:

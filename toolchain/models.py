@@ -19,10 +19,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.recipe import PROJECT_ROOT
+from toolchain.paths import PROJECT_ROOT
 
 if TYPE_CHECKING:
-    from toolchain.recipe import ModelSection
+    from toolchain.recipe.schema import ModelSection
 
 log = logging.getLogger("toolchain")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

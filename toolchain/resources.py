@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.errors import ToolchainError
-from toolchain.recipe import Recipe
+from toolchain.recipe.schema import Recipe
 
 GB = 1024**3
 QUANTIZED = {"dynamic-int8": 0.3, "static-int8": 0.3, "qat-qdq": 0.3, "int4": 0.2, "fp16": 0.5}

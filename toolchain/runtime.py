@@ -10,6 +10,8 @@ numpy + onnxruntime + onnxruntime-extensions, no tokenizer library.
 This file imports nothing else from the toolchain, so an app can copy it on its own beside a bundle.
 """
 
+# long: what apps copy is one file on purpose (numpy + onnxruntime + tokenizers, no toolchain import)
+
 from __future__ import annotations
 
 import hashlib

@@ -14,7 +14,6 @@ Two stages:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolchain.core.context import RunContext
 from toolchain.errors import StageError
-from toolchain.pipeline import Artifact, RunContext, StageCall
-from toolchain.recipe import DistillSection, FinetuneSection, TrainingSettings
-from toolchain.registry import register
+from toolchain.finetune.train import pad_batch
+from toolchain.recipe.schema import DistillSection, FinetuneSection, TrainingSettings
 
 log = logging.getLogger("toolchain")
 
@@ -125,13 +124,13 @@ def make_loss(
     return loss_fn
 
 
-def _training_cfg(ctx: RunContext, cfg: DistillSection) -> FinetuneSection:
+def student_training_cfg(ctx: RunContext, cfg: DistillSection) -> FinetuneSection:
     """The training loop's settings for the student (validation as the recipe's fine-tuning has it)."""
     shared = cfg.model_dump(include=set(TrainingSettings.model_fields))
     return FinetuneSection(method="full", validation=ctx.recipe.finetune.validation, **shared)
 
 
-def _load(folder: Path, eager: bool = False) -> torch.nn.Module:
+def load_classifier_model(folder: Path, eager: bool = False) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"use_safetensors": True}
@@ -144,8 +143,6 @@ def teacher_logits(model: torch.nn.Module, tokenizer: Any, texts: list[str], max
     """The teacher's fp32 logits (rows, labels), rows batched by length."""
     from tqdm.auto import tqdm
 
-    from toolchain.finetune.train import pad_batch
-
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
@@ -156,88 +153,3 @@ def teacher_logits(model: torch.nn.Module, tokenizer: Any, texts: list[str], max
             batch = pad_batch([ids[i] for i in idx], tokenizer.pad_token_id or 0)
             out[idx] = model(**batch).logits.float().numpy()
     return out
-
-
-@register(
-    "teacher-logits",
-    kind="arrays",
-    help="Run the fine-tuned teacher once over the training rows and keep its logits for distillation.",
-)
-def teacher_logits_stage(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    teacher_dir = inputs["finetune"].path
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    logits = teacher_logits(_load(teacher_dir), tokenizer, ctx.train.texts, call.config["max_length"])
-    np.save(out / TEACHER_LOGITS, logits)
-    agree = float((logits.argmax(-1) == ctx.train.labels).mean())
-    log.info("teacher-logits: %d training rows, teacher agrees with the labels on %.4f", len(logits), agree)
-    return {"rows": len(logits), "teacher_train_accuracy": agree}
-
-
-@register(
-    "distill",
-    kind="hf-model",
-    help="Distil the fine-tuned teacher into a student with fewer layers (logit, hidden-state, attention losses).",
-)
-def distill(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from toolchain.finetune.train import seed_everything, train_classifier
-    from toolchain.models import copy_tokenizer
-
-    cfg = DistillSection.model_validate(call.config)
-    teacher_dir = inputs["finetune"].path
-    logits = np.load(inputs["teacher-logits"].file(TEACHER_LOGITS))
-    if len(logits) != len(ctx.train):
-        raise StageError("distill", f"{len(logits)} cached teacher logits for {len(ctx.train)} training rows")
-    seed_everything(cfg.seed)
-    eager = cfg.attention_weight > 0
-    teacher = _load(teacher_dir, eager=eager)
-    teacher_layers = teacher.config.num_hidden_layers
-    keep = cfg.kept_layers(teacher_layers)
-    student = build_student(teacher, keep)
-    params = (sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters()))
-    log.info(
-        "distill: student keeps teacher layers %s of %d (%.1fM of %.1fM parameters)",
-        keep,
-        teacher_layers,
-        params[1] / 1e6,
-        params[0] / 1e6,
-    )
-    online = cfg.hidden_weight > 0 or cfg.attention_weight > 0
-    if online:
-        teacher.eval().requires_grad_(False)
-    else:
-        del teacher
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    loss_fn = make_loss(
-        cfg,
-        keep,
-        torch.from_numpy(logits),
-        torch.as_tensor(ctx.train.labels),
-        teacher if online else None,
-    )
-    stats = train_classifier(
-        student,
-        tokenizer,
-        ctx.train,
-        _training_cfg(ctx, cfg),
-        ctx.validation,
-        loss_fn=loss_fn,
-        distributed=False,  # under torchrun only fine-tuning is shared; the other ranks stop after it
-        desc="distill",
-        checkpoints=ctx.checkpoint_dir,
-    )
-    student = student.to("cpu").float()
-    student.save_pretrained(out, safe_serialization=True)
-    copy_tokenizer(teacher_dir, out)
-    (out / "train_log.json").write_text(json.dumps(stats, indent=2))
-    return {
-        "method": "distill",
-        "kept_layers": keep,
-        "teacher_layers": teacher_layers,
-        "parameters": params[1],
-        "teacher_parameters": params[0],
-        **{k: v for k, v in stats.items() if k not in ("loss_curve", "validation_curve")},
-    }

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import StageError
+from toolchain.runtime import StringsClassifier
 
 PREFIX = "tok/"
 CONTRIB = "ai.onnx.contrib"
@@ -119,7 +120,6 @@ def strings_model(classifier_path: Path, tokenizer_dir: Path, max_length: int, l
 def check_strings_model(path: Path, texts: list[str], reference: np.ndarray, labels: list[str]) -> dict[str, Any]:
     """Run the strings-in model over `texts` (one per run) and compare its labels with `reference` (label indices of
     the tokenizer-beside model on the same rows, batch 1). Returns agreement counts and the predictions."""
-    from toolchain.runtime import StringsClassifier
 
     clf = StringsClassifier(path)
     pred = clf.logits(texts).argmax(-1)

@@ -23,46 +23,19 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from toolchain.compile.parity import REFERENCE, compare
+from toolchain.compile.graph import matmul_nbits
+from toolchain.compile.parity import compare
 from toolchain.compile.sensitivity import Candidate, auto_exclude, rank_nodes
-from toolchain.data import Split
+from toolchain.core.artifact import Artifact
+from toolchain.core.context import RunContext
+from toolchain.data import Split, read_split
 from toolchain.errors import StageError
-from toolchain.pipeline import Artifact, RunContext, StageCall
-from toolchain.recipe import QuantizeSpec
-from toolchain.registry import register
+from toolchain.finetune import qat
+from toolchain.finetune.methods import QAT_STATE
+from toolchain.recipe.schema import QuantizeSpec
+from toolchain.runtime import OnnxClassifier, TextEncoder
 
 log = logging.getLogger("toolchain")
-
-
-def matmul_input_sources(graph: Any) -> dict[str, tuple[str | None, str | None]]:
-    """For each MatMul/Gemm node: the ops behind its two inputs, looking through layout-only ops."""
-    producers = {o: n for n in graph.node for o in n.output}
-
-    def source(name: str) -> str | None:
-        node = producers.get(name)
-        while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
-            node = producers.get(node.input[0])
-        return node.op_type if node is not None else None
-
-    return {n.name: (source(n.input[0]), source(n.input[1])) for n in graph.node if n.op_type in ("MatMul", "Gemm")}
-
-
-def qdq_coverage(model_path: Path) -> dict[str, int]:
-    """How many MatMul/Gemm nodes take both inputs from DequantizeLinear (int8 kernels once ORT fuses them)."""
-    import onnx
-
-    graph = onnx.load(str(model_path)).graph
-    sources = matmul_input_sources(graph).values()
-    matmuls = list(sources)
-    covered = [s for s in sources if s == ("DequantizeLinear", "DequantizeLinear")]
-    linear = [s for s in sources if s[1] == "DequantizeLinear"]
-    return {
-        "matmuls": len(matmuls),
-        "matmuls_with_qdq_inputs": len(covered),
-        "matmuls_with_qdq_weights": len(linear),
-        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in graph.node),
-        "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in graph.node),
-    }
 
 
 class _CalibrationRows(CalibrationDataReader):
@@ -70,7 +43,6 @@ class _CalibrationRows(CalibrationDataReader):
     (the calibrators stack activations across calls, so shapes must agree)."""
 
     def __init__(self, tokenizer: Path, texts: list[str], length: int, input_names: list[str]):
-        from toolchain.runtime import TextEncoder
 
         encoder = TextEncoder(tokenizer, length)
         self.rows = []
@@ -231,41 +203,6 @@ class StaticInt8(Quantizer):
         return {"calibration_rows": len(self.reader.rows), "calibration_method": self.spec.calibration_method}
 
 
-def matmul_nbits(
-    src: Path,
-    out: Path,
-    block_size: int = 32,
-    symmetric: bool = True,
-    accuracy_level: int | None = 4,
-    only: list[str] | None = None,
-    exclude: list[str] | None = None,
-    bits: int = 4,
-) -> None:
-    """onnxruntime's MatMulNBits quantizer on every MatMul with a constant weight (or `only`, less `exclude`);
-    `bits` 4 or 8."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    model = onnx.load(str(src))
-    skip = set(exclude or [])
-    if only is not None:
-        # onnxruntime's nodes_to_include adds nodes to op_types_to_quantize, it does not restrict them: restrict by
-        # excluding every other MatMul
-        keep = set(only)
-        skip |= {n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in keep}
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=bits,
-        block_size=block_size,
-        is_symmetric=symmetric,
-        accuracy_level=accuracy_level,
-        nodes_to_exclude=sorted(skip),
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
-
-
 class Int4(Quantizer):
     """onnxruntime's MatMulNBits weight-only quantization: block-wise 4-bit weights, float activations."""
 
@@ -314,7 +251,6 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
 def _selection_rows(ctx: RunContext, spec: QuantizeSpec) -> tuple[Split, str]:
     """Labelled rows for ranking and `exclude: auto`: `auto_file`, else the validation rows, else training rows (the
     calibration sample uses another seed)."""
-    from toolchain.data import read_split
 
     d = ctx.recipe.data
     if spec.auto_file is not None:
@@ -328,7 +264,6 @@ def _selection_rows(ctx: RunContext, spec: QuantizeSpec) -> tuple[Split, str]:
 
 def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
     """Build the variant's model into out/model.onnx; rank the nodes and choose exclusions when the spec asks."""
-    from toolchain.runtime import OnnxClassifier
 
     tokenizer = ctx.artifacts["finetune"].file("tokenizer.json")
     max_length, batch_size = ctx.recipe.bundle.max_length, ctx.recipe.evaluate.batch_size
@@ -395,14 +330,9 @@ def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> 
     return meta
 
 
-def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> dict[str, Any]:
+def qat_variant(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> dict[str, Any]:
     """Rebuild the fake-quant model from the finetune artifact, export its Q/DQ graph, check it against PyTorch."""
     from safetensors.torch import load_file
-
-    from toolchain.compile.parity import compare
-    from toolchain.finetune import qat
-    from toolchain.finetune.stage import QAT_STATE
-    from toolchain.runtime import TextEncoder
 
     recipe = ctx.recipe
     cfg = recipe.finetune
@@ -435,22 +365,3 @@ def _qat(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> 
             f"{parity['max_abs_diff']:.3e}, more than compile.quantize[].atol={spec.atol}",
         )
     return {"parity_vs_fake_quant": parity, "atol": spec.atol, "int8_weights": folded}
-
-
-@register(
-    "quantize",
-    kind="onnx-quantized",
-    help="Quantize: dynamic int8, static int8 (calibrated QDQ), int4 weight-only, fp16, or keep a QAT Q/DQ export; "
-    "optionally rank nodes by sensitivity and keep the worst in float.",
-    version=5,  # 4: exclude auto targets the flip rate; 5: int4 rankings quantize one node at a time (`only` fixed)
-)
-def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    spec = QuantizeSpec.model_validate(call.config)
-    (src,) = inputs.values()
-    if spec.mode == "qat-qdq":
-        meta = _qat(ctx, spec, src, out)
-    else:
-        meta = build_variant(ctx, spec, src.file("model.onnx"), out)
-    reference = ctx.artifacts["export"].file(REFERENCE)
-    drift = compare(out / "model.onnx", ctx.artifacts["finetune"].file("tokenizer.json"), reference, ctx.threads)
-    return {"mode": spec.mode, **meta, "drift_vs_pytorch": drift, "qdq": qdq_coverage(out / "model.onnx")}

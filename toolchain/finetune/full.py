@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from toolchain.models import load_classifier
-from toolchain.recipe import FinetuneSection
+from toolchain.recipe.schema import FinetuneSection
 
 
 def load(src: Path, labels: list[str], cfg: FinetuneSection, **trust: bool) -> torch.nn.Module:

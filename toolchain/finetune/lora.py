@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from toolchain.models import load_classifier
-from toolchain.recipe import FinetuneSection
+from toolchain.recipe.schema import FinetuneSection
 
 
 def lora_config(model: torch.nn.Module, cfg: FinetuneSection) -> LoraConfig:

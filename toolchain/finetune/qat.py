@@ -28,7 +28,7 @@ from torch.ao.quantization import (
 )
 
 from toolchain.models import load_classifier
-from toolchain.recipe import FinetuneSection
+from toolchain.recipe.schema import FinetuneSection
 
 log = logging.getLogger("toolchain")
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 from toolchain.finetune.lora import lora_config
 from toolchain.finetune.train import train_device
 from toolchain.models import load_classifier
-from toolchain.recipe import FinetuneSection
+from toolchain.recipe.schema import FinetuneSection
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

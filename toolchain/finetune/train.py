@@ -24,11 +24,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from toolchain import faults
+from toolchain.core import faults
 from toolchain.data import Split, bucketed_batches
 from toolchain.errors import StageError
 from toolchain.finetune import checkpoint
-from toolchain.recipe import FinetuneSection
+from toolchain.recipe.schema import FinetuneSection
 
 log = logging.getLogger("toolchain")
 
@@ -96,6 +96,7 @@ def _resumable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable or k in buffers}
 
 
+# long: the one training loop every method and task uses, read top to bottom (setup, resume, steps, checkpoints)
 def train_classifier(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,

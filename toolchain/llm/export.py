@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import StageError
+from toolchain.runtime import DecoderGenerator
 
 
 def gguf_source(package: str) -> tuple[Path, str]:
@@ -64,8 +65,6 @@ def decode_parity(model: Any, onnx_path: Path, prompt_ids: list[int], steps: int
     """Logits of the ONNX graph (with its KV cache) against PyTorch (with its own cache) for the prompt and `steps`
     greedy decode steps: max |difference| per step and whether the greedy tokens agree."""
     import torch
-
-    from toolchain.runtime import DecoderGenerator
 
     gen = DecoderGenerator(onnx_path)
     diffs, agree = [], True

@@ -37,7 +37,7 @@ def _runner(job: dict[str, Any]) -> Any:
 
 
 def main(job_file: str) -> int:
-    from toolchain import faults
+    from toolchain.core import faults
 
     faults.point("llm-bench", "llm-bench", "child")
     job = json.loads(Path(job_file).read_text())

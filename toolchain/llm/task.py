@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from toolchain.runtime import parse_label
+
 DEFAULT_TEMPLATE = "Is the sentiment of this movie review positive or negative? Answer with one word.\nReview: {text}"
 
 
@@ -40,7 +42,6 @@ class PromptTask:
         """The label whose word comes first in the answer (whole words, case ignored), else None. A tuned model answers
         with the word itself; an untuned one writes a sentence ("The sentiment of this review is positive"), which
         is read the same way, so that the two are compared fairly."""
-        from toolchain.runtime import parse_label
 
         return parse_label(generated, self.labels)
 
@@ -104,34 +105,3 @@ def answer_loss(
         )
 
     return loss_fn
-
-
-def generate_torch(model: Any, tokenizer: Any, prompt: str, task: PromptTask) -> str:
-    """Greedy answer from a transformers model (the PyTorch baseline), cut at the task's stop strings."""
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    with torch.inference_mode():
-        out = model.generate(
-            **ids,
-            max_new_tokens=task.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )
-    text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-    for stop in task.stop_strings:
-        text = text.split(stop, 1)[0]
-    return text
-
-
-def accuracy(
-    generate: Callable[[str], str], prompts: list[str], labels: np.ndarray, task: PromptTask
-) -> dict[str, Any]:
-    """Accuracy of greedy answers parsed into labels; an answer that names no label counts as wrong."""
-    answers = [generate(p) for p in prompts]
-    parsed = [task.parse(a) for a in answers]
-    correct = sum(int(p == int(y)) for p, y in zip(parsed, labels, strict=True))
-    return {
-        "rows": len(prompts),
-        "accuracy": correct / len(prompts) if prompts else 0.0,
-        "unparsed": sum(p is None for p in parsed),
-        "answers": answers,
-    }

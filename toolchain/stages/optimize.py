@@ -11,8 +11,9 @@ from typing import Any
 
 from toolchain.compile.export import check_parity
 from toolchain.compile.parity import REFERENCE
-from toolchain.pipeline import Artifact, RunContext, StageCall
-from toolchain.registry import register
+from toolchain.core.artifact import Artifact, StageCall
+from toolchain.core.context import RunContext
+from toolchain.core.registry import register
 
 # Model families the ORT transformer optimizer knows, by transformers' model_type.
 ORT_MODEL_TYPES = {
@@ -30,7 +31,8 @@ def optimize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     from onnxruntime.transformers.optimizer import optimize_model
 
     exported = inputs["export"]
-    hf_dir = ctx.artifacts[ctx.model_key].path
+    # the model the export was made from (its config names the fusions' model type); the export's id covers it
+    hf_dir = ctx.artifacts["distill" if "distill" in ctx.artifacts else "finetune"].path
     config = json.loads((hf_dir / "config.json").read_text())
     model = optimize_model(
         str(exported.file("model.onnx")),

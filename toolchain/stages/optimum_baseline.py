@@ -6,45 +6,22 @@ as those presets default to. Nothing is tuned: it is the reference the report's 
 
 With onnxruntime 1.32 ORTQuantizer fails on O2's output for BERT ("Unable to find data type for weight_name ...":
 the fused Attention's outputs have no inferred type, and optimum passes no DefaultTensorType, huggingface/optimum#1959),
-so the stage falls back to O1, as a user would, and records why.
-"""
+so the stage falls back to O1, as a user would, and records why."""
 
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 from pathlib import Path
 from typing import Any
 
 from toolchain.compile.parity import REFERENCE, compare
+from toolchain.core.artifact import Artifact, StageCall
+from toolchain.core.context import RunContext
+from toolchain.core.registry import register
 from toolchain.errors import StageError
-from toolchain.pipeline import Artifact, RunContext, StageCall
-from toolchain.registry import register
 
 log = logging.getLogger("toolchain")
-
-
-def cpu_preset(flags: set[str], machine: str | None = None) -> str:
-    """The AutoQuantizationConfig preset an Optimum user picks for this CPU."""
-    machine = (machine or platform.machine()).lower()
-    if machine in ("arm64", "aarch64"):
-        return "arm64"
-    if "avx512_vnni" in flags:
-        return "avx512_vnni"
-    if "avx512f" in flags:
-        return "avx512"
-    return "avx2"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 @register(

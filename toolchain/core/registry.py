@@ -1,4 +1,5 @@
-"""The one registry: stage names used in plans and lineage -> the function that runs the stage."""
+"""The one stage registry: stage names used in plans and lineage -> the function that runs the stage. Stage modules
+register themselves when imported; `toolchain.engine.load_all` imports every task, and each task its stages."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from toolchain.pipeline import Artifact, RunContext, StageCall
+    from toolchain.core.artifact import Artifact, StageCall
+    from toolchain.core.context import RunContext
 
 # A stage reads its inputs (artifacts of earlier stages), writes files into `out` (an empty temporary folder that
 # becomes the artifact once the function returns), and returns a JSON-able dict of facts for the lineage.
@@ -35,14 +37,3 @@ def register(name: str, kind: str, help: str, version: int = 1) -> Callable[[Sta
         return fn
 
     return wrap
-
-
-def load_all() -> dict[str, Stage]:
-    """Import every stage module so that the registry is complete."""
-    from toolchain import bundle  # noqa: F401
-    from toolchain.compile import distill, export, optimize, optimum_baseline, quantize  # noqa: F401
-    from toolchain.evaluate import accuracy, latency  # noqa: F401
-    from toolchain.finetune import stage  # noqa: F401
-    from toolchain.llm import run, stages  # noqa: F401
-
-    return STAGES

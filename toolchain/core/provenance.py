@@ -62,3 +62,25 @@ def machine() -> str:
     full = env["git_commit"] or "?"
     commit = full[:12] + ("+dirty" if full.endswith("+dirty") else "")
     return f"{env['cpu_model']}, {env['cores_logical']} cores, {env['memory_gb']} GB, commit `{commit}`"
+
+
+def cpu_preset(flags: set[str], machine: str | None = None) -> str:
+    """The AutoQuantizationConfig preset an Optimum user picks for this CPU."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm64"
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

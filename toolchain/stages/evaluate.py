@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,37 +10,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolchain.compile.parity import check_onnx
-from toolchain.pipeline import Artifact, RunContext, StageCall
-from toolchain.registry import register
+from toolchain.core.artifact import Artifact, StageCall
+from toolchain.core.context import RunContext
+from toolchain.core.registry import register
+from toolchain.evaluate.torch_model import load_pytorch, pytorch_logits
 from toolchain.runtime import OnnxClassifier, TextEncoder, softmax
-
-
-def load_pytorch(model_dir: Path) -> Any:
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
-
-
-def pytorch_logits(
-    model: Any,
-    encoder: TextEncoder,
-    texts: list[str],
-    batch_size: int = 1,
-    on_batch: Callable[[int], object] | None = None,
-) -> np.ndarray:
-    """Logits (N, labels) of a transformers model, fed exactly the arrays the ONNX runtime is fed, batched the same."""
-    import torch
-
-    order = np.argsort(encoder.lengths(texts), kind="stable")
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            feeds = encoder.encode([texts[i] for i in idx])
-            out[idx] = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
-            if on_batch is not None:
-                on_batch(len(idx))
-    return out
 
 
 @register("evaluate", kind="metrics", help="Accuracy and per-row predictions of one variant on the eval split.")

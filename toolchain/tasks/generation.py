@@ -1,50 +1,41 @@
-"""The generation pipeline: plan the stages of a recipe with a `generation` section, run them (cached like every
-stage), choose the variant to ship, write the bundle (`toolchain.runtime.Generator` loads it) and the report."""
+"""Generation: a decoder LM that classifies by answering with a label word. LoRA on prompt + answer, export with the
+KV cache, weight-only int4/int8, accuracy by generation on the whole eval split, agreement of greedy continuations,
+decode speed in fresh processes; ship the fastest decoder within the budget (toolchain.runtime.Generator loads it)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import StageError, ToolchainError
-from toolchain.pipeline import (
-    Artifact,
-    RunContext,
-    StageCall,
-    _rel,
-    phase,
-    prepare_run_dir,
-    run_lock,
-    run_stage,
-    sha256_file,
-    write_lineage,
-)
-from toolchain.recipe import NOT_IN_STAGE_ID, Recipe
-from toolchain.registry import register
-from toolchain.runtime import GENERATOR_MANIFEST_VERSION
+# the stages this task plans: importing them registers them
+import toolchain.stages.llm_base
+import toolchain.stages.llm_bench
+import toolchain.stages.llm_bundle
+import toolchain.stages.llm_evaluate
+import toolchain.stages.llm_export
+import toolchain.stages.llm_finetune
+import toolchain.stages.llm_quantize  # noqa: F401
+from toolchain.choose import BASELINE
+from toolchain.core.artifact import StageCall
+from toolchain.core.context import RunContext
+from toolchain.core.task import Choice, Variant, register_task
+from toolchain.models import gguf_file, resolve_source, source_identity
+from toolchain.recipe.schema import NOT_IN_STAGE_ID, Recipe
+from toolchain.report import generation as report
+from toolchain.resources import GB, ResourceError
+from toolchain.runtime import sha256_file
 
 log = logging.getLogger("toolchain")
 
-BASELINE = "pytorch-fp32"
 UNTUNED = "pytorch-untuned"
 
 
-@dataclass(frozen=True)
-class LlmVariant:
-    name: str
-    source: str  # the stage key whose artifact holds it
-    format: str  # pytorch | onnx
-    precision: str
-
-
-def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[LlmVariant]]:
-    from toolchain.models import source_identity
-
+# long: the task's whole plan, stage by stage in run order, each id's inputs beside it
+def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
+    recipe = ctx.recipe
     g, d, ft = recipe.generation, recipe.data, recipe.finetune
     assert g is not None
     train, evl = ctx.splits
@@ -68,9 +59,9 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[LlmVari
         ),
     ]
     variants = [
-        LlmVariant(UNTUNED, "llm-base", "pytorch", "fp32"),
-        LlmVariant(BASELINE, "llm-finetune", "pytorch", "fp32"),
-        LlmVariant("onnx-fp32", "llm-export", "onnx", "fp32"),
+        Variant(UNTUNED, "llm-base", "pytorch", "fp32"),
+        Variant(BASELINE, "llm-finetune", "pytorch", "fp32"),
+        Variant("onnx-fp32", "llm-export", "onnx", "fp32"),
     ]
     for q in recipe.compile.quantize:
         key = f"llm-quantize.{q.variant_name}"
@@ -89,7 +80,7 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[LlmVari
             inputs = ("llm-export", "llm-finetune")
             identity = {**task_identity, "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file)}
         calls.append(StageCall(key, "llm-quantize", config, inputs, identity))
-        variants.append(LlmVariant(q.variant_name, key, "onnx", q.precision))
+        variants.append(Variant(q.variant_name, key, "onnx", q.precision))
     for v in variants:
         calls.append(
             StageCall(
@@ -129,7 +120,7 @@ def plan(recipe: Recipe, ctx: RunContext) -> tuple[list[StageCall], list[LlmVari
     return calls, variants
 
 
-def rows(ctx: RunContext, variants: list[LlmVariant]) -> list[dict[str, Any]]:
+def rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
     """One row per variant: accuracy, agreement with onnx-fp32, size, timings (untuned: accuracy only)."""
     bench = json.loads(ctx.artifacts["llm-bench"].file("bench.json").read_text())["variants"]
     reference = _agreement_ids(ctx, "onnx-fp32")
@@ -203,7 +194,7 @@ def agreement(ids: list[list[int]], reference: list[list[int]]) -> dict[str, Any
     }
 
 
-def choose(rows: list[dict[str, Any]], recipe: Recipe) -> tuple[str | None, dict[str, str]]:
+def choose(rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
     """The ONNX variant with the most decode tokens/s among those within every budget."""
     b = recipe.budget
     verdicts: dict[str, str] = {}
@@ -224,73 +215,16 @@ def choose(rows: list[dict[str, Any]], recipe: Recipe) -> tuple[str | None, dict
         else:
             qualified.append(r)
     if not qualified:
-        return None, verdicts
+        return Choice(None, "decode_tokens_per_second", verdicts, rows)
     best = max(qualified, key=lambda r: r["decode_tokens_per_second"])
     for r in qualified:
         verdicts[r["name"]] = "shipped: most decode tokens/s within budget" if r is best else "within budget, slower"
-    return best["name"], verdicts
-
-
-def run_generation(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = ()) -> RunContext:
-    import torch.distributed as dist
-
-    from toolchain.bundle import publish_bundle
-    from toolchain.llm import report
-    from toolchain.registry import load_all
-
-    if dist.is_available() and dist.is_initialized():
-        raise ToolchainError(
-            f"recipe '{recipe.name}' is a generation recipe, which trains in one process; run it without torchrun "
-            "(make with NPROC=1, the default)"
-        )
-    load_all()
-    ctx = RunContext(recipe, runs_root)
-    with run_lock(ctx.run_dir):
-        log.info("run %s -> %s", recipe.name, _rel(ctx.run_dir))
-        prepare_run_dir(ctx)
-        with phase(ctx, "plan"):
-            check_disk(ctx)
-            calls, variants = plan(recipe, ctx)
-        unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls} | {"bundle"}]
-        if unknown:
-            raise ToolchainError(
-                f"--force {', '.join(unknown)}: no such stage; stages: {', '.join(c.key for c in calls)}, bundle"
-            )
-        forced: set[str] = set()
-        for call in calls:
-            if call.key in force or call.stage in force or forced & set(call.inputs):
-                forced.add(call.key)
-            run_stage(ctx, call, force=call.key in forced)
-        with phase(ctx, "choose"):
-            table = rows(ctx, variants)
-            shipped, verdicts = choose(table, recipe)
-        if shipped is None:
-            with phase(ctx, "report"):
-                report.write(ctx, table, None, verdicts, None)
-            raise StageError("bundle", "no variant meets the recipe's budget:\n" + report.table(table, verdicts))
-        source = next(v.source for v in variants if v.name == shipped)
-        bundle_call = StageCall(
-            "bundle",
-            "llm-bundle",
-            {"shipped": shipped, "budget": recipe.budget.model_dump(mode="json")},
-            tuple(dict.fromkeys(["llm-finetune", source, f"llm-evaluate.{shipped}", "llm-bench"])),
-            {"recipe": recipe.model_dump(mode="json")},
-        )
-        art = run_stage(ctx, bundle_call, force="bundle" in force or bool(forced & set(bundle_call.inputs)))
-        with phase(ctx, "publish"):
-            bundle_dir = publish_bundle(art, ctx.run_dir / "bundle")
-        with phase(ctx, "report"):
-            report.write(ctx, table, shipped, verdicts, bundle_dir)
-            write_lineage(ctx)
-    return ctx
+    return Choice(best["name"], "decode_tokens_per_second", verdicts, rows)
 
 
 def check_disk(ctx: RunContext) -> None:
     """Fail before any compute when the disk cannot hold the run: about 5 fp32 copies of the model (base, tuned,
     ONNX, quantized) plus the stages' temporaries."""
-    from toolchain.models import resolve_source
-    from toolchain.resources import GB
-
     folder = resolve_source(ctx.recipe.model.source, ctx.recipe.model)
     params_bytes = _fp32_bytes(folder)
     need = params_bytes * (3 + len(ctx.recipe.compile.quantize)) + params_bytes  # + a stage's temporary copy
@@ -298,7 +232,7 @@ def check_disk(ctx: RunContext) -> None:
     free = shutil.disk_usage(ctx.run_dir).free
     log.info("expects about %.1f GB of artifacts (%.1f GB free here)", need / GB, free / GB)
     if need > free:
-        raise ToolchainError(
+        raise ResourceError(
             f"{ctx.run_dir}: about {need / GB:.1f} GB are needed and {free / GB:.1f} GB are free; free disk space or "
             "set --runs to a larger disk"
         )
@@ -307,8 +241,6 @@ def check_disk(ctx: RunContext) -> None:
 
 def _fp32_bytes(folder: Path) -> int:
     """fp32 bytes of the model's parameters (a GGUF file's tensors counted by their element counts)."""
-    from toolchain.models import gguf_file
-
     name = gguf_file(folder)
     if name is None:
         return 2 * sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # fp16/bf16 weights count double
@@ -317,92 +249,41 @@ def _fp32_bytes(folder: Path) -> int:
     return 4 * sum(int(t.n_elements) for t in GGUFReader(str(folder / name)).tensors)
 
 
-@register(
-    "llm-bundle",
-    kind="bundle",
-    help="The chosen decoder with its tokenizer, generation settings and manifest (toolchain.runtime.Generator).",
-    version=2,  # 2: generation.json records the model's context length (the runtime fits long texts into it)
-)
-def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    from toolchain.bundle import io_spec
-    from toolchain.llm.stages import load_tokenizer, prompt_task, stop_token_ids
-    from toolchain.models import source_identity
+class Generation:
+    name = "generation"
+    distributed_stage = None  # LoRA on a decoder trains in one process
 
-    recipe = ctx.recipe
-    g = recipe.generation
-    assert g is not None
-    shipped = call.config["shipped"]
-    source = next(k for k in call.inputs if k.startswith(("llm-export", "llm-quantize.")))
-    shutil.copy2(inputs[source].file("model.onnx"), out / "model.onnx")
-    tok_dir = inputs["llm-finetune"].path
-    shutil.copy2(tok_dir / "tokenizer.json", out / "tokenizer.json")
-    tokenizer = load_tokenizer(tok_dir)
-    task = prompt_task(ctx)
-    prefix, suffix = task.affixes(tokenizer)
-    for text in ctx.eval.texts[:50]:  # the app's prompt must be the one evaluated, byte for byte
-        if prefix + g.template.format(text=text) + suffix != task.prompt(tokenizer, text):
-            raise StageError("bundle", f"the chat template cannot be split around the prompt for eval text {text!r}")
-    metrics = json.loads(inputs[f"llm-evaluate.{shipped}"].file("metrics.json").read_text())
-    generation = {
-        "template": g.template,
-        "prompt_prefix": prefix,
-        "prompt_suffix": suffix,
-        "labels": recipe.data.labels,
-        "max_new_tokens": g.max_new_tokens,
-        "stop_strings": list(g.stop_strings),
-        "stop_token_ids": stop_token_ids(tokenizer),
-        # what the accuracy was measured with: the prompts' shared first tokens (their key/values computed once;
-        # a prompt that does not start with them is run whole) and the batch size of Generator.classify_batch
-        "prefix_ids": metrics["prefix_ids"],
-        "batch_size": metrics["batch_size"],
-        # prompt + answer tokens the model takes; Generator.classify cuts a longer text to its first tokens
-        "context_length": _context_length(tok_dir),
-        "parse": "the label whose word comes first in the answer, whole words, case ignored; none: unparsed",
-    }
-    (out / "generation.json").write_text(json.dumps(generation, indent=2))
-    bench = json.loads(inputs["llm-bench"].file("bench.json").read_text())
-    timing = bench["variants"][shipped]
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(out.iterdir())}
-    manifest = {
-        "format_version": GENERATOR_MANIFEST_VERSION,
-        "kind": "generator",
-        "name": recipe.name,
-        "variant": shipped,
-        "model": "model.onnx",
-        "tokenizer": "tokenizer.json",
-        "generation": "generation.json",
-        **io_spec(out / "model.onnx"),
-        "kv_cache": "past_key_values.N.key/value in (batch, kv_heads, past, head_dim), present.N.* out; the first "
-        "run takes the prompt and empty past tensors, each later run one token and the previous run's present",
-        "metrics": {
-            "accuracy": metrics["accuracy"],
-            "eval_rows": metrics["eval_rows"],
-            "eval_file": recipe.data.eval,
-            "ttft_ms_p50": timing["ttft_ms"]["p50"],
-            "decode_tokens_per_second": timing["decode_tokens_per_second"],
-            "peak_rss_bytes": timing["peak_rss_bytes"],
-            "size_bytes": files["model.onnx"]["bytes"],
-        },
-        "target": {
-            "provider": "CPUExecutionProvider",
-            "threads": bench["threads"],
-            "machine": platform.machine(),
-            "budget": call.config["budget"],
-        },
-        "lineage": {
-            "recipe": call.identity["recipe"],
-            "base_model": source_identity(recipe.model.source, recipe.model),
-            "stages": [{"key": r.key, "stage": r.stage, "id": r.id, "config": r.config} for r in ctx.records],
-            "versions": ctx.versions,
-        },
-        "files": files,
-        "bundle_bytes": sum(f["bytes"] for f in files.values()),
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return {"shipped": shipped, "files": sorted(files), "bundle_bytes": manifest["bundle_bytes"]}
+    def matches(self, recipe: Recipe) -> bool:
+        return recipe.generation is not None
+
+    def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
+        check_disk(ctx)
+        return ctx.resources
+
+    def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
+        return plan(ctx)
+
+    def rows(self, ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
+        return rows(ctx, variants)
+
+    def choose(self, rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
+        return choose(rows, recipe)
+
+    def explain(self, choice: Choice) -> str:
+        return report.table(choice.rows, choice.verdicts)
+
+    def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice) -> StageCall:
+        source = next(v.source for v in variants if v.name == choice.shipped)
+        return StageCall(
+            "bundle",
+            "llm-bundle",
+            {"shipped": choice.shipped, "budget": ctx.recipe.budget.model_dump(mode="json")},
+            tuple(dict.fromkeys(["llm-finetune", source, f"llm-evaluate.{choice.shipped}", "llm-bench"])),
+            {"recipe": ctx.recipe.model_dump(mode="json")},
+        )
+
+    def write_report(self, ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
+        return report.write(ctx, rows, choice.shipped, choice.verdicts, bundle)
 
 
-def _context_length(model_dir: Path) -> int | None:
-    config = json.loads((model_dir / "config.json").read_text())
-    value = config.get("max_position_embeddings")
-    return int(value) if value else None
+register_task(Generation())

@@ -1,105 +1,24 @@
-"""Reports: report.json (the contract CI and later tools read), report.md (for people), report.png (accuracy vs
-latency). Both text forms are generated from the same rows; `toolchain report` rebuilds md/png from the JSON."""
+"""The classification report: report.json (the contract CI and later tools read), report.md (for people),
+report.png (accuracy vs latency). Both text forms are generated from the same rows; `toolchain report` rebuilds
+md/png from the JSON."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.choose import BASELINE, OPTIMUM_BASELINE, Choice, pareto_front
+from toolchain.choose import BASELINE, OPTIMUM_BASELINE, pareto_front
+from toolchain.core.provenance import environment
+from toolchain.core.task import Choice
 from toolchain.evaluate.stats import ratio_interval
-from toolchain.provenance import environment, git_commit  # noqa: F401 - git_commit: re-exported
+from toolchain.report.common import atomic_write
+from toolchain.report.plots import plot, plot_latency, plot_training
 
 if TYPE_CHECKING:
-    from toolchain.pipeline import RunContext, Variant
+    from toolchain.core.context import RunContext
 
-README_START = "<!-- results:start -->"
-README_END = "<!-- results:end -->"
-
-
-def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
-    """One row per variant: accuracy (whole eval split), size, latency percentiles per case, raw samples."""
-    bench = json.loads(ctx.artifacts["bench"].file("bench.json").read_text())
-    rows = []
-    predictions = {}
-    for v in variants:
-        metrics = json.loads(ctx.artifacts[f"evaluate.{v.name}"].file("metrics.json").read_text())
-        predictions[v.name] = metrics
-        b = bench["variants"][v.name]
-        meta = ctx.artifacts[v.source].meta
-        rows.append(
-            {
-                "name": v.name,
-                "format": v.format,
-                "precision": v.precision,
-                "accuracy": metrics["accuracy"],
-                "correct": metrics["correct"],
-                "eval_rows": metrics["rows"],
-                "size_bytes": b["size_bytes"],
-                "peak_rss_bytes": b.get("peak_rss_bytes"),
-                "cold_start_seconds": b.get("cold_start_seconds"),
-                "latency_ms": {
-                    c: {k: r[k] for k in ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")}
-                    for c, r in b["cases"].items()
-                },
-                "latency_samples_ms": {c: r["samples_ms"] for c, r in b["cases"].items()},
-                "round_p50": {c: r["round_p50"] for c, r in b["cases"].items() if "round_p50" in r},
-                "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
-                "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
-                "artifact": ctx.artifacts[v.source].id,
-            }
-        )
-    base = next((r for r in rows if r["name"] == BASELINE), rows[0])
-    for r in rows:
-        if r["name"] != base["name"]:
-            r["changed_vs_fp32"] = changed_predictions(
-                predictions[base["name"]],
-                predictions[r["name"]],
-                ctx.eval.texts,
-                ctx.eval.labels.tolist(),
-                ctx.recipe.data.labels,
-            )
-        r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
-        r["latency_ratio_to_pytorch"] = {
-            c: r["latency_ms"][c]["p50"] / base["latency_ms"][c]["p50"] for c in r["latency_ms"]
-        }
-        r["latency_ratio_ci"] = {
-            c: ratio_interval(r["round_p50"][c], base["round_p50"][c])
-            for c in r["latency_ms"]
-            if r.get("round_p50", {}).get(c) and base.get("round_p50", {}).get(c)
-        }
-    return rows
-
-
-def changed_predictions(
-    base: dict[str, Any], other: dict[str, Any], texts: list[str], labels: list[int], names: list[str], keep: int = 50
-) -> dict[str, Any]:
-    """Eval rows whose prediction differs from the fp32 baseline, counted by direction: `broken` (baseline right,
-    variant wrong), `fixed` (the reverse), `other` (both wrong, differently). The first `keep` changed rows, in
-    eval order, are listed with both predictions and confidences."""
-    counts = {"broken": 0, "fixed": 0, "other": 0}
-    rows = []
-    for i, (a, b) in enumerate(zip(base["predictions"], other["predictions"], strict=True)):
-        if a == b:
-            continue
-        kind = "broken" if a == labels[i] else "fixed" if b == labels[i] else "other"
-        counts[kind] += 1
-        if len(rows) < keep:
-            rows.append(
-                {
-                    "row": i,
-                    "direction": kind,
-                    "text": texts[i],
-                    "label": names[labels[i]],
-                    "fp32": names[a],
-                    "fp32_confidence": base["confidences"][i],
-                    "variant": names[b],
-                    "variant_confidence": other["confidences"][i],
-                }
-            )
-    return {**counts, "changed": sum(counts.values()), "rows": rows}
+README_BLOCK = "results"
 
 
 def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
@@ -165,7 +84,7 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
         log = json.loads(train_log.read_text())
         data["training"] = {"loss_curve": log["loss_curve"], "validation_curve": log.get("validation_curve", [])}
     path = ctx.run_dir / "report.json"
-    _atomic_write(path, json.dumps(data, indent=1))
+    atomic_write(path, json.dumps(data, indent=1))
     render(path)
     return path
 
@@ -173,11 +92,7 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
 def render(report_json: Path) -> None:
     """(Re)build report.md and report.png beside a report.json."""
     data = json.loads(report_json.read_text())
-    if data.get("kind") == "generation":
-        from toolchain.llm import report as llm_report
-
-        return llm_report.render(report_json)
-    _atomic_write(report_json.with_name("report.md"), markdown(data))
+    atomic_write(report_json.with_name("report.md"), markdown(data))
     plot(data, report_json.with_name("report.png"))
     plot_latency(data, report_json.with_name("report_latency.png"))
     if data.get("training", {}).get("loss_curve"):
@@ -186,10 +101,6 @@ def render(report_json: Path) -> None:
 
 def results_table(data: dict[str, Any]) -> str:
     """The variants side by side: the table the README and CI print."""
-    if data.get("kind") == "generation":
-        from toolchain.llm import report as llm_report
-
-        return llm_report.table(data["variants"], data.get("verdicts"))
     rows = data["variants"]
     case = data["latency_case"]
     cases = list(rows[0]["latency_ms"])
@@ -293,6 +204,7 @@ def target_lines(data: dict[str, Any]) -> list[str]:
     return out
 
 
+# long: report.md section by section, in the order a reader meets them
 def markdown(data: dict[str, Any]) -> str:
     env = data["environment"]
     rows = data["variants"]
@@ -476,147 +388,3 @@ def _distill_lines(data: dict[str, Any]) -> list[str]:
         "are against it.",
         "",
     ]
-
-
-def plot(data: dict[str, Any], path: Path) -> None:
-    """Accuracy against p50 latency: every variant, the Pareto front as a line, the shipped one as a star,
-    rejected variants hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    case = data["latency_case"]
-    rows = data["variants"]
-    front = data.get("pareto_front") or pareto_front(rows, case)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    pts = {r["name"]: (r["latency_ms"][case]["p50"], r["accuracy"] * 100) for r in rows}
-    ax.plot([pts[n][0] for n in front], [pts[n][1] for n in front], "--", color="tab:gray", lw=1, label="Pareto front")
-    for r in rows:
-        x, y = pts[r["name"]]
-        verdict = data["verdicts"].get(r["name"], "")
-        if r["name"] == data["shipped"]:
-            ax.scatter([x], [y], s=220, marker="*", color="tab:red", zorder=3, label="shipped")
-        elif verdict.startswith("rejected"):
-            ax.scatter([x], [y], s=45, facecolors="none", edgecolors="tab:blue", zorder=2)
-        else:
-            ax.scatter([x], [y], s=45, color="tab:blue" if r["format"] == "onnx" else "tab:orange", zorder=2)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
-    base = next((r for r in rows if r["name"] == BASELINE), None)
-    budget = data["budget"]
-    if base is not None:
-        floor = (base["accuracy"] - budget["max_accuracy_drop"]) * 100
-        ax.axhline(floor, color="tab:red", lw=0.8, alpha=0.6, label="accuracy budget")
-    if budget.get("max_latency_ms"):
-        ax.axvline(budget["max_latency_ms"], color="tab:purple", lw=0.8, alpha=0.6, label="latency budget")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"p50 latency, {case} (ms, log scale)")
-    ax.set_ylabel("accuracy on eval split (%)")
-    ax.set_title(f"{data['recipe']}: accuracy vs latency (hollow: rejected by the budget)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
-    _save_figure(fig, path)
-
-
-def plot_latency(data: dict[str, Any], path: Path) -> None:
-    """The distribution of every variant's latency samples, one box per variant and case (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in data["variants"] if r.get("latency_samples_ms")]
-    if not rows:
-        return
-    cases = list(rows[0]["latency_samples_ms"])
-    fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 0.45 * len(rows) + 1.8), squeeze=False)
-    for ax, case in zip(axes[0], cases, strict=True):
-        ax.boxplot(
-            [r["latency_samples_ms"][case] for r in rows],
-            vert=False,
-            showfliers=True,
-            flierprops={"markersize": 2, "alpha": 0.4},
-        )
-        ax.set_yticks(range(1, len(rows) + 1), [r["name"] for r in rows] if ax is axes[0][0] else [""] * len(rows))
-        ax.set_xscale("log")
-        ax.set_title(case, fontsize=9)
-        ax.set_xlabel("ms (log)")
-        ax.grid(alpha=0.3, which="both", axis="x")
-    fig.suptitle(f"{data['recipe']}: latency samples per variant (box: quartiles, whiskers 1.5 IQR)", fontsize=10)
-    _save_figure(fig, path)
-
-
-def plot_training(data: dict[str, Any], path: Path) -> None:
-    """Training loss and validation accuracy against the optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    training = data["training"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [p["step"] for p in training["loss_curve"]]
-    ax.plot(
-        steps, [p["loss"] for p in training["loss_curve"]], color="tab:blue", label="training loss (mean of 50 steps)"
-    )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss", color="tab:blue")
-    if training["validation_curve"]:
-        ax2 = ax.twinx()
-        val = training["validation_curve"]
-        ax2.plot([p["step"] for p in val], [p["accuracy"] * 100 for p in val], "o-", color="tab:orange")
-        ax2.set_ylabel("validation accuracy (%)", color="tab:orange")
-        best = max(val, key=lambda p: p["accuracy"])
-        ax2.annotate(
-            "best (kept)",
-            (best["step"], best["accuracy"] * 100),
-            textcoords="offset points",
-            xytext=(-20, 8),
-            fontsize=8,
-        )
-    ax.set_title(f"{data['recipe']}: fine-tuning ({data['finetune']['method']})")
-    ax.grid(alpha=0.3)
-    _save_figure(fig, path)
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def update_readme(readme: Path, report_json: Path) -> None:
-    """Replace the README's generated results block with the table from a report."""
-    data = json.loads(report_json.read_text())
-    if data.get("kind") == "generation":
-        from toolchain.llm import report as llm_report
-
-        return llm_report.update_readme(readme, report_json)
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to fill")
-    env = data["environment"]
-    block = "\n".join(
-        [
-            README_START,
-            f"<!-- generated by `python -m toolchain report {report_json.parent} --readme README.md` -->",
-            f"`{data['recipe']}` on {env['cpu_model']}, {env['threads']} threads, eval `{data['data']['eval']}` "
-            f"({data['data']['eval_rows']} rows), measured at commit "
-            f"`{(data.get('measured_at_commit') or env['git_commit'] or '?')[:12]}`:",
-            "",
-            results_table(data),
-            README_END,
-        ]
-    )
-    start, end = text.index(README_START), text.index(README_END) + len(README_END)
-    _atomic_write(readme, text[:start] + block + text[end:])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from toolchain.errors import ToolchainError, last_line
 
@@ -133,7 +133,7 @@ def mark_failure(rank: int, line: str, code: int) -> None:
         _path.with_suffix(".failed").write_text(json.dumps(data))
 
 
-def first_failure(logs: Path, since_ns: int) -> dict | None:
+def first_failure(logs: Path, since_ns: int) -> dict[str, Any] | None:
     """The earliest failure marked under `logs` since `since_ns` (see mark_failure)."""
     found = []
     for p in logs.glob("*.failed"):

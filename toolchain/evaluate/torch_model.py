@@ -1,0 +1,41 @@
+"""A fine-tuned classifier in PyTorch, loaded and fed like its ONNX export. Light on purpose: the PyTorch timing
+process imports it, and what it imports adds to the cold start and memory it measures (torch and transformers only,
+never the recipe schema or the engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.runtime import TextEncoder
+
+
+def load_pytorch(model_dir: Path) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
+
+
+def pytorch_logits(
+    model: Any,
+    encoder: TextEncoder,
+    texts: list[str],
+    batch_size: int = 1,
+    on_batch: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """Logits (N, labels) of a transformers model, fed exactly the arrays the ONNX runtime is fed, batched the same."""
+    import torch
+
+    order = np.argsort(encoder.lengths(texts), kind="stable")
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            feeds = encoder.encode([texts[i] for i in idx])
+            out[idx] = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
+    return out

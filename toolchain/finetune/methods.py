@@ -1,0 +1,57 @@
+"""The finetune stage: load the source model the method's way, freeze what the recipe says, train with the one
+loop, fold the result into a plain transformers model, save it (rank 0 only under torchrun)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from toolchain.errors import StageError
+from toolchain.finetune import full, lora, qat, qlora
+from toolchain.finetune.train import pad_batch
+from toolchain.recipe.schema import FreezeSection
+
+log = logging.getLogger("toolchain")
+
+METHODS = {"full": full, "lora": lora, "qlora": qlora, "qat": qat}
+QAT_STATE = "qat_state.safetensors"
+AGREEMENT_ROWS = 32
+
+
+def apply_freeze(model: torch.nn.Module, freeze: FreezeSection) -> int:
+    """Freeze the embeddings and/or the first N encoder layers; returns how many parameters were frozen."""
+    frozen = 0
+    prefixes = []
+    if freeze.embeddings:
+        prefixes.append("embeddings.")
+    prefixes += [f"encoder.layer.{i}." for i in range(freeze.layers)]
+    if not prefixes:
+        return 0
+    for name, p in model.named_parameters():
+        if any(f".{pre}" in f".{name}" for pre in prefixes) and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if frozen == 0:
+        raise StageError(
+            "finetune",
+            "finetune.freeze matched no parameters: this model has no 'embeddings' or 'encoder.layer.N' "
+            "modules; remove the freeze section for this model",
+        )
+    return frozen
+
+
+def rank_predictions(model: torch.nn.Module, tokenizer: Any, texts: list[str]) -> list[list[int]] | None:
+    """Every rank's predictions on the same rows (None outside torchrun): the replicas must agree."""
+    if not dist.is_initialized():
+        return None
+    ids = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
+    batch = pad_batch(ids, tokenizer.pad_token_id or 0)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        pred = model.eval()(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).tolist()
+    views: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(views, pred)
+    return views

@@ -1,0 +1,96 @@
+"""The `distill` stage. Distil the fine-tuned teacher into a student with fewer layers (logit, hidden-state, attention
+losses).
+
+Helpers: `toolchain.compile.distill`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolchain.compile.distill import (
+    TEACHER_LOGITS,
+    build_student,
+    load_classifier_model,
+    make_loss,
+    student_training_cfg,
+)
+from toolchain.core.artifact import Artifact, StageCall
+from toolchain.core.context import RunContext
+from toolchain.core.registry import register
+from toolchain.errors import StageError
+from toolchain.finetune.train import seed_everything, train_classifier
+from toolchain.models import copy_tokenizer
+from toolchain.recipe.schema import DistillSection
+
+log = logging.getLogger("toolchain")
+
+
+@register(
+    "distill",
+    kind="hf-model",
+    help="Distil the fine-tuned teacher into a student with fewer layers (logit, hidden-state, attention losses).",
+)
+def distill(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    cfg = DistillSection.model_validate(call.config)
+    teacher_dir = inputs["finetune"].path
+    logits = np.load(inputs["teacher-logits"].file(TEACHER_LOGITS))
+    if len(logits) != len(ctx.train):
+        raise StageError("distill", f"{len(logits)} cached teacher logits for {len(ctx.train)} training rows")
+    seed_everything(cfg.seed)
+    eager = cfg.attention_weight > 0
+    teacher = load_classifier_model(teacher_dir, eager=eager)
+    teacher_layers = teacher.config.num_hidden_layers
+    keep = cfg.kept_layers(teacher_layers)
+    student: Any = build_student(teacher, keep)
+    params = (sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters()))
+    log.info(
+        "distill: student keeps teacher layers %s of %d (%.1fM of %.1fM parameters)",
+        keep,
+        teacher_layers,
+        params[1] / 1e6,
+        params[0] / 1e6,
+    )
+    online = cfg.hidden_weight > 0 or cfg.attention_weight > 0
+    if online:
+        teacher.eval().requires_grad_(False)
+    else:
+        del teacher
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    loss_fn = make_loss(
+        cfg,
+        keep,
+        torch.from_numpy(logits),
+        torch.as_tensor(ctx.train.labels),
+        teacher if online else None,
+    )
+    stats = train_classifier(
+        student,
+        tokenizer,
+        ctx.train,
+        student_training_cfg(ctx, cfg),
+        ctx.validation,
+        loss_fn=loss_fn,
+        distributed=False,  # under torchrun only fine-tuning is shared; the other ranks stop after it
+        desc="distill",
+        checkpoints=ctx.checkpoint_dir,
+    )
+    student = student.to("cpu").float()
+    student.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer(teacher_dir, out)
+    (out / "train_log.json").write_text(json.dumps(stats, indent=2))
+    return {
+        "method": "distill",
+        "kept_layers": keep,
+        "teacher_layers": teacher_layers,
+        "parameters": params[1],
+        "teacher_parameters": params[0],
+        **{k: v for k, v in stats.items() if k not in ("loss_curve", "validation_curve")},
+    }

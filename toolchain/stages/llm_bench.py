@@ -1,0 +1,94 @@
+"""The `llm-bench` stage. Time to first token, decode tokens/s, peak memory and load time per variant, a fresh process
+per variant and round.
+
+Helpers: `toolchain.llm.helpers`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolchain.core.artifact import Artifact, StageCall
+from toolchain.core.context import RunContext
+from toolchain.core.launcher import measure_once, rotation
+from toolchain.core.provenance import git_commit
+from toolchain.core.registry import register
+from toolchain.llm.helpers import load_tokenizer, prompt_task
+
+log = logging.getLogger("toolchain")
+
+
+@register(
+    "llm-bench",
+    kind="bench",
+    help="Time to first token, decode tokens/s, peak memory and load time per variant, a fresh process per variant "
+    "and round.",
+    version=2,
+)
+def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    c = call.config
+    g = ctx.recipe.generation
+    assert g is not None
+    tokenizer = load_tokenizer(inputs["llm-finetune"].path)
+    task = prompt_task(ctx)
+    prompts = [
+        tokenizer(task.prompt(tokenizer, t), add_special_tokens=False)["input_ids"]
+        for t in ctx.eval.texts[: g.bench_prompts]
+    ]
+    jobs = []
+    for v in c["variants"]:
+        path = inputs[v["source"]].path if v["format"] == "pytorch" else inputs[v["source"]].file("model.onnx")
+        job = {
+            "format": v["format"],
+            "model": str(path),
+            "threads": ctx.threads,
+            "prompts": prompts,
+            "new_tokens": g.bench_new_tokens,
+        }
+        (out / f"job-{v['name']}.json").write_text(json.dumps(job))
+        jobs.append(v["name"])
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in jobs}
+    from tqdm import tqdm
+
+    bar = tqdm(total=g.bench_rounds * len(jobs), desc="llm-bench", unit="process")
+    try:
+        for _, name in rotation(jobs, g.bench_rounds):
+            job_file = out / f"job-{name}.json"
+            results[name].append(measure_once("llm-bench", name, "toolchain.llm.measure", job_file, ctx.threads))
+            bar.update(1)
+    finally:
+        bar.close()
+        for f in [*out.glob("job-*.json"), *out.glob("job-*.log")]:
+            f.unlink()
+    variants = {}
+    for name, rounds in results.items():
+        ttft = [x for r in rounds for x in r["first_token_seconds"]]
+        per_round_tps = [r["decode_tokens"] / r["decode_seconds"] for r in rounds]
+        variants[name] = {
+            "ttft_ms": {
+                "p50": 1e3 * float(np.median(ttft)),
+                "p90": 1e3 * float(np.percentile(ttft, 90)),
+                "n": len(ttft),
+            },
+            "decode_tokens_per_second": float(np.median(per_round_tps)),
+            "decode_tokens_per_second_rounds": per_round_tps,
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
+            "load_seconds": float(np.median([r["load_seconds"] for r in rounds])),
+            "prompt_tokens": [len(p) for p in prompts],
+            "new_tokens": g.bench_new_tokens,
+        }
+        log.info(
+            "llm-bench: %-24s TTFT p50 %.0f ms  decode %.1f tokens/s  peak RSS %.0f MB",
+            name,
+            variants[name]["ttft_ms"]["p50"],
+            variants[name]["decode_tokens_per_second"],
+            variants[name]["peak_rss_bytes"] / 1e6,
+        )
+
+    data = {"threads": ctx.threads, "rounds": g.bench_rounds, "git_commit": git_commit(), "variants": variants}
+    (out / "bench.json").write_text(json.dumps(data, indent=2))
+    return {"threads": ctx.threads, "rounds": g.bench_rounds, "variants": list(variants)}

@@ -1,0 +1,306 @@
+"""Text classification: fine-tune an encoder with a classification head, distill, export, fuse, quantize, evaluate
+every variant on the whole eval split, time them in fresh processes, ship the fastest within the budget."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+# the stages this task plans: importing them registers them
+import toolchain.stages.bench
+import toolchain.stages.bundle
+import toolchain.stages.distill
+import toolchain.stages.evaluate
+import toolchain.stages.export
+import toolchain.stages.finetune
+import toolchain.stages.optimize
+import toolchain.stages.optimum_baseline
+import toolchain.stages.quantize
+import toolchain.stages.teacher_logits  # noqa: F401
+from toolchain import resources
+from toolchain.choose import BASELINE, OPTIMUM_BASELINE, choice_table, choose_variant
+from toolchain.core.artifact import StageCall
+from toolchain.core.context import RunContext
+from toolchain.core.task import Choice, Variant, register_task
+from toolchain.evaluate.stats import ratio_interval
+from toolchain.models import resolve_source, source_identity
+from toolchain.recipe.schema import NOT_IN_STAGE_ID, Recipe
+from toolchain.report import classification as report
+from toolchain.runtime import sha256_file
+
+log = logging.getLogger("toolchain")
+
+
+def model_key(recipe: Recipe) -> str:
+    """The artifact holding the model that is exported: the distilled student, else the fine-tuned model."""
+    return "distill" if recipe.compile.distill is not None else "finetune"
+
+
+# long: the task's whole plan, stage by stage in run order, each id's inputs beside it
+def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
+    """The stage calls for a recipe, in order, and the variants they produce."""
+    recipe = ctx.recipe
+    d, ft, comp = recipe.data, recipe.finetune, recipe.compile
+    train, evl = ctx.splits
+    data_identity = {"text": d.text, "label": d.label, "labels": d.labels}
+    eval_identity = {**data_identity, "eval_sha256": evl.sha256, "eval_rows": len(evl)}
+    calls = [
+        StageCall(
+            "finetune",
+            "finetune",
+            ft.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
+            identity={
+                "model": source_identity(recipe.model.source, recipe.model),
+                **data_identity,
+                "train_sha256": train.sha256,
+                "max_train_rows": d.max_train_rows,
+            },
+        ),
+    ]
+    variants = [Variant("pytorch-fp32", "finetune", "pytorch", "fp32")]
+    if comp.distill is not None:
+        train_identity = {**data_identity, "train_sha256": train.sha256, "max_train_rows": d.max_train_rows}
+        calls.append(
+            StageCall(
+                "teacher-logits",
+                "teacher-logits",
+                {"max_length": comp.distill.max_length},
+                ("finetune",),
+                train_identity,
+            )
+        )
+        validation = ft.validation.model_dump(mode="json") if ft.validation else None
+        calls.append(
+            StageCall(
+                "distill",
+                "distill",
+                comp.distill.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
+                ("finetune", "teacher-logits"),
+                {**train_identity, "validation": validation},
+            )
+        )
+        variants.append(Variant("pytorch-fp32-student", "distill", "pytorch", "fp32"))
+    calls.append(
+        StageCall("export", "export", comp.export.model_dump(mode="json"), (model_key(recipe),), eval_identity)
+    )
+    variants.append(Variant("onnx-fp32", "export", "onnx", "fp32"))
+    fp32 = "export"
+    if comp.optimize:
+        calls.append(StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export",), eval_identity))
+        variants.append(Variant("onnx-fp32-optimized", "optimize", "onnx", "fp32"))
+        fp32 = "optimize"
+    for q in comp.quantize:
+        key = f"quantize.{q.variant_name}"
+        # A QAT export starts from the fake-quant model in the finetune artifact, not from the fp32 graph.
+        # Static QDQ starts from the unfused export: ONNX shape inference cannot type the outputs of the fused
+        # contrib ops (Attention, SkipLayerNormalization), and untyped activations are silently left unquantized.
+        source = {"qat-qdq": "finetune", "static-int8": "export"}.get(q.mode, fp32)
+        identity = {
+            **eval_identity,
+            "export": comp.export.model_dump(mode="json"),
+            "max_length": recipe.bundle.max_length,
+        }
+        if q.mode == "static-int8" or q.ranks_nodes:  # calibrated on / selected with training rows
+            identity["train_sha256"] = train.sha256
+        if q.ranks_nodes:  # ranked and selected at the evaluation batch size, against the budget
+            identity["selection"] = {
+                "validation": ft.validation.model_dump(mode="json") if ft.validation else None,
+                "validation_sha256": ctx.validation.sha256 if ctx.validation is not None else None,
+                "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file) if q.auto_file else None,
+                "batch_size": recipe.evaluate.batch_size,
+                "max_accuracy_drop": recipe.budget.max_accuracy_drop,
+            }
+        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (source,), identity))
+        variants.append(Variant(q.variant_name, key, "onnx", q.precision))
+    if recipe.bench.optimum_baseline:
+        calls.append(
+            StageCall(
+                "optimum-baseline",
+                "optimum-baseline",
+                {"preset": ctx.cpu_preset},
+                (model_key(recipe), "export"),  # the export holds the PyTorch reference logits
+                {**eval_identity, "export": comp.export.model_dump(mode="json")},
+            )
+        )
+        variants.append(Variant(OPTIMUM_BASELINE, "optimum-baseline", "onnx", "int8"))
+    eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
+    for v in variants:
+        inputs = tuple(dict.fromkeys((v.source, "finetune")))
+        calls.append(
+            StageCall(
+                f"evaluate.{v.name}",
+                "evaluate",
+                {**eval_cfg, "variant": v.name, "format": v.format},
+                inputs,
+                eval_identity,
+            )
+        )
+    bench_cfg = {
+        **recipe.bench.model_dump(mode="json"),
+        "threads": ctx.threads,
+        "max_length": recipe.bundle.max_length,
+        "variants": [v.__dict__ for v in variants],
+    }
+    calls.append(
+        StageCall(
+            "bench",
+            "bench",
+            bench_cfg,
+            tuple(dict.fromkeys([v.source for v in variants] + ["finetune"])),
+            eval_identity,
+        )
+    )
+    return calls, variants
+
+
+def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
+    """One row per variant: accuracy (whole eval split), size, latency percentiles per case, raw samples."""
+    bench = json.loads(ctx.artifacts["bench"].file("bench.json").read_text())
+    rows = []
+    predictions = {}
+    for v in variants:
+        metrics = json.loads(ctx.artifacts[f"evaluate.{v.name}"].file("metrics.json").read_text())
+        predictions[v.name] = metrics
+        b = bench["variants"][v.name]
+        meta = ctx.artifacts[v.source].meta
+        rows.append(
+            {
+                "name": v.name,
+                "format": v.format,
+                "precision": v.precision,
+                "accuracy": metrics["accuracy"],
+                "correct": metrics["correct"],
+                "eval_rows": metrics["rows"],
+                "size_bytes": b["size_bytes"],
+                "peak_rss_bytes": b.get("peak_rss_bytes"),
+                "cold_start_seconds": b.get("cold_start_seconds"),
+                "latency_ms": {
+                    c: {k: r[k] for k in ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")}
+                    for c, r in b["cases"].items()
+                },
+                "latency_samples_ms": {c: r["samples_ms"] for c, r in b["cases"].items()},
+                "round_p50": {c: r["round_p50"] for c, r in b["cases"].items() if "round_p50" in r},
+                "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
+                "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
+                "artifact": ctx.artifacts[v.source].id,
+            }
+        )
+    base = next((r for r in rows if r["name"] == BASELINE), rows[0])
+    for r in rows:
+        if r["name"] != base["name"]:
+            r["changed_vs_fp32"] = changed_predictions(
+                predictions[base["name"]],
+                predictions[r["name"]],
+                ctx.eval.texts,
+                ctx.eval.labels.tolist(),
+                ctx.recipe.data.labels,
+            )
+        r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
+        r["latency_ratio_to_pytorch"] = {
+            c: r["latency_ms"][c]["p50"] / base["latency_ms"][c]["p50"] for c in r["latency_ms"]
+        }
+        r["latency_ratio_ci"] = {
+            c: ratio_interval(r["round_p50"][c], base["round_p50"][c])
+            for c in r["latency_ms"]
+            if r.get("round_p50", {}).get(c) and base.get("round_p50", {}).get(c)
+        }
+    return rows
+
+
+def changed_predictions(
+    base: dict[str, Any], other: dict[str, Any], texts: list[str], labels: list[int], names: list[str], keep: int = 50
+) -> dict[str, Any]:
+    """Eval rows whose prediction differs from the fp32 baseline, counted by direction: `broken` (baseline right,
+    variant wrong), `fixed` (the reverse), `other` (both wrong, differently). The first `keep` changed rows, in
+    eval order, are listed with both predictions and confidences."""
+    counts = {"broken": 0, "fixed": 0, "other": 0}
+    rows = []
+    for i, (a, b) in enumerate(zip(base["predictions"], other["predictions"], strict=True)):
+        if a == b:
+            continue
+        kind = "broken" if a == labels[i] else "fixed" if b == labels[i] else "other"
+        counts[kind] += 1
+        if len(rows) < keep:
+            rows.append(
+                {
+                    "row": i,
+                    "direction": kind,
+                    "text": texts[i],
+                    "label": names[labels[i]],
+                    "fp32": names[a],
+                    "fp32_confidence": base["confidences"][i],
+                    "variant": names[b],
+                    "variant_confidence": other["confidences"][i],
+                }
+            )
+    return {**counts, "changed": sum(counts.values()), "rows": rows}
+
+
+def expect_resources(ctx: RunContext) -> dict[str, Any]:
+    """State the disk and memory the recipe expects; fail before any compute when the disk cannot hold it."""
+    facts = resources.check(ctx.recipe, resolve_source(ctx.recipe.model.source, ctx.recipe.model), ctx.run_dir)
+    gb = resources.GB
+    log.info(
+        "expects about %.1f GB of artifacts (%.1f GB free here) and %.1f GB of memory to train (%.1f GB here)",
+        facts["disk_bytes"] / gb,
+        facts["disk_free_bytes"] / gb,
+        facts["memory_bytes"] / gb,
+        facts["memory_total_bytes"] / gb,
+    )
+    if facts["memory_bytes"] > facts["memory_total_bytes"]:
+        log.warning(
+            "training may not fit in memory (about %.1f GB expected, %.1f GB here): lower finetune.batch_size or "
+            "finetune.max_length, or use method lora/qlora",
+            facts["memory_bytes"] / gb,
+            facts["memory_total_bytes"] / gb,
+        )
+    return facts
+
+
+class Classification:
+    name = "classification"
+    distributed_stage = "finetune"
+
+    def matches(self, recipe: Recipe) -> bool:
+        return recipe.generation is None
+
+    def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
+        return expect_resources(ctx)
+
+    def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
+        return plan(ctx)
+
+    def rows(self, ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
+        return variant_rows(ctx, variants)
+
+    def choose(self, rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
+        return choose_variant(rows, recipe.budget)
+
+    def explain(self, choice: Choice) -> str:
+        return choice_table(choice)
+
+    def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice) -> StageCall:
+        recipe = ctx.recipe
+        shipped = [v.source for v in variants if v.name == choice.shipped]
+        return StageCall(
+            "bundle",
+            "bundle",
+            {
+                "shipped": choice.shipped,
+                "max_length": recipe.bundle.max_length,
+                "ort_format": recipe.bundle.ort_format,
+                "tokenizer": recipe.bundle.tokenizer,
+                "batch_size": recipe.evaluate.batch_size,
+                "budget": recipe.budget.model_dump(mode="json"),
+            },
+            tuple(dict.fromkeys(["finetune", *shipped, *(f"evaluate.{v.name}" for v in variants), "bench"])),
+            {"recipe": recipe.model_dump(mode="json")},
+        )
+
+    def write_report(self, ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
+        return report.write(ctx, rows, choice, bundle=bundle)
+
+
+register_task(Classification())
