@@ -70,3 +70,16 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit(__doc__)
     write()
+
+
+def test_the_export_id_covers_the_length_its_parity_reference_is_computed_at() -> None:
+    """export computes its PyTorch reference at bundle.max_length: another length is another export (and what
+    follows), never a stale reference; the fine-tuned model is kept."""
+    path = PROJECT_ROOT / "recipes" / "sst2-minilm.yaml"
+    golden = json.loads(GOLDEN.read_text())
+    under = golden["computed_under"]
+    recipe = load_recipe(path, ["bundle.max_length=64"])
+    ctx = RunContext(recipe, versions=under["versions"], threads=under["threads"], cpu_preset=under["cpu_preset"])
+    ids = {call.key: sid for call, sid in planned_ids(ctx)}
+    recorded = golden["recipes"][_name(path)]
+    assert ids["export"] != recorded["export"] and ids["finetune"] == recorded["finetune"]

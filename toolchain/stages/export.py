@@ -17,6 +17,7 @@ from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.registry import register
 from toolchain.evaluate.torch_model import load_pytorch
+from toolchain.recipe.schema import ExportSection
 from toolchain.runtime import TextEncoder
 
 
@@ -24,7 +25,8 @@ from toolchain.runtime import TextEncoder
 def export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from optimum.exporters.onnx import main_export
 
-    cfg = ctx.recipe.compile.export
+    cfg = ExportSection.model_validate({k: v for k, v in call.config.items() if k != "max_length"})
+    max_length = call.config["max_length"]
     (src_key,) = call.inputs  # the fine-tuned model, or the distilled student
     src = inputs[src_key].path
     work = out / "optimum"
@@ -42,7 +44,6 @@ def export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: P
     shutil.rmtree(work)
 
     # Reference logits from PyTorch on the parity rows, fed the very arrays the ONNX runtime gets.
-    max_length = ctx.recipe.bundle.max_length
     texts = ctx.eval.texts[: cfg.parity_rows]
     feeds = TextEncoder(src / "tokenizer.json", max_length).encode(texts)
     model = load_pytorch(src)

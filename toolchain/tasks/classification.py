@@ -83,7 +83,14 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         )
         variants.append(Variant("pytorch-fp32-student", "distill", "pytorch", "fp32"))
     calls.append(
-        StageCall("export", "export", comp.export.model_dump(mode="json"), (model_key(recipe),), eval_identity)
+        StageCall(
+            "export",
+            "export",
+            # max_length: the parity reference is computed at the length the bundle runs at
+            {**comp.export.model_dump(mode="json"), "max_length": recipe.bundle.max_length},
+            (model_key(recipe),),
+            eval_identity,
+        )
     )
     variants.append(Variant("onnx-fp32", "export", "onnx", "fp32"))
     fp32 = "export"
