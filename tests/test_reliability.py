@@ -98,3 +98,17 @@ def test_a_gpu_provider_that_falls_back_to_the_cpu_is_not_timed_under_its_name()
     assert why is not None and "did not start" in why
     measured, skipped = available_targets(["cpu", "cuda"])
     assert measured == ["cpu"] and "cuda" in skipped
+
+
+def test_a_disk_too_small_exits_2_for_a_generation_recipe_too(
+    tiny_chat_llama: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from conftest import tiny_generation_recipe
+
+    recipe = write_recipe(tmp_path, tiny_generation_recipe(tiny_chat_llama))
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda _: Usage(10**9, 10**9 - 1000, 1000))
+    runs = tmp_path / "runs"
+    assert main(["run", str(recipe), "--runs", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "GB are needed and 0.0 GB are free" in err and "Traceback" not in err
+    assert not (runs / "tiny-gen" / "stages").exists() or not any((runs / "tiny-gen" / "stages").iterdir())
