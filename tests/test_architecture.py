@@ -14,7 +14,7 @@ PACKAGE = PROJECT_ROOT / "toolchain"
 
 # Lower layers never import higher ones. Modules not listed are stages and their helpers (layer 3).
 LAYERS = [
-    (0, ("toolchain.errors", "toolchain.paths", "toolchain.runtime")),
+    (0, ("toolchain.errors", "toolchain.paths", "toolchain.runtime", "toolchain.blocks")),
     (1, ("toolchain.recipe", "toolchain.data", "toolchain.models")),
     (2, ("toolchain.core",)),
     (4, ("toolchain.tasks",)),
@@ -147,7 +147,7 @@ def _calls(name: str) -> list[str]:
 def test_one_module_defines_each_shared_piece() -> None:
     assert _calls("run_stage") == ["toolchain.engine"]  # the one engine loop runs stages
     assert _defines("MeasureProcess") == ["toolchain.core.launcher"]  # the process-per-variant launcher
-    assert _defines("update_readme_block") == ["toolchain.report.common"]  # the README-block updater
+    assert _defines("replace_block") == ["toolchain.blocks"]  # the one writer of generated Markdown blocks
     assert _defines("publish_bundle") == ["toolchain.core.publish"]
     assert _calls("write_manifest") == ["toolchain.stages.bundle", "toolchain.stages.llm_bundle"]  # one writer
     assert _defines("write_manifest") == ["toolchain.core.manifest"]

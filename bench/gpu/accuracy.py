@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from toolchain.evaluate.latency import PROVIDERS, available_targets
-from toolchain.recipe import load_recipe
+from toolchain.recipe.load import load_recipe
 from toolchain.runtime import OnnxClassifier
 
 
