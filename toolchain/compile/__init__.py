@@ -1,1 +1,2 @@
-"""Compile stages: export to ONNX, fuse the graph, quantize."""
+"""Helpers of the compile stages (toolchain/stages/): export parity, quantizers and node sensitivity, graph helpers,
+the distilled student, the strings-in graph."""

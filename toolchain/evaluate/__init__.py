@@ -1,1 +1,2 @@
-"""Evaluation stages: accuracy of every variant on the whole eval split, and latency benchmarks."""
+"""Helpers of the evaluate and bench stages: the measuring process, the PyTorch model as the ONNX one is fed,
+latency statistics, which execution providers run here."""

@@ -1,1 +1,2 @@
-"""Fine-tuning: one training loop (train.py), one file per method, and the stage that ties them (stage.py)."""
+"""Fine-tuning: one training loop (train.py), one file per method, and what the finetune stage
+(toolchain/stages/finetune.py) shares of them (methods.py)."""

@@ -1,5 +1,5 @@
-"""The finetune stage: load the source model the method's way, freeze what the recipe says, train with the one
-loop, fold the result into a plain transformers model, save it (rank 0 only under torchrun)."""
+"""What the finetune stage (toolchain/stages/finetune.py) uses: the methods by name, freezing, the agreement check of
+the replicas under torchrun, where a QAT model keeps its fake-quant state."""
 
 from __future__ import annotations
 

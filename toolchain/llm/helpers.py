@@ -104,14 +104,6 @@ def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, 
     return ranking
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# accuracy by generation
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# tokens per second
-
-
 def context_length(model_dir: Path) -> int | None:
     """Prompt + answer tokens the model takes (its max_position_embeddings), None when its config does not say."""
     config = json.loads((model_dir / "config.json").read_text())
