@@ -179,6 +179,31 @@ def test_stages_and_tasks_leave_processes_locks_and_lineage_to_the_engine() -> N
     assert offenders == []
 
 
+def test_stages_and_their_helpers_never_see_the_recipe_or_the_run() -> None:
+    """A stage reads its typed config (validated from what its id hashes), its inputs and the splits its id covers,
+    through a StageContext: no stage or helper module imports RunContext or reads `.recipe`, so a setting cannot reach a
+    stage without being in its id."""
+    helpers = ("stages", "compile", "finetune", "evaluate", "llm", "bundle_files")
+    offenders = []
+    for m, path in MODULES.items():
+        if not m.startswith(tuple(f"toolchain.{h}" for h in helpers)):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "recipe":
+                offenders.append(f"{m}:{node.lineno} reads .recipe")
+            if isinstance(node, ast.alias) and node.name == "RunContext":
+                offenders.append(f"{m}:{node.lineno} imports RunContext")
+    assert offenders == []
+
+
+def test_every_registered_stage_has_a_typed_config() -> None:
+    from toolchain import engine
+    from toolchain.core.registry import StageConfig
+
+    for name, stage in engine.load_all().items():
+        assert stage.config is not StageConfig, f"stage {name} declares no typed config"
+
+
 def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
     import re
 

@@ -100,3 +100,31 @@ def test_a_recipe_goes_to_the_last_task_that_matches_it(toy_task: None, tiny_mod
     plain = load_recipe(write_recipe(tmp_path, tiny_recipe_dict(tiny_model)))
     assert task_module.task_for(toy).name == "toy-majority"
     assert task_module.task_for(plain).name == "classification"
+
+
+def test_a_stage_reads_only_the_splits_its_id_covers(tiny_model: Path, tmp_path: Path) -> None:
+    from toolchain.core.context import StageContext
+    from toolchain.core.registry import StageConfig
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_recipe_dict(tiny_model)))
+    run = RunContext(recipe, tmp_path / "runs")
+    call = StageCall("count", "toy-count", {}, (), {"train_sha256": run.train.sha256})
+    ctx = StageContext(run, call, StageConfig())
+    assert len(ctx.train) == len(run.train)
+    with pytest.raises(RuntimeError, match="eval_sha256"):
+        _ = ctx.eval
+    with pytest.raises(RuntimeError, match="validation_sha256"):
+        _ = ctx.validation
+
+
+def test_a_plan_whose_config_its_stage_cannot_read_fails_before_any_stage_runs() -> None:
+    from toolchain.core.registry import typed_config
+    from toolchain.errors import ToolchainError
+
+    engine.load_all()
+    with pytest.raises(ToolchainError, match="max_length"):  # export reads max_length; the call lacks it
+        typed_config(StageCall("export", "export", {"opset": 17}))
+    with pytest.raises(ToolchainError, match="would not be in its id"):  # only the named settings escape the id
+        typed_config(StageCall("evaluate.x", "evaluate", {}, settings={"batch_size": 8}))
+    config = typed_config(StageCall("export", "export", {"opset": 17, "max_length": 64}))
+    assert config.model_dump()["max_length"] == 64

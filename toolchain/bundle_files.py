@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.compile.ingraph import check_strings_model, strings_model
-from toolchain.core.artifact import StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.errors import StageError
 from toolchain.runtime import OnnxClassifier
 
@@ -52,17 +51,18 @@ def app_forms(files: dict[str, Any], tokenizer: list[str], mobile: bool, strings
     }
 
 
-def build_strings_model(ctx: RunContext, call: StageCall, out: Path, eval_logits: np.ndarray) -> dict[str, Any]:
+def build_strings_model(
+    ctx: StageContext, out: Path, labels: list[str], max_length: int, batch_size: int, eval_logits: np.ndarray
+) -> dict[str, Any]:
     """model.strings.onnx (`bundle.tokenizer: in-graph`), checked against model.onnx on every eval row: the same label
     on each, else the stage fails naming the rows. Returns its manifest entry."""
 
-    labels = ctx.recipe.data.labels
-    model = strings_model(out / "model.onnx", out, call.config["max_length"], labels)
+    model = strings_model(out / "model.onnx", out, max_length, labels)
     path = out / "model.strings.onnx"
     path.write_bytes(model.SerializeToString())
     texts = ctx.eval.texts
-    if call.config["batch_size"] != 1:  # the strings graph runs one text at a time: compare at batch 1
-        clf = OnnxClassifier(out / "model.onnx", out / "tokenizer.json", call.config["max_length"], ctx.threads)
+    if batch_size != 1:  # the strings graph runs one text at a time: compare at batch 1
+        clf = OnnxClassifier(out / "model.onnx", out / "tokenizer.json", max_length, ctx.threads)
         eval_logits = clf.logits(texts, 1)
     reference = eval_logits.argmax(-1)
     check = check_strings_model(path, texts, reference, labels)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from toolchain.core import faults
 from toolchain.core.artifact import StageCall, StageRecord
-from toolchain.core.context import RunContext
+from toolchain.core.context import RunContext, StageContext
 from toolchain.core.distributed import barrier, is_distributed, rank
 from toolchain.core.lineage import write_lineage
 from toolchain.core.lock import run_lock
 from toolchain.core.publish import publish_bundle
-from toolchain.core.registry import STAGES, Stage
+from toolchain.core.registry import STAGES, Stage, typed_config
 from toolchain.core.store import (
     checkpoint_dir,
     is_complete,
@@ -48,6 +48,7 @@ def planned_ids(ctx: RunContext) -> list[tuple[StageCall, str]]:
     ids: dict[str, str] = {}
     out = []
     for call in calls:
+        typed_config(call)
         ids[call.key] = stage_id(call, {k: ids[k] for k in call.inputs}, ctx.versions)
         out.append((call, ids[call.key]))
     return out
@@ -71,6 +72,8 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
         with phase(ctx, "plan"):
             ctx.resources = task.expect_resources(ctx)
             calls, variants = task.plan(ctx)
+            for call in calls:
+                typed_config(call)  # a config its stage cannot read fails now, before any compute
         unknown = [f for f in force if f not in {c.key for c in calls} | {c.stage for c in calls} | {"bundle"}]
         if unknown:
             raise ToolchainError(
@@ -115,7 +118,7 @@ def _run_worker(ctx: RunContext, task: Task, force: tuple[str, ...]) -> RunConte
         ctx.checkpoint_dir = checkpoint_dir(ctx, call.key, sid)
         try:
             with phase(ctx, call.key), faults.in_stage(call.key, call.stage):
-                meta = STAGES[call.stage].fn(ctx, call, {}, scratch)
+                meta = STAGES[call.stage].fn(StageContext(ctx, call, typed_config(call)), call, {}, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         ctx.records.append(StageRecord(call.key, call.stage, sid, "ran", 0.0, "", call.config, {}, meta))

@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolchain.core.context import RunContext
 from toolchain.errors import StageError
 from toolchain.finetune.train import pad_batch
-from toolchain.recipe.schema import DistillSection, FinetuneSection, TrainingSettings
+from toolchain.recipe.schema import DistillSection, FinetuneSection, TrainingSettings, ValidationSection
 
 log = logging.getLogger("toolchain")
 
@@ -124,10 +123,10 @@ def make_loss(
     return loss_fn
 
 
-def student_training_cfg(ctx: RunContext, cfg: DistillSection) -> FinetuneSection:
+def student_training_cfg(cfg: DistillSection, validation: ValidationSection | None) -> FinetuneSection:
     """The training loop's settings for the student (validation as the recipe's fine-tuning has it)."""
     shared = cfg.model_dump(include=set(TrainingSettings.model_fields))
-    return FinetuneSection(method="full", validation=ctx.recipe.finetune.validation, **shared)
+    return FinetuneSection(method="full", validation=validation, **shared)
 
 
 def load_classifier_model(folder: Path, eager: bool = False) -> Any:

@@ -22,20 +22,46 @@ from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
+from pydantic import BaseModel, ConfigDict
 
 from toolchain.compile.graph import matmul_nbits
 from toolchain.compile.parity import compare
 from toolchain.compile.sensitivity import Candidate, auto_exclude, rank_nodes
 from toolchain.core.artifact import Artifact
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.data import Split, read_split
 from toolchain.errors import StageError
 from toolchain.finetune import qat
 from toolchain.finetune.methods import QAT_STATE
-from toolchain.recipe.schema import QuantizeSpec
+from toolchain.recipe.schema import ExportSection, FinetuneSection, QuantizeSpec, ValidationSection
 from toolchain.runtime import OnnxClassifier, TextEncoder
 
 log = logging.getLogger("toolchain")
+
+
+class Selection(BaseModel):
+    """What ranking nodes and `exclude: auto` depend on: the rows they read and the budget they aim at."""
+
+    validation: ValidationSection | None
+    auto_file_sha256: str | None
+    batch_size: int  # evaluation batch size, as the report's accuracy is measured
+    max_accuracy_drop: float
+
+
+class QuantizeConfig(QuantizeSpec):
+    """One `compile.quantize` entry, with what building it reads from elsewhere in the recipe: the label columns, the
+    bundle's max_length, the export settings (QAT re-exports), the seed (calibration and selection samples), the
+    selection settings (ranking) and the fine-tuning settings (QAT rebuilds its fake-quant model)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    text: str
+    label: str
+    labels: list[str]
+    max_length: int
+    export: ExportSection
+    seed: int
+    selection: Selection | None = None
+    finetune: FinetuneSection | None = None
 
 
 class _CalibrationRows(CalibrationDataReader):
@@ -81,7 +107,7 @@ class Quantizer:
     default_op_types: tuple[str, ...] = ("MatMul",)
     needs_weight = True  # candidates are nodes with a weight (initializer) input
 
-    def __init__(self, ctx: RunContext, spec: QuantizeSpec, src: Path, work: Path):
+    def __init__(self, ctx: StageContext, spec: QuantizeConfig, src: Path, work: Path, tokenizer: Path):
         self.ctx, self.spec, self.src, self.work = ctx, spec, src, work
         self._count = 0
 
@@ -153,21 +179,19 @@ class StaticInt8(Quantizer):
 
     needs_weight = False  # Q@K^T and attention@V have two activation inputs, both quantized
 
-    def __init__(self, ctx: RunContext, spec: QuantizeSpec, src: Path, work: Path):
+    def __init__(self, ctx: StageContext, spec: QuantizeConfig, src: Path, work: Path, tokenizer: Path):
         import onnx
         from onnxruntime.quantization import quant_pre_process
 
-        super().__init__(ctx, spec, src, work)
+        super().__init__(ctx, spec, src, work, tokenizer)
         # Shape inference first, or the quantizer cannot type the activations and leaves them in float.
         # skip_symbolic_shape: symbolic inference fails on optimum's export ("Incomplete symbolic shape inference").
         self.prepared = work / "prepared.onnx"
         quant_pre_process(str(src), str(self.prepared), skip_symbolic_shape=True, skip_optimization=False)
         self.src = self.prepared
         names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
-        texts = ctx.train.sample(spec.calibration_rows, seed=ctx.recipe.finetune.seed + 1).texts
-        self.reader = _CalibrationRows(
-            ctx.artifacts["finetune"].file("tokenizer.json"), texts, spec.calibration_length, names
-        )
+        texts = ctx.train.sample(spec.calibration_rows, seed=spec.seed + 1).texts
+        self.reader = _CalibrationRows(tokenizer, texts, spec.calibration_length, names)
         self.cache = work / "calibration.json"
 
     def _quantize(self, out: Path, only: list[str] | None, exclude: list[str]) -> None:
@@ -248,27 +272,29 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
 }
 
 
-def _selection_rows(ctx: RunContext, spec: QuantizeSpec) -> tuple[Split, str]:
+def _selection_rows(ctx: StageContext, spec: QuantizeConfig, selection: Selection) -> tuple[Split, str]:
     """Labelled rows for ranking and `exclude: auto`: `auto_file`, else the validation rows, else training rows (the
     calibration sample uses another seed)."""
 
-    d = ctx.recipe.data
     if spec.auto_file is not None:
-        rows = read_split(ctx.recipe.data_root() / spec.auto_file, d.text, d.label, d.labels)
+        assert selection.auto_file_sha256 is not None
+        path = ctx.data_file(spec.auto_file, selection.auto_file_sha256)
+        rows = read_split(path, spec.text, spec.label, spec.labels)
         return rows.head(spec.auto_rows), f"{spec.auto_file} (first rows)"
-    validation = ctx.validation
-    if validation is not None:
-        return validation.head(spec.auto_rows), f"{ctx.recipe.finetune.validation.file} (first rows)"  # type: ignore[union-attr]
-    return ctx.train.sample(spec.auto_rows, seed=ctx.recipe.finetune.seed + 2), f"{d.train} (sample)"
+    if selection.validation is not None:
+        validation = ctx.validation
+        assert validation is not None
+        return validation.head(spec.auto_rows), f"{selection.validation.file} (first rows)"
+    return ctx.train.sample(spec.auto_rows, seed=spec.seed + 2), "training rows (sample)"
 
 
-def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> dict[str, Any]:
+# long: the build, the node ranking and `exclude: auto` share one scratch folder and one scoring function
+def build_variant(ctx: StageContext, spec: QuantizeConfig, src: Path, out: Path, tokenizer: Path) -> dict[str, Any]:
     """Build the variant's model into out/model.onnx; rank the nodes and choose exclusions when the spec asks."""
 
-    tokenizer = ctx.artifacts["finetune"].file("tokenizer.json")
-    max_length, batch_size = ctx.recipe.bundle.max_length, ctx.recipe.evaluate.batch_size
+    max_length = spec.max_length
     with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
-        quantizer = QUANTIZERS[spec.mode](ctx, spec, src, Path(tmp))
+        quantizer = QUANTIZERS[spec.mode](ctx, spec, src, Path(tmp), tokenizer)
         final = out / "model.onnx"
         meta: dict[str, Any] = {}
         exclude = spec.exclude if isinstance(spec.exclude, list) else []
@@ -280,7 +306,10 @@ def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> 
                 "set sensitivity: true and take the names from the report's sensitivity table",
             )
         if spec.ranks_nodes:
-            rows, where = _selection_rows(ctx, spec)
+            selection = spec.selection
+            assert selection is not None  # planned with the recipe's selection settings
+            batch_size = selection.batch_size
+            rows, where = _selection_rows(ctx, spec, selection)
 
             def logits(model: Path, texts: list[str]) -> np.ndarray:
                 result = OnnxClassifier(model, tokenizer, max_length, threads=ctx.threads).logits(texts, batch_size)
@@ -297,11 +326,7 @@ def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> 
             (out / "sensitivity.json").write_text(json.dumps(ranking, indent=1))
             meta["sensitivity"] = {"rows": len(probe), "rows_from": where, "nodes": len(ranking), "worst": ranking[:15]}
             if spec.exclude == "auto":
-                target = (
-                    spec.auto_target_drop
-                    if spec.auto_target_drop is not None
-                    else ctx.recipe.budget.max_accuracy_drop / 2
-                )
+                target = spec.auto_target_drop if spec.auto_target_drop is not None else selection.max_accuracy_drop / 2
                 float_logits = logits(quantizer.src, rows.texts)
                 float_pred = float_logits.argmax(-1)
                 fp32_accuracy = float((float_pred == rows.labels).mean())
@@ -330,23 +355,22 @@ def build_variant(ctx: RunContext, spec: QuantizeSpec, src: Path, out: Path) -> 
     return meta
 
 
-def qat_variant(ctx: RunContext, spec: QuantizeSpec, finetune: Artifact, out: Path) -> dict[str, Any]:
+def qat_variant(ctx: StageContext, spec: QuantizeConfig, finetune: Artifact, out: Path) -> dict[str, Any]:
     """Rebuild the fake-quant model from the finetune artifact, export its Q/DQ graph, check it against PyTorch."""
     from safetensors.torch import load_file
 
-    recipe = ctx.recipe
-    cfg = recipe.finetune
-    assert cfg.qat is not None
-    model = qat.load(finetune.path, recipe.data.labels, cfg)
+    cfg = spec.finetune
+    assert cfg is not None and cfg.qat is not None  # planned with the recipe's fine-tuning settings
+    model = qat.load(finetune.path, spec.labels, cfg)
     missing, unexpected = model.load_state_dict(load_file(str(finetune.file(QAT_STATE))), strict=False)
     if missing or unexpected:
         raise StageError(
             "quantize", f"QAT state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    feeds = TextEncoder(finetune.file("tokenizer.json"), recipe.bundle.max_length).encode(
-        ctx.eval.texts[: recipe.compile.export.parity_rows]
+    feeds = TextEncoder(finetune.file("tokenizer.json"), spec.max_length).encode(
+        ctx.eval.texts[: spec.export.parity_rows]
     )
-    qat.export_qdq(model, out, {**feeds, "max_length": recipe.bundle.max_length}, recipe.compile.export.opset)
+    qat.export_qdq(model, out, {**feeds, "max_length": spec.max_length}, spec.export.opset)
     (out / qat.QDQ_MODEL).rename(out / "model.onnx")
     folded = qat.fold_weight_quantization(out / "model.onnx")
     parity = compare(out / "model.onnx", finetune.file("tokenizer.json"), out / qat.QDQ_REFERENCE, ctx.threads)

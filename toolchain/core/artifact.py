@@ -25,13 +25,24 @@ class Artifact:
 
 @dataclass(frozen=True)
 class StageCall:
-    """One use of a registered stage in a plan: its key in the run, config, upstream keys and extra identity."""
+    """One use of a registered stage in a plan: its key in the run, config, upstream keys, extra identity (content
+    hashes and facts of the data and the source) and settings. The id hashes config, inputs and identity; `settings`
+    are the few that cannot change what the stage writes (`UNHASHED_SETTINGS`) and are not hashed."""
 
     key: str
     stage: str
     config: dict[str, Any]
     inputs: tuple[str, ...] = ()
     identity: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# Settings a stage may read that its id does not hash, each with why it cannot change the stage's output.
+UNHASHED_SETTINGS = {
+    "checkpoint_every": "how often training saves a resumable checkpoint; a resumed run ends with the same weights",
+    "access": "where the model source is and what loading it may do (pickles, remote code): a load either succeeds "
+    "with the files the id hashes or fails",
+}
 
 
 @dataclass

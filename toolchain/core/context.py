@@ -7,7 +7,9 @@ import importlib.metadata
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
 
 from toolchain.core.provenance import cpu_flags, cpu_preset
 from toolchain.data import Split, load_splits, load_validation
@@ -15,7 +17,9 @@ from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.schema import Recipe
 
 if TYPE_CHECKING:
-    from toolchain.core.artifact import Artifact, StageRecord
+    from toolchain.core.artifact import Artifact, StageCall, StageRecord
+
+C = TypeVar("C", bound=BaseModel)
 
 LIBRARIES = (
     "toolchain",
@@ -96,3 +100,72 @@ def default_threads() -> int:
     import psutil
 
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+# The identity key that must be in a stage's id for the stage to read each split.
+SPLIT_COVERED_BY = {"train": "train_sha256", "eval": "eval_sha256", "validation": "validation_sha256"}
+
+
+class StageContext:
+    """What a running stage reads besides its inputs: its typed config, the data splits its id covers, the thread
+    count, the folder for resumable checkpoints, and (for a bundle's lineage) the stages run so far. There is no
+    recipe here: whatever a stage reads is in its config or identity, which its id hashes, or in
+    `UNHASHED_SETTINGS`; reading a split or a data file the id does not cover is an error, not a stale reuse."""
+
+    def __init__(self, run: RunContext, call: StageCall, config: BaseModel):
+        self._run = run
+        self.call = call
+        self._config = config
+
+    def config(self, kind: type[C]) -> C:
+        """The stage's typed config (validated by the engine from what the id hashes)."""
+        if not isinstance(self._config, kind):
+            have = type(self._config).__name__
+            raise TypeError(f"stage {self.call.key}: its config is a {have}, not a {kind.__name__}")
+        return self._config
+
+    def _covered(self, what: str, key: str) -> None:
+        if key not in self.call.identity:
+            raise RuntimeError(
+                f"stage {self.call.key} reads {what}, but its id does not cover it: add {key!r} to its identity"
+            )
+
+    @property
+    def train(self) -> Split:
+        self._covered("the train split", SPLIT_COVERED_BY["train"])
+        return self._run.train
+
+    @property
+    def eval(self) -> Split:
+        self._covered("the eval split", SPLIT_COVERED_BY["eval"])
+        return self._run.eval
+
+    @property
+    def validation(self) -> Split | None:
+        self._covered("the validation split", SPLIT_COVERED_BY["validation"])
+        return self._run.validation
+
+    def data_file(self, rel: str, sha256: str) -> Path:
+        """A file under the data root whose content hash (`sha256`) the stage's id holds; it must still have it."""
+        from toolchain.runtime import sha256_file
+
+        path = self._run.recipe.data_root() / rel
+        if sha256_file(path) != sha256:
+            raise RuntimeError(f"stage {self.call.key}: {path} changed after the run was planned; run it again")
+        return path
+
+    @property
+    def threads(self) -> int:
+        return self._run.threads
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self._run.checkpoint_dir
+
+    @property
+    def records(self) -> list[StageRecord]:
+        return self._run.records
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return self._run.versions

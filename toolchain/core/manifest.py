@@ -13,7 +13,7 @@ from toolchain.runtime import sha256_file
 
 if TYPE_CHECKING:
     from toolchain.core.artifact import StageCall
-    from toolchain.core.context import RunContext
+    from toolchain.core.context import StageContext
 
 
 def file_table(folder: Path) -> dict[str, dict[str, Any]]:
@@ -25,7 +25,7 @@ def target(threads: int, budget: dict[str, Any], provider: str = "CPUExecutionPr
     return {"provider": provider, "threads": threads, "machine": platform.machine(), "budget": budget}
 
 
-def lineage(ctx: RunContext, call: StageCall, base_model: dict[str, Any]) -> dict[str, Any]:
+def lineage(ctx: StageContext, call: StageCall, base_model: dict[str, Any]) -> dict[str, Any]:
     """The recipe as run, the base model's identity, every stage of this run (key, id, config), library versions."""
     return {
         "recipe": call.identity["recipe"],

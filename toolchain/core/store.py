@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from toolchain.core import faults
 from toolchain.core.artifact import Artifact, StageCall, StageRecord
+from toolchain.core.context import StageContext
 from toolchain.core.publish import recover_bundle
-from toolchain.core.registry import STAGES
+from toolchain.core.registry import STAGES, typed_config
 from toolchain.errors import ToolchainError, UnexpectedError
 from toolchain.paths import PROJECT_ROOT
 from toolchain.runtime import sha256_file
@@ -128,7 +129,7 @@ def _build(
     try:
         with faults.in_stage(call.key, call.stage):
             faults.point(call.key, call.stage, "start")
-            meta = fn(ctx, call, inputs, tmp) or {}
+            meta = fn(StageContext(ctx, call, typed_config(call)), call, inputs, tmp) or {}
             faults.point(call.key, call.stage, "mid-stage")
         record = {
             "id": sid,

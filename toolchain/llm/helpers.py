@@ -9,22 +9,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from toolchain.compile.graph import matmul_nbits
-from toolchain.core.artifact import Artifact
-from toolchain.core.context import RunContext
-from toolchain.data import read_split
+from toolchain.core.context import StageContext
+from toolchain.core.registry import StageConfig
+from toolchain.data import Split
 from toolchain.llm.task import PromptTask, end_of_turn
 from toolchain.runtime import DecoderGenerator
 
 log = logging.getLogger("toolchain")
 
 
-def prompt_task(ctx: RunContext) -> Any:
+class PromptConfig(StageConfig):
+    """The prompt a generation stage builds, from its identity (which its id hashes). Only the stages that parse
+    answers have the stop strings in their id; the others build prompts and answers, which do not use them."""
 
-    g = ctx.recipe.generation
-    assert g is not None
-    return PromptTask(ctx.recipe.data.labels, g.template, g.chat, g.max_new_tokens, list(g.stop_strings))
+    labels: list[str]
+    template: str
+    chat: bool
+    stop_strings: list[str] = Field(default_factory=list)
+
+
+def prompt_task(cfg: PromptConfig, max_new_tokens: int = 4) -> PromptTask:
+    return PromptTask(list(cfg.labels), cfg.template, cfg.chat, max_new_tokens, list(cfg.stop_strings))
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -47,7 +55,10 @@ def save_model(model: Any, tokenizer: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, Any], out: Path) -> list[dict]:
+# long: the groups, the probe builds and the margins they are scored by, in one read
+def rank_projections(
+    ctx: StageContext, src: Path, tokenizer_dir: Path, task: PromptTask, rows: Split, c: Any, out: Path
+) -> list[dict]:
     """How much each projection group costs when it alone is quantized at this variant's bits: each projection
     over all layers (q_proj, v_proj, down_proj, ...), then each layer's projections together. Measured on held-out
     prompts (not the eval split) as the change of the margin between the label words' first tokens after the
@@ -56,14 +67,9 @@ def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, 
 
     import onnx
 
-    recipe = ctx.recipe
-    src = inputs["llm-export"].file("model.onnx")
-    tokenizer = load_tokenizer(inputs["llm-finetune"].path)
-    task = prompt_task(ctx)
-    d = recipe.data
-    rows = read_split(recipe.data_root() / c["auto_file"], d.text, d.label, d.labels).head(c["sensitivity_rows"])
+    tokenizer = load_tokenizer(tokenizer_dir)
     prompts = [tokenizer(task.prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in rows.texts]
-    first = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in d.labels[:2]]
+    first = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in task.labels[:2]]
 
     def margins(path: Path) -> np.ndarray:
         gen = DecoderGenerator(path, threads=ctx.threads)
@@ -84,7 +90,7 @@ def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, 
     for group, members in groups.items():
         if len(members) < 2 and "_proj" not in group:  # not a projection (attention's scores have no weight)
             continue
-        matmul_nbits(src, probe, c["block_size"], c["symmetric"], c["accuracy_level"], only=members, bits=c["bits"])
+        matmul_nbits(src, probe, c.block_size, c.symmetric, c.accuracy_level, only=members, bits=c.bits)
         m = margins(probe)
         if np.array_equal(m, reference):  # nothing quantized: MatMuls without a constant weight
             continue
@@ -100,7 +106,7 @@ def rank_projections(ctx: RunContext, inputs: dict[str, Artifact], c: dict[str, 
     probe.unlink(missing_ok=True)
     ranking.sort(key=lambda r: -r["margin_mse"])
     worst = ", ".join(f"{r['group']} {r['margin_mse']:.3f}" for r in ranking[:4])
-    log.info("llm-quantize: projection sensitivity at %d bits on %d rows: %s", c["bits"], len(prompts), worst)
+    log.info("llm-quantize: projection sensitivity at %d bits on %d rows: %s", c.bits, len(prompts), worst)
     return ranking
 
 

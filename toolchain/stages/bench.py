@@ -12,19 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ConfigDict
 from tqdm.auto import tqdm
 
 from toolchain.compile.parity import check_onnx
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.core.launcher import MeasureProcess, rotation
 from toolchain.core.provenance import git_commit
 from toolchain.core.registry import register
+from toolchain.core.task import Variant
 from toolchain.evaluate.latency import PROVIDERS, available_targets
 from toolchain.evaluate.measure import case_name
 from toolchain.evaluate.stats import latency_stats
+from toolchain.recipe.schema import BenchSection
 
 log = logging.getLogger("toolchain")
+
+
+class BenchConfig(BenchSection):
+    """The recipe's `bench` section with the thread count resolved, the bundle's max_length and the variants."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    threads: int  # resolved: the recipe's, else this machine's cores
+    max_length: int
+    variants: list[Variant]
 
 
 # long: one measurement protocol (jobs, interleaved rounds, statistics) in one read
@@ -34,52 +46,53 @@ log = logging.getLogger("toolchain")
     help="Latency percentiles, throughput, memory and cold start of every variant, a fresh process per variant and "
     "round, rounds interleaved.",
     version=6,  # 4: interleaved rounds, per-round ratios, extra providers; 6: a fresh process per variant and round
+    config=BenchConfig,
 )
-def bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    cfg = call.config
-    threads, rounds = cfg["threads"], cfg["rounds"]
+def bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    cfg = ctx.config(BenchConfig)
+    threads, rounds = cfg.threads, cfg.rounds
     hf_dir = inputs["finetune"].path
-    cases = [(b, s) for s in cfg["seq_lens"] for b in cfg["batch_sizes"]]
+    cases = [(b, s) for s in cfg.seq_lens for b in cfg.batch_sizes]
     names = [case_name(b, s) for b, s in cases]
     texts = out / "texts.json"
     texts.write_text(json.dumps(ctx.eval.texts[:2048]))
-    measured_targets, skipped = available_targets(cfg["targets"])
+    measured_targets, skipped = available_targets(list(cfg.targets))
     for target, why in skipped.items():
         log.info("bench: %s skipped: %s", target, why)
 
     jobs: list[tuple[str, str, dict[str, Any], int]] = []  # (row name, target, job, size)
-    for v in cfg["variants"]:
-        if v["format"] == "pytorch":
-            model = inputs[v["source"]].path
+    for v in cfg.variants:
+        if v.format == "pytorch":
+            model = inputs[v.source].path
             size = (model / "model.safetensors").stat().st_size
         else:
-            model = inputs[v["source"]].file("model.onnx")
+            model = inputs[v.source].file("model.onnx")
             check_onnx("bench", model)
             size = model.stat().st_size
         for target in measured_targets:
-            if target != "cpu" and v["format"] != "onnx":
+            if target != "cpu" and v.format != "onnx":
                 continue
             job = {
                 "threads": threads,
-                "max_length": cfg["max_length"],
-                "format": v["format"],
+                "max_length": cfg.max_length,
+                "format": v.format,
                 "model": str(model),
                 "providers": [PROVIDERS[target], "CPUExecutionProvider"],
                 "tokenizer": str(hf_dir / "tokenizer.json"),
                 "texts": str(texts),
                 "cases": cases,
             }
-            jobs.append((v["name"] if target == "cpu" else f"{v['name']}@{target}", target, job, size))
+            jobs.append((v.name if target == "cpu" else f"{v.name}@{target}", target, job, size))
 
     results: dict[str, dict[str, Any]] = {
         name: {"size_bytes": size, "target": target, "cold_start": [], "peak_rss": [], "rounds": {c: [] for c in names}}
         for name, target, _, size in jobs
     }
     per_round = {
-        "warmup": cfg["warmup"],
-        "min_iters": math.ceil(cfg["min_iters"] / rounds),
-        "min_seconds": cfg["min_seconds"] / rounds,
-        "max_iters": max(1, cfg["max_iters"] // rounds),
+        "warmup": cfg.warmup,
+        "min_iters": math.ceil(cfg.min_iters / rounds),
+        "min_seconds": cfg.min_seconds / rounds,
+        "max_iters": max(1, cfg.max_iters // rounds),
     }
     for name, _, job, _ in jobs:
         (out / f"job-{name}.json").write_text(json.dumps(job))

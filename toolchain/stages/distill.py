@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ConfigDict
 
 from toolchain.compile.distill import (
     TEACHER_LOGITS,
@@ -21,25 +22,34 @@ from toolchain.compile.distill import (
     student_training_cfg,
 )
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.core.registry import register
 from toolchain.errors import StageError
 from toolchain.finetune.train import seed_everything, train_classifier
 from toolchain.models import copy_tokenizer
-from toolchain.recipe.schema import DistillSection
+from toolchain.recipe.schema import DistillSection, ValidationSection
 
 log = logging.getLogger("toolchain")
+
+
+class DistillConfig(DistillSection):
+    """The recipe's `compile.distill` section and the fine-tuning's validation settings (the student is validated
+    like the teacher)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    validation: ValidationSection | None = None
 
 
 @register(
     "distill",
     kind="hf-model",
     help="Distil the fine-tuned teacher into a student with fewer layers (logit, hidden-state, attention losses).",
+    config=DistillConfig,
 )
-def distill(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+def distill(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    cfg = DistillSection.model_validate(call.config)
+    cfg = ctx.config(DistillConfig)
     teacher_dir = inputs["finetune"].path
     logits = np.load(inputs["teacher-logits"].file(TEACHER_LOGITS))
     if len(logits) != len(ctx.train):
@@ -75,8 +85,8 @@ def distill(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: 
         student,
         tokenizer,
         ctx.train,
-        student_training_cfg(ctx, cfg),
-        ctx.validation,
+        student_training_cfg(cfg, cfg.validation),
+        ctx.validation if cfg.validation else None,
         loss_fn=loss_fn,
         distributed=False,  # under torchrun only fine-tuning is shared; the other ranks stop after it
         desc="distill",

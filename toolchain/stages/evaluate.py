@@ -11,21 +11,33 @@ from tqdm.auto import tqdm
 
 from toolchain.compile.parity import check_onnx
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
-from toolchain.core.registry import register
+from toolchain.core.context import StageContext
+from toolchain.core.registry import StageConfig, register
 from toolchain.evaluate.torch_model import load_pytorch, pytorch_logits
 from toolchain.runtime import OnnxClassifier, TextEncoder, softmax
 
 
-@register("evaluate", kind="metrics", help="Accuracy and per-row predictions of one variant on the eval split.")
-def evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+class EvaluateConfig(StageConfig):
+    variant: str
+    format: str  # pytorch | onnx
+    max_length: int  # tokens per text, as the bundle runs it
+    batch_size: int
+
+
+@register(
+    "evaluate",
+    kind="metrics",
+    help="Accuracy and per-row predictions of one variant on the eval split.",
+    config=EvaluateConfig,
+)
+def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    cfg = ctx.config(EvaluateConfig)
     texts, labels = ctx.eval.texts, ctx.eval.labels
-    max_length = call.config["max_length"]
+    max_length, batch_size = cfg.max_length, cfg.batch_size
     hf_dir = inputs["finetune"].path
-    batch_size = call.config["batch_size"]
     bar = tqdm(total=len(texts), desc=call.key, unit="row", mininterval=2.0)
     model_key = call.inputs[0]  # the variant's own artifact (the teacher's for pytorch-fp32)
-    if call.config["format"] == "pytorch":
+    if cfg.format == "pytorch":
         encoder = TextEncoder(hf_dir / "tokenizer.json", max_length)
         logits = pytorch_logits(load_pytorch(inputs[model_key].path), encoder, texts, batch_size, bar.update)
     else:
@@ -40,7 +52,7 @@ def evaluate(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
     correct = int((pred == labels).sum())
     np.save(out / "logits.npy", logits)
     metrics = {
-        "variant": call.config["variant"],
+        "variant": cfg.variant,
         "rows": len(labels),
         "correct": correct,
         "accuracy": correct / len(labels),

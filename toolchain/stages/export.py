@@ -10,23 +10,36 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ConfigDict
 
 from toolchain.compile.export import check_parity
 from toolchain.compile.parity import REFERENCE
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.core.registry import register
 from toolchain.evaluate.torch_model import load_pytorch
 from toolchain.recipe.schema import ExportSection
 from toolchain.runtime import TextEncoder
 
 
-@register("export", kind="onnx", help="Export the fine-tuned model to ONNX (optimum) and check parity with PyTorch.")
-def export(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+class ExportConfig(ExportSection):
+    """The recipe's `compile.export` section and the length the bundle runs at (the parity reference's)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    max_length: int
+
+
+@register(
+    "export",
+    kind="onnx",
+    help="Export the fine-tuned model to ONNX (optimum) and check parity with PyTorch.",
+    config=ExportConfig,
+)
+def export(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from optimum.exporters.onnx import main_export
 
-    cfg = ExportSection.model_validate({k: v for k, v in call.config.items() if k != "max_length"})
-    max_length = call.config["max_length"]
+    cfg = ctx.config(ExportConfig)
+    max_length = cfg.max_length
     (src_key,) = call.inputs  # the fine-tuned model, or the distilled student
     src = inputs[src_key].path
     work = out / "optimum"

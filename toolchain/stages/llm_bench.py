@@ -13,13 +13,22 @@ from typing import Any
 import numpy as np
 
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.core.launcher import measure_once, rotation
 from toolchain.core.provenance import git_commit
 from toolchain.core.registry import register
-from toolchain.llm.helpers import load_tokenizer, prompt_task
+from toolchain.core.task import Variant
+from toolchain.llm.helpers import PromptConfig, load_tokenizer, prompt_task
 
 log = logging.getLogger("toolchain")
+
+
+class LlmBenchConfig(PromptConfig):
+    variants: list[Variant]
+    threads: int
+    prompts: int  # eval prompts timed per variant and round
+    new_tokens: int  # greedy tokens decoded per prompt
+    rounds: int
 
 
 @register(
@@ -28,37 +37,35 @@ log = logging.getLogger("toolchain")
     help="Time to first token, decode tokens/s, peak memory and load time per variant, a fresh process per variant "
     "and round.",
     version=2,
+    config=LlmBenchConfig,
 )
-def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    c = call.config
-    g = ctx.recipe.generation
-    assert g is not None
+def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    c = ctx.config(LlmBenchConfig)
     tokenizer = load_tokenizer(inputs["llm-finetune"].path)
-    task = prompt_task(ctx)
+    task = prompt_task(c)
     prompts = [
-        tokenizer(task.prompt(tokenizer, t), add_special_tokens=False)["input_ids"]
-        for t in ctx.eval.texts[: g.bench_prompts]
+        tokenizer(task.prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in ctx.eval.texts[: c.prompts]
     ]
     jobs = []
-    for v in c["variants"]:
-        path = inputs[v["source"]].path if v["format"] == "pytorch" else inputs[v["source"]].file("model.onnx")
+    for v in c.variants:
+        path = inputs[v.source].path if v.format == "pytorch" else inputs[v.source].file("model.onnx")
         job = {
-            "format": v["format"],
+            "format": v.format,
             "model": str(path),
-            "threads": ctx.threads,
+            "threads": c.threads,
             "prompts": prompts,
-            "new_tokens": g.bench_new_tokens,
+            "new_tokens": c.new_tokens,
         }
-        (out / f"job-{v['name']}.json").write_text(json.dumps(job))
-        jobs.append(v["name"])
+        (out / f"job-{v.name}.json").write_text(json.dumps(job))
+        jobs.append(v.name)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in jobs}
     from tqdm import tqdm
 
-    bar = tqdm(total=g.bench_rounds * len(jobs), desc="llm-bench", unit="process")
+    bar = tqdm(total=c.rounds * len(jobs), desc="llm-bench", unit="process")
     try:
-        for _, name in rotation(jobs, g.bench_rounds):
+        for _, name in rotation(jobs, c.rounds):
             job_file = out / f"job-{name}.json"
-            results[name].append(measure_once("llm-bench", name, "toolchain.llm.measure", job_file, ctx.threads))
+            results[name].append(measure_once("llm-bench", name, "toolchain.llm.measure", job_file, c.threads))
             bar.update(1)
     finally:
         bar.close()
@@ -79,7 +86,7 @@ def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
             "load_seconds": float(np.median([r["load_seconds"] for r in rounds])),
             "prompt_tokens": [len(p) for p in prompts],
-            "new_tokens": g.bench_new_tokens,
+            "new_tokens": c.new_tokens,
         }
         log.info(
             "llm-bench: %-24s TTFT p50 %.0f ms  decode %.1f tokens/s  peak RSS %.0f MB",
@@ -89,6 +96,6 @@ def llm_bench(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out
             variants[name]["peak_rss_bytes"] / 1e6,
         )
 
-    data = {"threads": ctx.threads, "rounds": g.bench_rounds, "git_commit": git_commit(), "variants": variants}
+    data = {"threads": c.threads, "rounds": c.rounds, "git_commit": git_commit(), "variants": variants}
     (out / "bench.json").write_text(json.dumps(data, indent=2))
-    return {"threads": ctx.threads, "rounds": g.bench_rounds, "variants": list(variants)}
+    return {"threads": c.threads, "rounds": c.rounds, "variants": list(variants)}

@@ -12,13 +12,21 @@ from typing import Any
 
 from toolchain.bundle_files import io_spec
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.core.manifest import file_table, lineage, target, write_manifest
 from toolchain.core.registry import register
 from toolchain.errors import StageError
-from toolchain.llm.helpers import context_length, load_tokenizer, prompt_task, stop_token_ids
-from toolchain.models import source_identity
+from toolchain.llm.helpers import PromptConfig, context_length, load_tokenizer, prompt_task, stop_token_ids
 from toolchain.runtime import GENERATOR_MANIFEST_VERSION
+
+
+class LlmBundleConfig(PromptConfig):
+    shipped: str  # the chosen variant
+    name: str  # the recipe's
+    eval_file: str
+    max_new_tokens: int
+    budget: dict[str, Any]
+    base_model: dict[str, str]  # the source model's identity (hashed)
 
 
 @register(
@@ -26,19 +34,17 @@ from toolchain.runtime import GENERATOR_MANIFEST_VERSION
     kind="bundle",
     help="The chosen decoder with its tokenizer, generation settings and manifest (toolchain.runtime.Generator).",
     version=2,  # 2: generation.json records the model's context length (the runtime fits long texts into it)
+    config=LlmBundleConfig,
 )
-def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-
-    recipe = ctx.recipe
-    g = recipe.generation
-    assert g is not None
-    shipped = call.config["shipped"]
+def llm_bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    g = ctx.config(LlmBundleConfig)
+    shipped = g.shipped
     source = next(k for k in call.inputs if k.startswith(("llm-export", "llm-quantize.")))
     shutil.copy2(inputs[source].file("model.onnx"), out / "model.onnx")
     tok_dir = inputs["llm-finetune"].path
     shutil.copy2(tok_dir / "tokenizer.json", out / "tokenizer.json")
     tokenizer = load_tokenizer(tok_dir)
-    task = prompt_task(ctx)
+    task = prompt_task(g, g.max_new_tokens)
     prefix, suffix = task.affixes(tokenizer)
     for text in ctx.eval.texts[:50]:  # the app's prompt must be the one evaluated, byte for byte
         if prefix + g.template.format(text=text) + suffix != task.prompt(tokenizer, text):
@@ -48,7 +54,7 @@ def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
         "template": g.template,
         "prompt_prefix": prefix,
         "prompt_suffix": suffix,
-        "labels": recipe.data.labels,
+        "labels": g.labels,
         "max_new_tokens": g.max_new_tokens,
         "stop_strings": list(g.stop_strings),
         "stop_token_ids": stop_token_ids(tokenizer),
@@ -67,7 +73,7 @@ def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
     manifest = {
         "format_version": GENERATOR_MANIFEST_VERSION,
         "kind": "generator",
-        "name": recipe.name,
+        "name": g.name,
         "variant": shipped,
         "model": "model.onnx",
         "tokenizer": "tokenizer.json",
@@ -78,14 +84,14 @@ def llm_bundle(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], ou
         "metrics": {
             "accuracy": metrics["accuracy"],
             "eval_rows": metrics["eval_rows"],
-            "eval_file": recipe.data.eval,
+            "eval_file": g.eval_file,
             "ttft_ms_p50": timing["ttft_ms"]["p50"],
             "decode_tokens_per_second": timing["decode_tokens_per_second"],
             "peak_rss_bytes": timing["peak_rss_bytes"],
             "size_bytes": files["model.onnx"]["bytes"],
         },
-        "target": target(bench["threads"], call.config["budget"]),
-        "lineage": lineage(ctx, call, source_identity(recipe.model.source, recipe.model)),
+        "target": target(bench["threads"], g.budget),
+        "lineage": lineage(ctx, call, g.base_model),
         "files": files,
         "bundle_bytes": sum(f["bytes"] for f in files.values()),
     }

@@ -10,28 +10,38 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict
+
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.core.registry import register
 from toolchain.data import Split
 from toolchain.finetune.train import seed_everything, train_classifier
-from toolchain.llm.helpers import load_tokenizer, prompt_task, save_model
+from toolchain.llm.helpers import PromptConfig, load_tokenizer, prompt_task, save_model
 from toolchain.llm.task import answer_loss, training_texts
+from toolchain.recipe.schema import FinetuneSection
 
 log = logging.getLogger("toolchain")
+
+
+class LlmFinetuneConfig(FinetuneSection, PromptConfig):
+    """The recipe's `finetune` section and the prompt the answers are trained after."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 @register(
     "llm-finetune",
     kind="hf-model",
     help="LoRA (or full) tuning on prompt + label word, the loss on the answer tokens; adapters merged.",
+    config=LlmFinetuneConfig,
 )
-def llm_finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+def llm_finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    cfg = ctx.recipe.finetune
+    cfg = ctx.config(LlmFinetuneConfig)
     seed_everything(cfg.seed)
     base = inputs["llm-base"].path
     tokenizer = load_tokenizer(base)
@@ -39,7 +49,7 @@ def llm_finetune(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    task = prompt_task(ctx)
+    task = prompt_task(cfg)
     train = ctx.train
     texts, answer_tokens = training_texts(task, tokenizer, train.texts, train.labels)
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -12,8 +12,8 @@ from typing import Any
 from toolchain.compile.export import check_parity
 from toolchain.compile.parity import REFERENCE
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
-from toolchain.core.registry import register
+from toolchain.core.context import StageContext
+from toolchain.core.registry import StageConfig, register
 
 # Model families the ORT transformer optimizer knows, by transformers' model_type.
 ORT_MODEL_TYPES = {
@@ -26,13 +26,22 @@ ORT_MODEL_TYPES = {
 }
 
 
-@register("optimize", kind="onnx", help="Fuse attention/LayerNorm/GELU with onnxruntime's transformer optimizer.")
-def optimize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+class OptimizeConfig(StageConfig):
+    atol: float  # largest allowed |fused - PyTorch| logit difference (the export's tolerance)
+
+
+@register(
+    "optimize",
+    kind="onnx",
+    help="Fuse attention/LayerNorm/GELU with onnxruntime's transformer optimizer.",
+    config=OptimizeConfig,
+)
+def optimize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from onnxruntime.transformers.optimizer import optimize_model
 
     exported = inputs["export"]
-    # the model the export was made from (its config names the fusions' model type); the export's id covers it
-    hf_dir = ctx.artifacts["distill" if "distill" in ctx.artifacts else "finetune"].path
+    # the model the export was made from: its config names the fusions' model type, heads and hidden size
+    hf_dir = inputs[next(k for k in call.inputs if k != "export")].path
     config = json.loads((hf_dir / "config.json").read_text())
     model = optimize_model(
         str(exported.file("model.onnx")),
@@ -47,7 +56,7 @@ def optimize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out:
         out / "model.onnx",
         hf_dir / "tokenizer.json",
         exported.file(REFERENCE),
-        call.config["atol"],
+        ctx.config(OptimizeConfig).atol,
         ctx.threads,
         "optimize",
     )

@@ -17,24 +17,29 @@ from typing import Any
 
 from toolchain.compile.parity import REFERENCE, compare
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
-from toolchain.core.registry import register
+from toolchain.core.context import StageContext
+from toolchain.core.registry import StageConfig, register
 from toolchain.errors import StageError
 
 log = logging.getLogger("toolchain")
+
+
+class OptimumBaselineConfig(StageConfig):
+    preset: str  # AutoQuantizationConfig's preset for this CPU: avx512_vnni, avx512, avx2 or arm64
 
 
 @register(
     "optimum-baseline",
     kind="onnx-quantized",
     help="Optimum's own path (export, ORTOptimizer O2, ORTQuantizer dynamic int8 for this CPU) as a baseline.",
+    config=OptimumBaselineConfig,
 )
-def optimum_baseline(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+def optimum_baseline(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     from optimum.onnxruntime import ORTModelForSequenceClassification, ORTOptimizer, ORTQuantizer
     from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
 
     src = inputs[call.inputs[0]].path  # the fine-tuned model, or the distilled student
-    preset = call.config["preset"]
+    preset = ctx.config(OptimumBaselineConfig).preset
     work = out / "work"
     model = ORTModelForSequenceClassification.from_pretrained(src, export=True)
     qconfig = getattr(AutoQuantizationConfig, preset)(is_static=False)
@@ -62,7 +67,7 @@ def optimum_baseline(ctx: RunContext, call: StageCall, inputs: dict[str, Artifac
     shutil.rmtree(work)
     drift = compare(
         out / "model.onnx",
-        ctx.artifacts["finetune"].file("tokenizer.json"),
+        src / "tokenizer.json",
         inputs["export"].file(REFERENCE),
         ctx.threads,
     )

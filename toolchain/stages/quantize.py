@@ -10,11 +10,10 @@ from typing import Any
 
 from toolchain.compile.graph import qdq_coverage
 from toolchain.compile.parity import REFERENCE, compare
-from toolchain.compile.quantize import build_variant, qat_variant
+from toolchain.compile.quantize import QuantizeConfig, build_variant, qat_variant
 from toolchain.core.artifact import Artifact, StageCall
-from toolchain.core.context import RunContext
+from toolchain.core.context import StageContext
 from toolchain.core.registry import register
-from toolchain.recipe.schema import QuantizeSpec
 
 
 @register(
@@ -23,14 +22,16 @@ from toolchain.recipe.schema import QuantizeSpec
     help="Quantize: dynamic int8, static int8 (calibrated QDQ), int4 weight-only, fp16, or keep a QAT Q/DQ export; "
     "optionally rank nodes by sensitivity and keep the worst in float.",
     version=5,  # 4: exclude auto targets the flip rate; 5: int4 rankings quantize one node at a time (`only` fixed)
+    config=QuantizeConfig,
 )
-def quantize(ctx: RunContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    spec = QuantizeSpec.model_validate(call.config)
-    (src,) = inputs.values()
+def quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    spec = ctx.config(QuantizeConfig)
+    src = inputs[call.inputs[0]]  # the graph it starts from (the finetune artifact for qat-qdq)
+    tokenizer = inputs["finetune"].file("tokenizer.json")
     if spec.mode == "qat-qdq":
         meta = qat_variant(ctx, spec, src, out)
     else:
-        meta = build_variant(ctx, spec, src.file("model.onnx"), out)
-    reference = ctx.artifacts["export"].file(REFERENCE)
-    drift = compare(out / "model.onnx", ctx.artifacts["finetune"].file("tokenizer.json"), reference, ctx.threads)
+        meta = build_variant(ctx, spec, src.file("model.onnx"), out, tokenizer)
+    # drift against the PyTorch reference logits the export computed
+    drift = compare(out / "model.onnx", tokenizer, inputs["export"].file(REFERENCE), ctx.threads)
     return {"mode": spec.mode, **meta, "drift_vs_pytorch": drift, "qdq": qdq_coverage(out / "model.onnx")}

@@ -46,6 +46,8 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     train, evl = ctx.splits
     data_identity = {"text": d.text, "label": d.label, "labels": d.labels}
     eval_identity = {**data_identity, "eval_sha256": evl.sha256, "eval_rows": len(evl)}
+    # the validation rows' hash, for the stages that read them
+    validation = {"validation_sha256": ctx.validation.sha256} if ctx.validation is not None else {}
     calls = [
         StageCall(
             "finetune",
@@ -56,7 +58,9 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
                 **data_identity,
                 "train_sha256": train.sha256,
                 "max_train_rows": d.max_train_rows,
+                **validation,
             },
+            settings={"checkpoint_every": ft.checkpoint_every, "access": recipe.model.model_dump(mode="json")},
         ),
     ]
     variants = [Variant("pytorch-fp32", "finetune", "pytorch", "fp32")]
@@ -71,14 +75,18 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
                 train_identity,
             )
         )
-        validation = ft.validation.model_dump(mode="json") if ft.validation else None
         calls.append(
             StageCall(
                 "distill",
                 "distill",
                 comp.distill.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
                 ("finetune", "teacher-logits"),
-                {**train_identity, "validation": validation},
+                {
+                    **train_identity,
+                    "validation": ft.validation.model_dump(mode="json") if ft.validation else None,
+                    **validation,
+                },
+                settings={"checkpoint_every": comp.distill.checkpoint_every},
             )
         )
         variants.append(Variant("pytorch-fp32-student", "distill", "pytorch", "fp32"))
@@ -95,7 +103,9 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     variants.append(Variant("onnx-fp32", "export", "onnx", "fp32"))
     fp32 = "export"
     if comp.optimize:
-        calls.append(StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export",), eval_identity))
+        calls.append(
+            StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export", model_key(recipe)), eval_identity)
+        )
         variants.append(Variant("onnx-fp32-optimized", "optimize", "onnx", "fp32"))
         fp32 = "optimize"
     for q in comp.quantize:
@@ -104,22 +114,27 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         # Static QDQ starts from the unfused export: ONNX shape inference cannot type the outputs of the fused
         # contrib ops (Attention, SkipLayerNormalization), and untyped activations are silently left unquantized.
         source = {"qat-qdq": "finetune", "static-int8": "export"}.get(q.mode, fp32)
-        identity = {
+        identity: dict[str, Any] = {
             **eval_identity,
             "export": comp.export.model_dump(mode="json"),
             "max_length": recipe.bundle.max_length,
+            "seed": ft.seed,  # of the calibration and selection samples
         }
         if q.mode == "static-int8" or q.ranks_nodes:  # calibrated on / selected with training rows
             identity["train_sha256"] = train.sha256
         if q.ranks_nodes:  # ranked and selected at the evaluation batch size, against the budget
+            identity |= validation
             identity["selection"] = {
                 "validation": ft.validation.model_dump(mode="json") if ft.validation else None,
-                "validation_sha256": ctx.validation.sha256 if ctx.validation is not None else None,
                 "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file) if q.auto_file else None,
                 "batch_size": recipe.evaluate.batch_size,
                 "max_accuracy_drop": recipe.budget.max_accuracy_drop,
             }
-        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (source,), identity))
+        if q.mode == "qat-qdq":  # rebuilds the fake-quant model the finetune stage trained
+            identity["finetune"] = ft.model_dump(mode="json", exclude=NOT_IN_STAGE_ID)
+        # the reference logits come from the export, the tokenizer from the fine-tuned model
+        inputs = tuple(dict.fromkeys((source, "export", "finetune")))
+        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), inputs, identity))
         variants.append(Variant(q.variant_name, key, "onnx", q.precision))
     if recipe.bench.optimum_baseline:
         calls.append(
@@ -301,9 +316,16 @@ class Classification:
                 "tokenizer": recipe.bundle.tokenizer,
                 "batch_size": recipe.evaluate.batch_size,
                 "budget": recipe.budget.model_dump(mode="json"),
+                "name": recipe.name,
+                "labels": recipe.data.labels,
+                "eval_file": recipe.data.eval,
             },
             tuple(dict.fromkeys(["finetune", *shipped, *(f"evaluate.{v.name}" for v in variants), "bench"])),
-            {"recipe": recipe.model_dump(mode="json")},
+            {
+                "recipe": recipe.model_dump(mode="json"),
+                "eval_sha256": ctx.eval.sha256,
+                "base_model": source_identity(recipe.model.source, recipe.model),
+            },
         )
 
     def write_report(self, ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:

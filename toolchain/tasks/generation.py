@@ -42,13 +42,21 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     task_identity = {"template": g.template, "chat": g.chat, "labels": d.labels, "text": d.text, "label": d.label}
     eval_identity = {**task_identity, "eval_sha256": evl.sha256, "eval_rows": len(evl), "stop_strings": g.stop_strings}
     calls = [
-        StageCall("llm-base", "llm-base", {}, (), {"model": source_identity(recipe.model.source, recipe.model)}),
+        StageCall(
+            "llm-base",
+            "llm-base",
+            {},
+            (),
+            {"model": source_identity(recipe.model.source, recipe.model)},
+            settings={"access": recipe.model.model_dump(mode="json")},
+        ),
         StageCall(
             "llm-finetune",
             "llm-finetune",
             ft.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
             ("llm-base",),
             {**task_identity, "train_sha256": train.sha256, "max_train_rows": d.max_train_rows},
+            settings={"checkpoint_every": ft.checkpoint_every},
         ),
         StageCall(
             "llm-export",
@@ -273,13 +281,29 @@ class Generation:
         return report.table(choice.rows, choice.verdicts)
 
     def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice) -> StageCall:
+        recipe, g = ctx.recipe, ctx.recipe.generation
+        assert g is not None
         source = next(v.source for v in variants if v.name == choice.shipped)
         return StageCall(
             "bundle",
             "llm-bundle",
-            {"shipped": choice.shipped, "budget": ctx.recipe.budget.model_dump(mode="json")},
+            {
+                "shipped": choice.shipped,
+                "budget": recipe.budget.model_dump(mode="json"),
+                "name": recipe.name,
+                "eval_file": recipe.data.eval,
+                "labels": recipe.data.labels,
+                "template": g.template,
+                "chat": g.chat,
+                "max_new_tokens": g.max_new_tokens,
+                "stop_strings": g.stop_strings,
+            },
             tuple(dict.fromkeys(["llm-finetune", source, f"llm-evaluate.{choice.shipped}", "llm-bench"])),
-            {"recipe": ctx.recipe.model_dump(mode="json")},
+            {
+                "recipe": recipe.model_dump(mode="json"),
+                "eval_sha256": ctx.eval.sha256,
+                "base_model": source_identity(recipe.model.source, recipe.model),
+            },
         )
 
     def write_report(self, ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
