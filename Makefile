@@ -1,5 +1,5 @@
 # make <recipe>   run recipes/<recipe>.yaml end to end (every recipe file gets a target; ARGS="key=value ..." overrides)
-# make test       the test suite;  make lint  ruff and mypy (strict on engine, core/, stages/);  make list  recipes and stages
+# make test       the test suite;  make lint  ruff and mypy (strict on engine, core/, stages/, tasks/, report/);  make list  recipes and stages
 # make bench-ci   the CI benchmark (bench/sst2-ci.yaml, timing re-measured) and its regression gate
 # make bench-baseline   re-measure and rewrite bench/baselines/sst2-ci.json (on purpose; commit it)
 # make node-example     install the Node.js example's packages (examples/node, from the npm registry)
@@ -52,7 +52,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check toolchain tests
-	$(VENV)/bin/mypy toolchain/engine.py toolchain/core toolchain/stages
+	$(VENV)/bin/mypy toolchain/engine.py toolchain/core toolchain/stages toolchain/tasks toolchain/report toolchain/choose.py toolchain/gate.py
 
 # Training and export are reused when cached; the timing is always measured again (--force bench).
 bench-ci: $(STAMP)

@@ -14,6 +14,7 @@ def row(name: str, fmt: str, acc: float, p50: float, mb: float, base_acc: float 
         "accuracy_drop": base_acc - acc,
         "size_bytes": int(mb * 1e6),
         "latency_ms": {"b1_s128": {"p50": p50}},
+        "latency_ratio_to_pytorch": {"b1_s128": p50 / 20.0},
     }
 
 

@@ -68,13 +68,25 @@ def test_a_missing_variant_fails_and_a_new_one_is_ignored() -> None:
 
 def fake_report(ratio: float, accuracy: float = 0.9) -> dict:
     def variant(name: str, p50: float, rounds: list[float], acc: float) -> dict:
+        """A whole row, as toolchain.report.rows.ClassifierRow has it (the gate checks rows read back)."""
+        stats = {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "cv": 0.01, "n": 50, "p50_ci95": [p50, p50]}
         return {
             "name": name,
+            "format": "pytorch" if name.startswith("pytorch") else "onnx",
+            "precision": "fp32" if name.startswith("pytorch") else "int8",
             "accuracy": acc,
             "correct": int(acc * 100),
+            "eval_rows": 100,
             "accuracy_drop": 0.9 - acc,
             "size_bytes": 23_000_000,
-            "latency_ms": {"b1_s128": {"p50": p50}},
+            "peak_rss_bytes": None,
+            "cold_start_seconds": None,
+            "latency_ms": {"b1_s128": stats | {"items_per_second": 1e3 / p50}},
+            "latency_samples_ms": {"b1_s128": [p50]},
+            "round_p50": {"b1_s128": rounds},
+            "parity": None,
+            "compression": {},
+            "artifact": "0" * 64,
             "latency_ratio_to_pytorch": {"b1_s128": p50 / 20.0},
             "latency_ratio_ci": {"b1_s128": [min(rounds) / 20.0, max(rounds) / 20.0]},
         }
@@ -115,6 +127,22 @@ def test_gate_and_baseline_commands(tmp_path: Path, capsys) -> None:
     assert "make bench-baseline" in capsys.readouterr().err
 
 
+def test_a_report_whose_rows_are_not_this_versions_is_named_with_the_fix(tmp_path: Path) -> None:
+    from toolchain.errors import ToolchainError
+
+    run = tmp_path / "runs" / "ci"
+    run.mkdir(parents=True)
+    report = fake_report(0.4)
+    del report["variants"][1]["latency_ratio_ci"]
+    (run / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ToolchainError, match=r"report\.json: its variants are not report rows.*run the recipe again"):
+        write_baseline(run, tmp_path / "b.json", 0.005, 0.1)
+    baseline = tmp_path / "bad.json"
+    baseline.write_text(json.dumps({"format_version": 1, "variants": {"x": {"correct": 1}}}))
+    with pytest.raises(ToolchainError, match=r"bad\.json: not a baseline of this version"):
+        run_gate(run, baseline)
+
+
 def test_summary_keeps_what_the_gate_reads() -> None:
     s = summarize(fake_report(0.4))
     assert set(s["variants"]) == {"pytorch-fp32", "onnx-int8"}
@@ -125,7 +153,21 @@ def generation_report(speedups: list[float], accuracy: float = 0.86) -> dict:
     """A generation report as report/generation.py writes it: decode tokens/s per round, PyTorch at 20 tokens/s."""
 
     def row(name: str, rounds: list[float] | None, acc: float) -> dict:
-        r = {"name": name, "accuracy": acc, "correct": round(acc * 872)}
+        """A whole row, as toolchain.report.rows.GeneratorRow has it."""
+        r = {
+            "name": name,
+            "format": "pytorch" if name.startswith("pytorch") else "onnx",
+            "precision": "fp32" if name.startswith("pytorch") else "int4",
+            "accuracy": acc,
+            "correct": round(acc * 872),
+            "eval_rows": 872,
+            "accuracy_drop": 0.878 - acc,
+            "size_bytes": 100_000_000,
+            "unparsed": 0,
+            "max_new_tokens": 4,
+            "eval_batch_size": 8,
+            "prefix_tokens": 0,
+        }
         if rounds is not None:
             r |= {"decode_tokens_per_second": sorted(rounds)[1], "decode_tokens_per_second_rounds": rounds}
             r["decode_speedup"] = sorted(rounds)[1] / 20.0

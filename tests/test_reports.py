@@ -72,3 +72,11 @@ def test_readme_blocks_update_from_each_kind_of_report(first_run, tiny_run: Path
     outside = [part.split("-->", 1)[-1] for part in text.split("<!--") if part.startswith(" generated")]
     assert text.startswith("# App\n\nintro\n\n<!-- results:start -->") and text.endswith("end -->\n\nend\n")
     assert "\n\nmiddle\n\n" in text and len(outside) == 2
+
+
+def test_report_rows_are_the_typed_rows(reports: dict[str, dict[str, Any]]) -> None:
+    """report.json's variants[] are exactly the rows toolchain.report.rows types (no key more, none missing)."""
+    from toolchain.report.rows import classifier_rows, generator_rows
+
+    assert len(classifier_rows().validate_python(reports["classification"]["variants"])) >= 3
+    assert len(generator_rows().validate_python(reports["generation"]["variants"])) >= 3

@@ -3,16 +3,17 @@ front of accuracy against latency that the report draws."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 from toolchain.core.task import Choice
 from toolchain.recipe.schema import BudgetSection
+from toolchain.report.rows import ClassifierRow
 
 BASELINE = "pytorch-fp32"
 OPTIMUM_BASELINE = "optimum-int8-dynamic"
 
 
-def choice_table(choice: Choice) -> str:
+def choice_table(choice: Choice[ClassifierRow]) -> str:
     """The variants with accuracy, latency at the choice's case, size and verdict (for a budget nothing meets)."""
     case = choice.latency_case
     lines = [
@@ -20,7 +21,7 @@ def choice_table(choice: Choice) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in choice.rows:
-        ratio = r.get("latency_ratio_to_pytorch", {}).get(case)
+        ratio = r["latency_ratio_to_pytorch"].get(case)
         lines.append(
             f"| {r['name']} | {r['accuracy'] * 100:.2f} | {r['accuracy_drop'] * 100:+.2f} | "
             f"{r['latency_ms'][case]['p50']:.2f} | {f'{1 / ratio:.2f}x' if ratio else '?'} | "
@@ -29,11 +30,10 @@ def choice_table(choice: Choice) -> str:
     return "\n".join(lines)
 
 
-def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:
-    """Rows carry name, format, accuracy, accuracy_drop, size_bytes and latency_ms[case]['p50']."""
+def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[ClassifierRow]:
     case = budget.latency_case
     choice = Choice(shipped=None, latency_case=case, rows=rows)
-    qualified = []
+    qualified: list[ClassifierRow] = []
     for r in rows:
         reasons = []
         if r["format"] != "onnx":
@@ -49,7 +49,7 @@ def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:
         p50 = r["latency_ms"][case]["p50"]
         if budget.max_latency_ms is not None and p50 > budget.max_latency_ms:
             reasons.append(f"p50 {p50:.2f} ms > budget {budget.max_latency_ms:.2f} ms")
-        ratio = r.get("latency_ratio_to_pytorch", {}).get(case)
+        ratio = r["latency_ratio_to_pytorch"].get(case)
         if budget.min_speedup is not None and ratio is not None and 1 / ratio < budget.min_speedup:
             reasons.append(f"speed-up {1 / ratio:.2f}x over PyTorch < budget {budget.min_speedup:.2f}x")
         mb = r["size_bytes"] / 1e6
@@ -73,7 +73,7 @@ def choose_variant(rows: list[dict[str, Any]], budget: BudgetSection) -> Choice:
     return choice
 
 
-def pareto_front(rows: list[dict[str, Any]], case: str) -> list[str]:
+def pareto_front(rows: Sequence[ClassifierRow], case: str) -> list[str]:
     """Names of the variants no other variant beats on both accuracy and p50 latency at `case` (ties kept),
     fastest first."""
     front = []

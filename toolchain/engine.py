@@ -8,6 +8,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from toolchain.core import faults
 from toolchain.core.artifact import StageCall, StageRecord
@@ -106,7 +107,7 @@ def run(recipe: Recipe, runs_root: Path | None = None, force: tuple[str, ...] = 
     return ctx
 
 
-def _run_worker(ctx: RunContext, task: Task, force: tuple[str, ...]) -> RunContext:
+def _run_worker(ctx: RunContext, task: Task[Any], force: tuple[str, ...]) -> RunContext:
     """A torchrun rank other than 0: train with the others in the task's distributed stage, write nothing, stop."""
     calls, _ = task.plan(ctx)
     call = next(c for c in calls if c.stage == task.distributed_stage)

@@ -20,8 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from toolchain.choose import BASELINE
 from toolchain.errors import ToolchainError
+from toolchain.report.rows import (
+    GateSummary,
+    GateVariant,
+    GeneratorRow,
+    classifier_rows,
+    gate_summary,
+    generator_rows,
+    problems,
+)
 
 FORMAT_VERSION = 1
 DEFAULT_ACCURACY_TOLERANCE = 0.005  # 0.5 points: about 4 rows of SST-2 dev
@@ -48,51 +59,55 @@ class Check:
         return f"| {self.variant} | {self.metric} | {self.baseline} | {self.current} | {self.limit} | {verdict} |"
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
+def summarize(report: dict[str, Any], where: Path | str = "report.json") -> GateSummary:
     """What a baseline keeps of a report: per variant, accuracy and each case's ratio to PyTorch with its range
     (a generation report: decode tokens/s against PyTorch, with the range of the per-round ratios)."""
     env = report["environment"]
-    if report.get("kind") == "generation":
-        return {
-            "format_version": FORMAT_VERSION,
-            "kind": "generation",
-            "recipe": report["recipe"],
-            "measured_at_commit": report.get("measured_at_commit"),
-            "environment": {k: env.get(k) for k in ("cpu_model", "cores_physical", "threads", "versions")},
-            "eval_rows": report["data"]["eval_rows"],
-            "variants": {r["name"]: _generation_variant(r, report["variants"]) for r in report["variants"]},
-        }
-    return {
+    head: GateSummary = {
         "format_version": FORMAT_VERSION,
         "recipe": report["recipe"],
         "measured_at_commit": report.get("measured_at_commit"),
         "environment": {k: env.get(k) for k in ("cpu_model", "cores_physical", "threads", "versions")},
         "eval_rows": report["data"]["eval_rows"],
-        "variants": {
+        "variants": {},
+    }
+    try:
+        if report.get("kind") == "generation":
+            rows = generator_rows().validate_python(report["variants"])
+            pt = next((r for r in rows if r["name"] == BASELINE), None)
+            head["kind"] = "generation"
+            head["variants"] = {r["name"]: _generation_variant(r, pt) for r in rows}
+            return head
+        head["variants"] = {
             r["name"]: {
                 "accuracy": r["accuracy"],
-                "correct": r.get("correct"),
+                "correct": r["correct"],
                 "p50_ms": {c: s["p50"] for c, s in r["latency_ms"].items()},
                 "ratio_to_pytorch": r["latency_ratio_to_pytorch"],
-                "ratio_range": r.get("latency_ratio_ci") or {},
+                "ratio_range": r["latency_ratio_ci"],
             }
-            for r in report["variants"]
-        },
-    }
+            for r in classifier_rows().validate_python(report["variants"])
+        }
+    except ValidationError as e:
+        raise ToolchainError(
+            f"{where}: its variants are not report rows of this version ({problems(e)}); run the recipe again"
+        ) from None
+    return head
 
 
-def _generation_variant(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {"accuracy": row["accuracy"], "correct": row.get("correct")}
-    if "decode_speedup" in row and row["name"] != BASELINE:
-        pt = next(r for r in rows if r["name"] == BASELINE)["decode_tokens_per_second_rounds"]
-        per_round = [a / b for a, b in zip(row["decode_tokens_per_second_rounds"], pt, strict=True)]
-        out |= {"decode_speedup": row["decode_speedup"], "decode_speedup_range": [min(per_round), max(per_round)]}
+def _generation_variant(row: GeneratorRow, pt: GeneratorRow | None) -> GateVariant:
+    out: GateVariant = {"accuracy": row["accuracy"], "correct": row["correct"]}
+    if "decode_speedup" in row and pt is not None and row["name"] != BASELINE:
+        mine, theirs = row.get("decode_tokens_per_second_rounds", []), pt.get("decode_tokens_per_second_rounds", [])
+        per_round = [a / b for a, b in zip(mine, theirs, strict=True)]
+        out["decode_speedup"] = row["decode_speedup"]
+        out["decode_speedup_range"] = [min(per_round), max(per_round)]
     return out
 
 
 def compare(
-    current: dict[str, Any],
-    baseline: dict[str, Any],
+    current: GateSummary,
+    baseline: GateSummary,
     accuracy_tolerance: float = DEFAULT_ACCURACY_TOLERANCE,
     latency_tolerance: float = DEFAULT_LATENCY_TOLERANCE,
 ) -> list[Check]:
@@ -163,18 +178,23 @@ def table(checks: list[Check]) -> str:
     return "\n".join(lines + [c.row() for c in checks])
 
 
-def load_baseline(path: Path) -> dict[str, Any]:
+def load_baseline(path: Path) -> GateSummary:
     if not path.is_file():
         raise ToolchainError(f"{path}: no baseline; create it on purpose with `make bench-baseline`")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ToolchainError(f"{path}: not valid JSON ({e}); recreate it with `make bench-baseline`") from None
-    if data.get("format_version") != FORMAT_VERSION or "variants" not in data:
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION or "variants" not in data:
         raise ToolchainError(
             f"{path}: not a baseline of format {FORMAT_VERSION}; recreate it with `make bench-baseline`"
         )
-    return data
+    try:
+        return gate_summary().validate_python(data)
+    except ValidationError as e:
+        raise ToolchainError(
+            f"{path}: not a baseline of this version ({problems(e)}); recreate it with `make bench-baseline`"
+        ) from None
 
 
 def run_gate(
@@ -195,7 +215,7 @@ def run_gate(
     lat_tol = (
         latency_tolerance if latency_tolerance is not None else tolerances.get("latency", DEFAULT_LATENCY_TOLERANCE)
     )
-    current = summarize(json.loads(report_path.read_text()))
+    current = summarize(json.loads(report_path.read_text()), report_path)
     kinds = (baseline.get("kind", "classifier"), current.get("kind", "classifier"))
     if kinds[0] != kinds[1]:
         raise ToolchainError(
@@ -225,9 +245,9 @@ def run_gate(
     return text
 
 
-def write_baseline(run_dir: Path, out: Path, accuracy_tolerance: float, latency_tolerance: float) -> dict[str, Any]:
+def write_baseline(run_dir: Path, out: Path, accuracy_tolerance: float, latency_tolerance: float) -> GateSummary:
     """Summarize a run into a baseline file (written atomically)."""
-    data = summarize(json.loads((run_dir / "report.json").read_text()))
+    data = summarize(json.loads((run_dir / "report.json").read_text()), run_dir / "report.json")
     data["tolerances"] = {"accuracy": accuracy_tolerance, "latency": latency_tolerance}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

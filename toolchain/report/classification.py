@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolchain.choose import BASELINE, OPTIMUM_BASELINE, pareto_front
-from toolchain.core.provenance import environment
 from toolchain.core.task import Choice
 from toolchain.evaluate.stats import ratio_interval
-from toolchain.report.common import atomic_write
+from toolchain.report.common import atomic_write, report_head, save_report
 from toolchain.report.plots import plot, plot_latency, plot_training
+from toolchain.report.rows import ClassifierRow
 
 if TYPE_CHECKING:
     from toolchain.core.context import RunContext
@@ -21,27 +21,12 @@ if TYPE_CHECKING:
 README_BLOCK = "results"
 
 
-def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
+def write(ctx: RunContext, rows: list[ClassifierRow], choice: Choice[ClassifierRow], bundle: Path | None) -> Path:
     """Write report.json, report.md and report.png into the run folder; returns the JSON path."""
     recipe = ctx.recipe
-    finetune = ctx.artifacts["finetune"].meta
     bench = json.loads(ctx.artifacts["bench"].file("bench.json").read_text())
-    data = {
-        "recipe": recipe.name,
-        "measured_at_commit": bench.get("git_commit"),
-        "recipe_file": str(recipe.path) if recipe.path else None,
-        "environment": environment(ctx.threads, ctx.versions),
-        "data": {
-            "train": recipe.data.train,
-            "train_rows": len(ctx.train),
-            "eval": recipe.data.eval,
-            "eval_rows": len(ctx.eval),
-        },
-        "finetune": {"method": recipe.finetune.method, **finetune},
+    data = report_head(ctx, bench, ctx.artifacts["finetune"].meta, rows, choice, bundle) | {
         "latency_case": choice.latency_case,
-        "budget": recipe.budget.model_dump(mode="json"),
-        "variants": rows,
-        "verdicts": choice.verdicts,
         "pareto_front": pareto_front(rows, choice.latency_case),
         "rounds": bench.get("rounds"),
         "targets": {
@@ -58,9 +43,6 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
                 if t != "cpu"
             },
         },
-        "shipped": choice.shipped,
-        "bundle": str(bundle) if bundle else None,
-        "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
         "resources": ctx.resources,
     }
     if bundle is not None and (bundle / "manifest.json").is_file():
@@ -83,10 +65,7 @@ def write(ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: P
     if train_log.is_file():
         log = json.loads(train_log.read_text())
         data["training"] = {"loss_curve": log["loss_curve"], "validation_curve": log.get("validation_curve", [])}
-    path = ctx.run_dir / "report.json"
-    atomic_write(path, json.dumps(data, indent=1))
-    render(path)
-    return path
+    return save_report(ctx, data, render)
 
 
 def render(report_json: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.core.provenance import environment
-from toolchain.report.common import atomic_write
+from toolchain.core.task import Choice
+from toolchain.report.common import atomic_write, report_head, save_report
+from toolchain.report.rows import GeneratorRow
 
 if TYPE_CHECKING:
     from toolchain.core.context import RunContext
@@ -15,46 +17,25 @@ if TYPE_CHECKING:
 README_BLOCK = "llm-results"
 
 
-def write(
-    ctx: RunContext, rows: list[dict[str, Any]], shipped: str | None, verdicts: dict[str, str], bundle: Path | None
-) -> Path:
+def write(ctx: RunContext, rows: list[GeneratorRow], choice: Choice[GeneratorRow], bundle: Path | None) -> Path:
+    """Write report.json, report.md and report.png into the run folder; returns the JSON path."""
     recipe = ctx.recipe
     g = recipe.generation
     assert g is not None
     bench = json.loads(ctx.artifacts["llm-bench"].file("bench.json").read_text())
     train_log = ctx.artifacts["llm-finetune"].file("train_log.json")
-    data = {
-        "kind": "generation",
-        "recipe": recipe.name,
-        "recipe_file": str(recipe.path) if recipe.path else None,
-        "measured_at_commit": bench.get("git_commit"),
-        "environment": environment(ctx.threads, ctx.versions),
+    data = {"kind": "generation"} | report_head(ctx, bench, ctx.artifacts["llm-finetune"].meta, rows, choice, bundle)
+    data |= {
         "model": {"source": recipe.model.source, **ctx.artifacts["llm-base"].meta},
-        "data": {
-            "train": recipe.data.train,
-            "train_rows": len(ctx.train),
-            "eval": recipe.data.eval,
-            "eval_rows": len(ctx.eval),
-        },
         "generation": g.model_dump(mode="json"),
-        "finetune": {"method": recipe.finetune.method, **ctx.artifacts["llm-finetune"].meta},
         "export": ctx.artifacts["llm-export"].meta,
         "quantize": {k: a.meta for k, a in ctx.artifacts.items() if k.startswith("llm-quantize.")},
-        "budget": recipe.budget.model_dump(mode="json"),
         "bench": {"threads": bench["threads"], "rounds": bench["rounds"]},
-        "variants": rows,
-        "verdicts": verdicts,
-        "shipped": shipped,
-        "bundle": str(bundle) if bundle else None,
-        "stages": [{"key": r.key, "status": r.status, "seconds": r.seconds, "id": r.id[:12]} for r in ctx.records],
         "training": {"loss_curve": json.loads(train_log.read_text()).get("loss_curve", [])}
         if train_log.is_file()
         else {},
     }
-    path = ctx.run_dir / "report.json"
-    atomic_write(path, json.dumps(data, indent=2))
-    render(path)
-    return path
+    return save_report(ctx, data, render)
 
 
 def render(report_json: Path) -> None:
@@ -67,7 +48,7 @@ def results_table(data: dict[str, Any]) -> str:
     return table(data["variants"], data.get("verdicts"))
 
 
-def table(rows: list[dict[str, Any]], verdicts: dict[str, str] | None = None) -> str:
+def table(rows: Sequence[Mapping[str, Any]], verdicts: dict[str, str] | None = None) -> str:
     head = (
         "| variant | accuracy % | Δ vs tuned fp32 (pts) | unparsed | greedy agreement with onnx-fp32 | MB | "
         "peak RSS MB | TTFT p50 ms | decode tokens/s | decode vs PyTorch |"
@@ -96,10 +77,10 @@ def table(rows: list[dict[str, Any]], verdicts: dict[str, str] | None = None) ->
     return "\n".join(lines)
 
 
-def answer_method(rows: list[dict[str, Any]]) -> str:
+def answer_method(rows: Sequence[Mapping[str, Any]]) -> str:
     """How the answers were generated (older reports lack the fields)."""
     batch = {r.get("eval_batch_size") for r in rows}
-    prefix = {r.get("prefix_tokens") for r in rows}
+    prefix = {r.get("prefix_tokens") or 0 for r in rows}
     if None in batch or len(batch) != 1:
         return ""
     shared = f", the {max(prefix)} tokens every prompt starts with run once and reused" if max(prefix) else ""

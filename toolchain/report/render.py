@@ -22,7 +22,8 @@ def render(report_json: Path) -> None:
 
 def results_table(data: dict[str, Any]) -> str:
     """The variants side by side: the table the README and CI print."""
-    return _kind(data).results_table(data)
+    table: str = _kind(data).results_table(data)
+    return table
 
 
 def update_readme(readme: Path, report_json: Path) -> None:

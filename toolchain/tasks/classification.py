@@ -28,6 +28,7 @@ from toolchain.evaluate.stats import ratio_interval
 from toolchain.models import resolve_source, source_identity
 from toolchain.recipe.schema import NOT_IN_STAGE_ID, Recipe
 from toolchain.report import classification as report
+from toolchain.report.rows import ClassifierRow, LatencyCase
 from toolchain.runtime import sha256_file
 
 log = logging.getLogger("toolchain")
@@ -177,58 +178,66 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     return calls, variants
 
 
-def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
-    """One row per variant: accuracy (whole eval split), size, latency percentiles per case, raw samples."""
+def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[ClassifierRow]:
+    """One row per variant: accuracy (whole eval split), size, latency percentiles per case, raw samples, and how it
+    compares with the PyTorch fp32 baseline (accuracy drop, latency ratios, changed predictions)."""
     bench = json.loads(ctx.artifacts["bench"].file("bench.json").read_text())
+    metrics = {
+        v.name: json.loads(ctx.artifacts[f"evaluate.{v.name}"].file("metrics.json").read_text()) for v in variants
+    }
+    base = next((v for v in variants if v.name == BASELINE), variants[0])
+    base_cases = bench["variants"][base.name]["cases"]
     rows = []
-    predictions = {}
     for v in variants:
-        metrics = json.loads(ctx.artifacts[f"evaluate.{v.name}"].file("metrics.json").read_text())
-        predictions[v.name] = metrics
-        b = bench["variants"][v.name]
-        meta = ctx.artifacts[v.source].meta
-        rows.append(
-            {
-                "name": v.name,
-                "format": v.format,
-                "precision": v.precision,
-                "accuracy": metrics["accuracy"],
-                "correct": metrics["correct"],
-                "eval_rows": metrics["rows"],
-                "size_bytes": b["size_bytes"],
-                "peak_rss_bytes": b.get("peak_rss_bytes"),
-                "cold_start_seconds": b.get("cold_start_seconds"),
-                "latency_ms": {
-                    c: {k: r[k] for k in ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")}
-                    for c, r in b["cases"].items()
-                },
-                "latency_samples_ms": {c: r["samples_ms"] for c, r in b["cases"].items()},
-                "round_p50": {c: r["round_p50"] for c, r in b["cases"].items() if "round_p50" in r},
-                "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
-                "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
-                "artifact": ctx.artifacts[v.source].id,
-            }
-        )
-    base = next((r for r in rows if r["name"] == BASELINE), rows[0])
-    for r in rows:
-        if r["name"] != base["name"]:
-            r["changed_vs_fp32"] = changed_predictions(
-                predictions[base["name"]],
-                predictions[r["name"]],
+        m, b, meta = metrics[v.name], bench["variants"][v.name], ctx.artifacts[v.source].meta
+        cases = b["cases"]
+        row: ClassifierRow = {
+            "name": v.name,
+            "format": v.format,
+            "precision": v.precision,
+            "accuracy": m["accuracy"],
+            "correct": m["correct"],
+            "eval_rows": m["rows"],
+            "accuracy_drop": metrics[base.name]["accuracy"] - m["accuracy"],
+            "size_bytes": b["size_bytes"],
+            "peak_rss_bytes": b.get("peak_rss_bytes"),
+            "cold_start_seconds": b.get("cold_start_seconds"),
+            "latency_ms": {c: latency_case(r) for c, r in cases.items()},
+            "latency_samples_ms": {c: r["samples_ms"] for c, r in cases.items()},
+            "round_p50": {c: r["round_p50"] for c, r in cases.items() if "round_p50" in r},
+            "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
+            "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
+            "artifact": ctx.artifacts[v.source].id,
+            "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},
+            "latency_ratio_ci": {
+                c: ratio_interval(cases[c]["round_p50"], base_cases[c]["round_p50"])
+                for c in cases
+                if cases[c].get("round_p50") and base_cases[c].get("round_p50")
+            },
+        }
+        if v.name != base.name:
+            row["changed_vs_fp32"] = changed_predictions(
+                metrics[base.name],
+                m,
                 ctx.eval.texts,
                 ctx.eval.labels.tolist(),
                 ctx.recipe.data.labels,
             )
-        r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
-        r["latency_ratio_to_pytorch"] = {
-            c: r["latency_ms"][c]["p50"] / base["latency_ms"][c]["p50"] for c in r["latency_ms"]
-        }
-        r["latency_ratio_ci"] = {
-            c: ratio_interval(r["round_p50"][c], base["round_p50"][c])
-            for c in r["latency_ms"]
-            if r.get("round_p50", {}).get(c) and base.get("round_p50", {}).get(c)
-        }
+        rows.append(row)
     return rows
+
+
+def latency_case(r: dict[str, Any]) -> LatencyCase:
+    return {
+        "p50": r["p50"],
+        "p90": r["p90"],
+        "p99": r["p99"],
+        "mean": r["mean"],
+        "cv": r["cv"],
+        "n": r["n"],
+        "p50_ci95": r["p50_ci95"],
+        "items_per_second": r["items_per_second"],
+    }
 
 
 def changed_predictions(
@@ -238,7 +247,7 @@ def changed_predictions(
     variant wrong), `fixed` (the reverse), `other` (both wrong, differently). The first `keep` changed rows, in
     eval order, are listed with both predictions and confidences."""
     counts = {"broken": 0, "fixed": 0, "other": 0}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, (a, b) in enumerate(zip(base["predictions"], other["predictions"], strict=True)):
         if a == b:
             continue
@@ -283,7 +292,7 @@ def expect_resources(ctx: RunContext) -> dict[str, Any]:
 
 class Classification:
     name = "classification"
-    distributed_stage = "finetune"
+    distributed_stage: str | None = "finetune"
 
     def matches(self, recipe: Recipe) -> bool:
         return recipe.generation is None
@@ -294,16 +303,16 @@ class Classification:
     def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         return plan(ctx)
 
-    def rows(self, ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
+    def rows(self, ctx: RunContext, variants: list[Variant]) -> list[ClassifierRow]:
         return variant_rows(ctx, variants)
 
-    def choose(self, rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
+    def choose(self, rows: list[ClassifierRow], recipe: Recipe) -> Choice[ClassifierRow]:
         return choose_variant(rows, recipe.budget)
 
-    def explain(self, choice: Choice) -> str:
+    def explain(self, choice: Choice[ClassifierRow]) -> str:
         return choice_table(choice)
 
-    def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice) -> StageCall:
+    def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice[ClassifierRow]) -> StageCall:
         recipe = ctx.recipe
         shipped = [v.source for v in variants if v.name == choice.shipped]
         return StageCall(
@@ -328,7 +337,9 @@ class Classification:
             },
         )
 
-    def write_report(self, ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
+    def write_report(
+        self, ctx: RunContext, rows: list[ClassifierRow], choice: Choice[ClassifierRow], bundle: Path | None
+    ) -> Path:
         return report.write(ctx, rows, choice, bundle=bundle)
 
 

@@ -25,6 +25,7 @@ from toolchain.core.task import Choice, Variant, register_task
 from toolchain.models import gguf_file, resolve_source, source_identity
 from toolchain.recipe.schema import NOT_IN_STAGE_ID, Recipe
 from toolchain.report import generation as report
+from toolchain.report.rows import GeneratorRow
 from toolchain.resources import GB, ResourceError
 from toolchain.runtime import sha256_file
 
@@ -73,7 +74,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     ]
     for q in recipe.compile.quantize:
         key = f"llm-quantize.{q.variant_name}"
-        config = {
+        config: dict[str, Any] = {
             "bits": q.weight_bits,
             "block_size": q.block_size,
             "symmetric": q.symmetric,
@@ -82,8 +83,9 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             "int8_nodes": q.int8_nodes,
         }
         inputs: tuple[str, ...] = ("llm-export",)
-        identity = {}
+        identity: dict[str, Any] = {}
         if q.sensitivity:
+            assert q.auto_file is not None  # the schema requires it with sensitivity
             config |= {"sensitivity": True, "auto_file": q.auto_file, "sensitivity_rows": q.sensitivity_rows}
             inputs = ("llm-export", "llm-finetune")
             identity = {**task_identity, "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file)}
@@ -128,7 +130,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     return calls, variants
 
 
-def rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
+def rows(ctx: RunContext, variants: list[Variant]) -> list[GeneratorRow]:
     """One row per variant: accuracy, agreement with onnx-fp32, size, timings (untuned: accuracy only)."""
     bench = json.loads(ctx.artifacts["llm-bench"].file("bench.json").read_text())["variants"]
     reference = _agreement_ids(ctx, "onnx-fp32")
@@ -142,7 +144,7 @@ def rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
             if v.format == "pytorch"
             else art.file("model.onnx").stat().st_size
         )
-        row: dict[str, Any] = {
+        row: GeneratorRow = {
             "name": v.name,
             "format": v.format,
             "precision": v.precision,
@@ -161,17 +163,15 @@ def rows(ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
             row["agreement_with_onnx_fp32"] = agreement(ids, reference)
         if v.name in bench:
             b = bench[v.name]
-            row |= {
-                "ttft_ms": b["ttft_ms"],
-                "decode_tokens_per_second": b["decode_tokens_per_second"],
-                "decode_tokens_per_second_rounds": b["decode_tokens_per_second_rounds"],
-                "peak_rss_bytes": b["peak_rss_bytes"],
-                "load_seconds": b["load_seconds"],
-            }
+            row["ttft_ms"] = b["ttft_ms"]
+            row["decode_tokens_per_second"] = b["decode_tokens_per_second"]
+            row["decode_tokens_per_second_rounds"] = b["decode_tokens_per_second_rounds"]
+            row["peak_rss_bytes"] = b["peak_rss_bytes"]
+            row["load_seconds"] = b["load_seconds"]
         out.append(row)
     pt = next(r for r in out if r["name"] == BASELINE)
     for r in out:
-        if "decode_tokens_per_second" in r:
+        if "decode_tokens_per_second" in r and "decode_tokens_per_second" in pt:
             r["decode_speedup"] = r["decode_tokens_per_second"] / pt["decode_tokens_per_second"]
     return out
 
@@ -180,7 +180,8 @@ def _agreement_ids(ctx: RunContext, name: str) -> list[list[int]] | None:
     art = ctx.artifacts.get(f"llm-evaluate.{name}")
     if art is None or not art.file("agreement.json").is_file():
         return None
-    return json.loads(art.file("agreement.json").read_text())
+    ids: list[list[int]] = json.loads(art.file("agreement.json").read_text())
+    return ids
 
 
 def agreement(ids: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
@@ -202,11 +203,11 @@ def agreement(ids: list[list[int]], reference: list[list[int]]) -> dict[str, Any
     }
 
 
-def choose(rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
+def choose(rows: list[GeneratorRow], recipe: Recipe) -> Choice[GeneratorRow]:
     """The ONNX variant with the most decode tokens/s among those within every budget."""
     b = recipe.budget
     verdicts: dict[str, str] = {}
-    qualified = []
+    qualified: list[GeneratorRow] = []
     for r in rows:
         if r["format"] != "onnx":
             verdicts[r["name"]] = "baseline (not shippable: the bundle is ONNX)"
@@ -214,8 +215,9 @@ def choose(rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
         reasons = []
         if r["accuracy_drop"] > b.max_accuracy_drop + 1e-9:
             reasons.append(f"accuracy drop {r['accuracy_drop'] * 100:.2f} pts > budget {b.max_accuracy_drop * 100:.2f}")
-        if b.min_speedup is not None and r["decode_speedup"] < b.min_speedup:
-            reasons.append(f"decode {r['decode_speedup']:.2f}x PyTorch < budget {b.min_speedup:.2f}x")
+        speedup = r.get("decode_speedup", 0.0)  # every ONNX variant is timed
+        if b.min_speedup is not None and speedup < b.min_speedup:
+            reasons.append(f"decode {speedup:.2f}x PyTorch < budget {b.min_speedup:.2f}x")
         if b.max_size_mb is not None and r["size_bytes"] / 1e6 > b.max_size_mb:
             reasons.append(f"{r['size_bytes'] / 1e6:.1f} MB > budget {b.max_size_mb:.1f} MB")
         if reasons:
@@ -224,7 +226,7 @@ def choose(rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
             qualified.append(r)
     if not qualified:
         return Choice(None, "decode_tokens_per_second", verdicts, rows)
-    best = max(qualified, key=lambda r: r["decode_tokens_per_second"])
+    best = max(qualified, key=lambda r: r.get("decode_tokens_per_second", 0.0))
     for r in qualified:
         verdicts[r["name"]] = "shipped: most decode tokens/s within budget" if r is best else "within budget, slower"
     return Choice(best["name"], "decode_tokens_per_second", verdicts, rows)
@@ -259,7 +261,7 @@ def _fp32_bytes(folder: Path) -> int:
 
 class Generation:
     name = "generation"
-    distributed_stage = None  # LoRA on a decoder trains in one process
+    distributed_stage: str | None = None  # LoRA on a decoder trains in one process
 
     def matches(self, recipe: Recipe) -> bool:
         return recipe.generation is not None
@@ -271,16 +273,16 @@ class Generation:
     def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         return plan(ctx)
 
-    def rows(self, ctx: RunContext, variants: list[Variant]) -> list[dict[str, Any]]:
+    def rows(self, ctx: RunContext, variants: list[Variant]) -> list[GeneratorRow]:
         return rows(ctx, variants)
 
-    def choose(self, rows: list[dict[str, Any]], recipe: Recipe) -> Choice:
+    def choose(self, rows: list[GeneratorRow], recipe: Recipe) -> Choice[GeneratorRow]:
         return choose(rows, recipe)
 
-    def explain(self, choice: Choice) -> str:
+    def explain(self, choice: Choice[GeneratorRow]) -> str:
         return report.table(choice.rows, choice.verdicts)
 
-    def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice) -> StageCall:
+    def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice[GeneratorRow]) -> StageCall:
         recipe, g = ctx.recipe, ctx.recipe.generation
         assert g is not None
         source = next(v.source for v in variants if v.name == choice.shipped)
@@ -306,8 +308,10 @@ class Generation:
             },
         )
 
-    def write_report(self, ctx: RunContext, rows: list[dict[str, Any]], choice: Choice, bundle: Path | None) -> Path:
-        return report.write(ctx, rows, choice.shipped, choice.verdicts, bundle)
+    def write_report(
+        self, ctx: RunContext, rows: list[GeneratorRow], choice: Choice[GeneratorRow], bundle: Path | None
+    ) -> Path:
+        return report.write(ctx, rows, choice, bundle)
 
 
 register_task(Generation())

@@ -1,0 +1,109 @@
+"""The typed records the tasks, the choice, the reports and the CI gate pass around: one report row per variant
+(report.json's `variants[]`, as a TypedDict so the JSON keeps its shape), and the gate's summary of a report.
+`classifier_rows().validate_python(...)` (and the others) check records read back from JSON, keys included."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, NotRequired
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic validates these on Python 3.11 only in this form
+
+from toolchain.core.task import Row
+
+FORBID = ConfigDict(extra="forbid")
+
+
+@with_config(FORBID)
+class LatencyCase(TypedDict):
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    cv: float
+    n: int
+    p50_ci95: list[float]
+    items_per_second: float
+
+
+@with_config(FORBID)
+class ClassifierRow(Row):
+    """A classifier variant: accuracy on the whole eval split, latency per bench case, memory, parity, what changed."""
+
+    peak_rss_bytes: int | None
+    cold_start_seconds: float | None
+    latency_ms: dict[str, LatencyCase]  # bench case (b1_s128, ...) -> percentiles
+    latency_samples_ms: dict[str, list[float]]
+    round_p50: dict[str, list[float]]  # each round's p50, per case
+    parity: dict[str, Any] | None  # |variant - PyTorch| on the parity rows
+    compression: dict[str, Any]  # mode, excluded nodes, sensitivity, exclude auto
+    artifact: str  # the id of the artifact holding the model
+    changed_vs_fp32: NotRequired[dict[str, Any]]  # rows whose prediction differs from the baseline's
+    latency_ratio_to_pytorch: dict[str, float]  # p50 / PyTorch's p50, per case
+    latency_ratio_ci: dict[str, list[float]]  # range of the per-round ratios, per case
+
+
+@with_config(FORBID)
+class GeneratorRow(Row):
+    """A decoder variant: accuracy from greedy answers, agreement with the fp32 graph, decode speed."""
+
+    unparsed: int
+    max_new_tokens: int
+    eval_batch_size: int | None
+    prefix_tokens: int
+    agreement_with_onnx_fp32: NotRequired[dict[str, Any]]
+    ttft_ms: NotRequired[dict[str, float]]
+    decode_tokens_per_second: NotRequired[float]
+    decode_tokens_per_second_rounds: NotRequired[list[float]]
+    peak_rss_bytes: NotRequired[int]
+    load_seconds: NotRequired[float]
+    decode_speedup: NotRequired[float]  # vs PyTorch fp32
+
+
+def problems(error: ValidationError, limit: int = 5) -> str:
+    """A validation error in one line: where and what, for the first few problems."""
+    found = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].lower()}" for e in error.errors()]
+    return "; ".join(found[:limit]) + (f" (and {len(found) - limit} more)" if len(found) > limit else "")
+
+
+@cache
+def classifier_rows() -> TypeAdapter[list[ClassifierRow]]:
+    return TypeAdapter(list[ClassifierRow])
+
+
+@cache
+def generator_rows() -> TypeAdapter[list[GeneratorRow]]:
+    return TypeAdapter(list[GeneratorRow])
+
+
+@with_config(FORBID)
+class GateVariant(TypedDict):
+    """One variant in the gate's summary of a report (and in a committed baseline)."""
+
+    accuracy: float
+    correct: int | None
+    p50_ms: NotRequired[dict[str, float]]
+    ratio_to_pytorch: NotRequired[dict[str, float]]
+    ratio_range: NotRequired[dict[str, list[float]]]
+    decode_speedup: NotRequired[float]
+    decode_speedup_range: NotRequired[list[float]]
+
+
+@with_config(FORBID)
+class GateSummary(TypedDict):
+    """What the gate compares: a report's accuracies and speed ratios with where they were measured."""
+
+    recipe: str
+    measured_at_commit: str | None
+    environment: dict[str, Any]
+    eval_rows: int
+    variants: dict[str, GateVariant]
+    kind: NotRequired[str]
+    format_version: NotRequired[int]
+    tolerances: NotRequired[dict[str, float]]
+
+
+@cache
+def gate_summary() -> TypeAdapter[GateSummary]:
+    return TypeAdapter(GateSummary)
