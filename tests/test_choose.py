@@ -11,6 +11,7 @@ def row(name: str, fmt: str, acc: float, p50: float, mb: float, base_acc: float 
         "name": name,
         "format": fmt,
         "accuracy": acc,
+        "correct": round(acc * 872),
         "accuracy_drop": base_acc - acc,
         "size_bytes": int(mb * 1e6),
         "latency_ms": {"b1_s128": {"p50": p50}},
@@ -86,3 +87,33 @@ def test_pareto_front_drops_dominated_variants() -> None:
     rows = [*ROWS, row("slow-and-bad", "onnx", 0.80, 30.0, 10), row("tie", "onnx", 0.895, 10.0, 23)]
     # onnx-fp32 (0.90 at 19 ms) dominates pytorch-fp32 (0.90 at 20 ms); equal points both stay
     assert pareto_front(rows, "b1_s128") == ["onnx-int4", "onnx-int8", "tie", "onnx-fp32"]
+
+
+def _with_rounds(r: dict, rounds: list[float], correct: int) -> dict:
+    return r | {"round_p50": {"b1_s128": rounds}, "correct": correct}
+
+
+def test_overlapping_latency_ranges_ship_the_more_accurate_then_the_smaller() -> None:
+    """Two variants as fast as each other within the rounds' range: the choice stops picking by noise (the QAT Q/DQ
+    graph was shipped over a smaller, more accurate dynamic int8 for being 0.1 ms faster)."""
+    qdq = _with_rounds(row("onnx-qat-qdq", "onnx", 0.8739, 6.25, 59.3, base_acc=0.8773), [6.1, 6.25, 6.5], 762)
+    dyn = _with_rounds(row("onnx-int8-dynamic", "onnx", 0.8773, 6.35, 23.0, base_acc=0.8773), [6.2, 6.35, 6.6], 765)
+    slow = _with_rounds(row("onnx-fp32", "onnx", 0.8773, 12.0, 91.0, base_acc=0.8773), [11.8, 12.0, 12.3], 765)
+    base = _with_rounds(row("pytorch-fp32", "pytorch", 0.8773, 20.0, 91.0, base_acc=0.8773), [20.0, 20.0, 20.0], 765)
+    c = choose_variant([base, qdq, dyn, slow], BudgetSection(max_accuracy_drop=0.01))
+    assert c.shipped == "onnx-int8-dynamic"
+    assert "more accurate" in c.verdicts["onnx-int8-dynamic"]
+    assert c.verdicts["onnx-qat-qdq"].startswith("within budget, as fast as onnx-int8-dynamic")
+    assert c.verdicts["onnx-fp32"].startswith("within budget, slower than onnx-int8-dynamic")
+    # as accurate: the smaller ships
+    same = _with_rounds(row("onnx-int8-dynamic", "onnx", 0.8739, 6.35, 23.0, base_acc=0.8773), [6.2, 6.35, 6.6], 762)
+    assert choose_variant([base, qdq, same], BudgetSection(max_accuracy_drop=0.01)).shipped == "onnx-int8-dynamic"
+    # ranges apart: the faster ships even when less accurate
+    apart = _with_rounds(row("onnx-int8-dynamic", "onnx", 0.8773, 7.5, 23.0, base_acc=0.8773), [7.3, 7.5, 7.8], 765)
+    assert choose_variant([base, qdq, apart], BudgetSection(max_accuracy_drop=0.01)).shipped == "onnx-qat-qdq"
+
+
+def test_peers_are_never_shipped() -> None:
+    fast_peer = row("openvino-nncf-int8", "openvino", 0.90, 1.0, 10, base_acc=0.8773)
+    c = choose_variant([*ROWS, fast_peer], BudgetSection(max_accuracy_drop=0.01))
+    assert c.shipped == "onnx-int8" and c.verdicts["openvino-nncf-int8"].startswith("peer: ")

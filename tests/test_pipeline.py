@@ -31,9 +31,18 @@ def test_report_contract_and_numbers(first_run) -> None:
     for key in ("cpu_model", "cores_physical", "threads", "versions", "git_commit"):
         assert key in rep["environment"]
     names = [v["name"] for v in rep["variants"]]
-    assert names == ["pytorch-fp32", "onnx-fp32", "onnx-fp32-optimized", "onnx-int8-dynamic", "optimum-int8-dynamic"]
+    assert names == [
+        "pytorch-fp32",
+        "onnx-fp32",
+        "onnx-fp32-optimized",
+        "onnx-int8-dynamic",
+        "optimum-int8-dynamic",
+        "openvino-bf16",
+        "openvino-nncf-int8",
+    ]
     for v in rep["variants"]:
-        assert v["format"] in ("pytorch", "onnx") and v["precision"] in ("fp32", "int8")
+        assert v["format"] in ("pytorch", "onnx", "openvino") and v["precision"] in ("fp32", "int8", "bf16")
+        assert v["peer"] == (v["name"] in ("optimum-int8-dynamic", "openvino-bf16", "openvino-nncf-int8"))
         assert 0 <= v["accuracy"] <= 1 and v["size_bytes"] > 0
         assert v["peak_rss_bytes"] > 50e6 and v["cold_start_seconds"] > 0  # measured in its own process
         assert set(v["latency_ms"]) == {"b1_s32", "b4_s32", "b1_real", "b4_real"}
@@ -48,7 +57,7 @@ def test_report_contract_and_numbers(first_run) -> None:
     assert by["pytorch-fp32"]["accuracy"] > majority + 0.03
     # int8 weights are about a quarter of fp32 (the embedding table stays fp32 in dynamic quantization).
     assert by["onnx-int8-dynamic"]["size_bytes"] < 0.6 * by["onnx-fp32"]["size_bytes"]
-    assert rep["shipped"] in names[1:]
+    assert rep["shipped"] in names[1:4]  # never a peer
     assert (runs / "tiny" / "report.md").read_text().count("|") > 50
     assert (runs / "tiny" / "report.png").stat().st_size > 5000
     assert (runs / "tiny" / "report_training.png").stat().st_size > 5000
@@ -73,10 +82,20 @@ def test_rounds_optimum_baseline_and_targets_in_the_report(first_run) -> None:
     optimum = ctx.artifacts["optimum-baseline"].meta
     assert optimum["preset"] in ("avx512_vnni", "avx512", "avx2", "arm64") and optimum["optimization"] in ("O2", "O1")
     assert optimum["optimization"] == "O2" or "Unable to find data type" in optimum["failed_levels"]["O2"]
-    assert rep["verdicts"]["optimum-int8-dynamic"].startswith("reference")
+    for peer in ("optimum-int8-dynamic", "openvino-bf16", "openvino-nncf-int8"):
+        assert rep["verdicts"][peer].startswith("peer: ") and "never shipped" in rep["verdicts"][peer]
     assert by["optimum-int8-dynamic"]["size_bytes"] < 0.6 * by["onnx-fp32"]["size_bytes"]
+    # OpenVINO's peers, run by OpenVINO: bf16 inference of the fp32 export (same file), NNCF's int8 IR (smaller);
+    # both agree with PyTorch on most eval rows
+    assert by["openvino-bf16"]["size_bytes"] == by["onnx-fp32"]["size_bytes"]
+    assert by["openvino-nncf-int8"]["size_bytes"] < 0.6 * by["onnx-fp32"]["size_bytes"]
+    nncf = ctx.artifacts["openvino-nncf-baseline"].meta
+    assert nncf["calibration_rows"] == 300 and nncf["drift_vs_pytorch"]["argmax_agreement"] >= 0.8
+    for peer in ("openvino-bf16", "openvino-nncf-int8"):
+        assert by[peer]["changed_vs_fp32"]["changed"] <= 0.1 * len(ctx.eval)
     md = (runs / "tiny" / "report.md").read_text()
-    assert "## Against Optimum" in md and f"shipped `{rep['shipped']}`" in md
+    assert "## Against the peers" in md and f"shipped `{rep['shipped']}`" in md
+    assert "`openvino-nncf-int8` (shipped / peer)" in md
     assert (runs / "tiny" / "report_latency.png").stat().st_size > 5000
     # a provider this onnxruntime build lacks is skipped with the reason, not silently
     have = ort.get_available_providers()
@@ -347,7 +366,7 @@ def test_budget_no_variant_meets_fails_with_exit_3_and_the_table(first_run, tmp_
         assert f"| {name} |" in err and "> budget 0.00 ms" in err
     report = json.loads((runs_copy / "tiny" / "report.json").read_text())
     assert report["shipped"] is None and all(
-        v.startswith(("rejected", "baseline", "reference")) for v in report["verdicts"].values()
+        v.startswith(("rejected", "baseline", "peer")) for v in report["verdicts"].values()
     )
 
 

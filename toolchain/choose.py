@@ -1,5 +1,7 @@
-"""Choosing the variant to ship: the fastest ONNX variant that meets every budget of the recipe; and the Pareto
-front of accuracy against latency that the report draws."""
+"""Choosing the variant to ship: among the ONNX variants that meet every budget of the recipe, the fastest, unless
+another one's latency range overlaps the fastest's (the two are as fast within the measured noise): then the more
+accurate of those, then the smaller. Peers (other tools' defaults on the same weights) are compared, never shipped.
+Also the Pareto front of accuracy against latency that the report draws."""
 
 from __future__ import annotations
 
@@ -11,6 +13,13 @@ from toolchain.report.rows import ClassifierRow
 
 BASELINE = "pytorch-fp32"
 OPTIMUM_BASELINE = "optimum-int8-dynamic"
+OPENVINO_BF16 = "openvino-bf16"
+OPENVINO_NNCF = "openvino-nncf-int8"
+PEERS = {
+    OPTIMUM_BASELINE: "Optimum's default path",
+    OPENVINO_BF16: "OpenVINO's bf16 inference",
+    OPENVINO_NNCF: "NNCF's default int8 path",
+}
 
 
 def choice_table(choice: Choice[ClassifierRow]) -> str:
@@ -36,11 +45,11 @@ def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[C
     qualified: list[ClassifierRow] = []
     for r in rows:
         reasons = []
+        if r["name"] in PEERS:
+            choice.verdicts[r["name"]] = f"peer: what {PEERS[r['name']]} makes from the same weights (never shipped)"
+            continue
         if r["format"] != "onnx":
             choice.verdicts[r["name"]] = "baseline (not shippable: the bundle is ONNX)"
-            continue
-        if r["name"] == OPTIMUM_BASELINE:
-            choice.verdicts[r["name"]] = "reference: what Optimum's default path makes from the same weights"
             continue
         drop = r["accuracy_drop"]
         # Accuracy is a count over the eval rows: compare in rows, not in floats, so 1 row == 1 row.
@@ -59,18 +68,36 @@ def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[C
             choice.verdicts[r["name"]] = "rejected: " + "; ".join(reasons)
         else:
             qualified.append(r)
+    if not qualified:
+        return choice
     qualified.sort(key=lambda r: (r["latency_ms"][case]["p50"], r["size_bytes"]))
-    for rank, r in enumerate(qualified):
-        if rank == 0:
-            choice.shipped = r["name"]
-            choice.verdicts[r["name"]] = f"shipped: fastest within budget at {case}"
+    fastest = qualified[0]
+    tied = [r for r in qualified if latency_range(r, case)[0] <= latency_range(fastest, case)[1]]
+    best = max(tied, key=lambda r: (r["correct"], -r["size_bytes"], -r["latency_ms"][case]["p50"]))
+    choice.shipped = best["name"]
+    shown = {r["name"]: f"{r['latency_ms'][case]['p50']:.2f} ms" for r in qualified}
+    for r in qualified:
+        if r is best:
+            why = "fastest" if r is fastest else f"as fast as {fastest['name']} within the rounds' range, more accurate"
+            if r is not fastest and r["correct"] == fastest["correct"]:
+                why = f"as fast as {fastest['name']} within the rounds' range, as accurate, smaller"
+            choice.verdicts[r["name"]] = f"shipped: {why} within budget at {case}"
+        elif any(r is t for t in tied):
+            choice.verdicts[r["name"]] = (
+                f"within budget, as fast as {best['name']} within the rounds' range ({shown[r['name']]} vs "
+                f"{shown[best['name']]}), but less accurate or larger"
+            )
         else:
             choice.verdicts[r["name"]] = (
-                f"within budget, slower than {qualified[0]['name']} "
-                f"({r['latency_ms'][case]['p50']:.2f} ms vs "
-                f"{qualified[0]['latency_ms'][case]['p50']:.2f} ms)"
+                f"within budget, slower than {best['name']} ({shown[r['name']]} vs {shown[best['name']]})"
             )
     return choice
+
+
+def latency_range(r: ClassifierRow, case: str) -> tuple[float, float]:
+    """The lowest and highest per-round p50 at `case` (the p50 alone when there are no rounds)."""
+    rounds = r.get("round_p50", {}).get(case) or [r["latency_ms"][case]["p50"]]
+    return min(rounds), max(rounds)
 
 
 def pareto_front(rows: Sequence[ClassifierRow], case: str) -> list[str]:

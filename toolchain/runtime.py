@@ -1,4 +1,5 @@
-"""The light predictor an app embeds: numpy + onnxruntime + tokenizers, never torch or transformers.
+"""The light predictor an app embeds: numpy + onnxruntime + tokenizers, never torch or transformers (a bundle made
+for the OpenVINO target: numpy + openvino + tokenizers, and no onnxruntime).
 
     from toolchain.runtime import Predictor
     p = Predictor.load("runs/sst2-minilm/bundle")
@@ -10,19 +11,22 @@ numpy + onnxruntime + onnxruntime-extensions, no tokenizer library.
 This file imports nothing else from the toolchain, so an app can copy it on its own beside a bundle.
 """
 
-# long: what apps copy is one file on purpose (numpy + onnxruntime + tokenizers, no toolchain import)
+# long: what apps copy is one file on purpose (numpy + a runtime + tokenizers, no toolchain import)
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 MANIFEST_VERSION = 1
 GENERATOR_MANIFEST_VERSION = 1  # bundles of decoder LMs (manifest kind "generator")
@@ -83,6 +87,8 @@ def make_session(
 ) -> ort.InferenceSession:
     """An onnxruntime session with explicit intra-op threads and sequential execution; `custom_ops` is the path of a
     custom operator library to register (onnxruntime-extensions' for the strings-in graph)."""
+    import onnxruntime as ort  # here, not at the top: an OpenVINO bundle's app does not install it
+
     opts = ort.SessionOptions()
     if custom_ops:
         opts.register_custom_ops_library(custom_ops)
@@ -134,24 +140,14 @@ class TextEncoder:
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-class OnnxClassifier:
-    """An ONNX sequence classifier plus its tokenizer: texts in, logits out."""
+class _Classifier:
+    """A sequence classifier plus its tokenizer: texts in, logits out. Subclasses run the graph."""
 
-    def __init__(
-        self,
-        model_path: Path | str,
-        tokenizer_file: Path | str,
-        max_length: int,
-        threads: int | None = None,
-        providers: list[str] | None = None,
-    ):
-        self.session = make_session(model_path, threads, providers)
-        self.encoder = TextEncoder(tokenizer_file, max_length)
-        self.input_names = [i.name for i in self.session.get_inputs()]
+    encoder: TextEncoder
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Logits (B, labels) for already-encoded inputs."""
-        return self.session.run(None, {k: feeds[k] for k in self.input_names})[0]
+        raise NotImplementedError
 
     def logits(
         self, texts: list[str], batch_size: int = 1, on_batch: Callable[[int], object] | None = None
@@ -169,6 +165,83 @@ class OnnxClassifier:
             if on_batch is not None:
                 on_batch(len(idx))
         return np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+class OnnxClassifier(_Classifier):
+    """An ONNX sequence classifier run by onnxruntime."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        tokenizer_file: Path | str,
+        max_length: int,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ):
+        self.session = make_session(model_path, threads, providers)
+        self.encoder = TextEncoder(tokenizer_file, max_length)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, {k: feeds[k] for k in self.input_names})[0]
+
+
+class OpenVinoClassifier(_Classifier):
+    """A sequence classifier run by OpenVINO on the CPU: an ONNX file or an OpenVINO IR (model.xml + model.bin).
+    `precision` is OpenVINO's INFERENCE_PRECISION_HINT (f32, bf16: bf16 runs on AMX/AVX512-BF16 CPUs, elsewhere
+    OpenVINO keeps f32; None: OpenVINO's default for the CPU); `PERFORMANCE_HINT: LATENCY`, as for one app request
+    at a time."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        tokenizer_file: Path | str,
+        max_length: int,
+        threads: int | None = None,
+        precision: str | None = None,
+    ):
+        import openvino as ov
+
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+        self.encoder = TextEncoder(tokenizer_file, max_length)
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))  # what it runs at here
+        self._local = threading.local()  # an infer request per thread: one request is not safe to share
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer({k: feeds[k] for k in self.input_names})
+        return np.asarray(result[self.compiled.output(0)])
+
+
+def openvino_hint(precision: str) -> str | None:
+    """OpenVINO's INFERENCE_PRECISION_HINT for a variant's precision: bf16 and fp32 as named, anything else (an
+    int8 graph) OpenVINO's own default for this CPU."""
+    return {"bf16": "bf16", "fp32": "f32"}.get(precision)
+
+
+def make_classifier(
+    runtime: str,
+    model_path: Path | str,
+    tokenizer_file: Path | str,
+    max_length: int,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    precision: str | None = None,
+) -> OnnxClassifier | OpenVinoClassifier:
+    """The classifier for a runtime: `onnxruntime` (with its execution providers) or `openvino` (precision hint)."""
+    if runtime == "openvino":
+        return OpenVinoClassifier(model_path, tokenizer_file, max_length, threads, precision)
+    if runtime != "onnxruntime":
+        raise BundleError(f"unknown runtime {runtime!r}: onnxruntime or openvino")
+    return OnnxClassifier(model_path, tokenizer_file, max_length, threads, providers)
 
 
 def extensions_library() -> str:
@@ -229,7 +302,7 @@ def sha256_file(path: Path) -> str:
 class Predictor:
     """Loads a bundle (verifying every file's sha256) and classifies texts."""
 
-    def __init__(self, folder: Path, manifest: dict, classifier: OnnxClassifier | StringsClassifier):
+    def __init__(self, folder: Path, manifest: dict, classifier: _Classifier | StringsClassifier):
         self.folder = folder
         self.manifest = manifest
         self.classifier = classifier
@@ -268,8 +341,15 @@ class Predictor:
                 )
             return cls(folder, manifest, StringsClassifier(folder / strings["file"], threads, providers))
         pre = manifest["preprocessing"]
-        classifier = OnnxClassifier(
-            folder / manifest["model"], folder / pre["tokenizer"], pre["max_length"], threads, providers
+        runtime = manifest.get("runtime", {"name": "onnxruntime"})  # bundles before the OpenVINO target: onnxruntime
+        classifier = make_classifier(
+            runtime["name"],
+            folder / manifest["model"],
+            folder / pre["tokenizer"],
+            pre["max_length"],
+            threads,
+            providers,
+            runtime.get("precision"),
         )
         return cls(folder, manifest, classifier)
 

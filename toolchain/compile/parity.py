@@ -10,9 +10,21 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.errors import StageError
-from toolchain.runtime import OnnxClassifier
+from toolchain.runtime import make_classifier
 
 REFERENCE = "parity_reference.npz"
+IR_MODEL = "model.xml"  # an OpenVINO IR's graph; its weights are model.bin beside it
+
+
+def graph_file(folder: Path) -> Path:
+    """The model file of a graph artifact: its OpenVINO IR when it has one, else its model.onnx."""
+    return folder / IR_MODEL if (folder / IR_MODEL).is_file() else folder / "model.onnx"
+
+
+def graph_bytes(path: Path) -> int:
+    """Bytes of a graph file and the weights beside it (an IR's model.bin)."""
+    weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+    return path.stat().st_size + (weights.stat().st_size if weights is not None and weights.is_file() else 0)
 
 
 def check_onnx(stage: str, path: Path) -> None:
@@ -27,10 +39,13 @@ def check_onnx(stage: str, path: Path) -> None:
         raise StageError(stage, f"{path} is not a valid ONNX model ({first}); rerun with --force {stage}") from None
 
 
-def compare(model_path: Path, tokenizer_file: Path, reference: Path, threads: int) -> dict[str, float]:
-    """Max |logit difference| and argmax agreement of an ONNX model against the stored PyTorch logits."""
+def compare(
+    model_path: Path, tokenizer_file: Path, reference: Path, threads: int, runtime: str = "onnxruntime"
+) -> dict[str, float]:
+    """Max |logit difference| and argmax agreement of a model (run by `runtime`, at its default precision) against
+    the stored PyTorch logits."""
     ref = np.load(reference)
-    clf = OnnxClassifier(model_path, tokenizer_file, max_length=int(ref["max_length"]), threads=threads)
+    clf = make_classifier(runtime, model_path, tokenizer_file, int(ref["max_length"]), threads)
     feeds = {k: ref[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     got = clf.run(feeds)
     want = ref["logits"]

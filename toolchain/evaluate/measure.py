@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.evaluate.stats import peak_rss_bytes
-from toolchain.runtime import OnnxClassifier, TextEncoder
+from toolchain.runtime import OnnxClassifier, OpenVinoClassifier, TextEncoder
 
 Feeds = dict[str, np.ndarray]
 
@@ -86,6 +86,12 @@ class Variant:
 
             self.step = _pytorch_step(Path(job["model"]), threads)
             convert: Callable[[Feeds], Any] = lambda f: {k: torch.from_numpy(a) for k, a in f.items()}  # noqa: E731
+        elif job["format"] == "openvino":
+            ov_classifier = OpenVinoClassifier(
+                job["model"], tokenizer, job["max_length"], threads, job.get("precision")
+            )
+            self.step = ov_classifier.run
+            convert = lambda f: f  # noqa: E731
         else:
             providers = job.get("providers") or ["CPUExecutionProvider"]
             classifier = OnnxClassifier(job["model"], tokenizer, job["max_length"], threads, providers)

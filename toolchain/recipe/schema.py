@@ -435,6 +435,12 @@ class BenchSection(Strict):
         description="Also build the variant an Optimum user would (optimum export, ORTOptimizer O2, ORTQuantizer "
         "dynamic int8 with its configuration for this CPU) from the same weights, and compare against it.",
     )
+    openvino_peers: bool = Field(
+        True,
+        description="Also measure what an OpenVINO user gets from the same weights with OpenVINO's documented "
+        "defaults: the fp32 export run with INFERENCE_PRECISION_HINT bf16 (openvino-bf16), and nncf.quantize int8 on "
+        "300 training rows, ModelType.TRANSFORMER (openvino-nncf-int8); peer rows, never shipped.",
+    )
 
     @field_validator("targets")
     @classmethod

@@ -39,6 +39,7 @@ class ClassifierRow(Row):
     parity: dict[str, Any] | None  # |variant - PyTorch| on the parity rows
     compression: dict[str, Any]  # mode, excluded nodes, sensitivity, exclude auto
     artifact: str  # the id of the artifact holding the model
+    peer: bool  # what another tool makes of the same weights with its defaults: compared, never shipped
     changed_vs_fp32: NotRequired[dict[str, Any]]  # rows whose prediction differs from the baseline's
     latency_ratio_to_pytorch: dict[str, float]  # p50 / PyTorch's p50, per case
     latency_ratio_ci: dict[str, list[float]]  # range of the per-round ratios, per case

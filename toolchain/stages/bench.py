@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import ConfigDict
 from tqdm.auto import tqdm
 
-from toolchain.compile.parity import check_onnx
+from toolchain.compile.parity import check_onnx, graph_bytes, graph_file
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.launcher import MeasureProcess, rotation
@@ -26,6 +26,7 @@ from toolchain.evaluate.latency import PROVIDERS, available_targets
 from toolchain.evaluate.measure import case_name
 from toolchain.evaluate.stats import latency_stats
 from toolchain.recipe.schema import BenchSection
+from toolchain.runtime import openvino_hint
 
 log = logging.getLogger("toolchain")
 
@@ -66,9 +67,10 @@ def bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: 
             model = inputs[v.source].path
             size = (model / "model.safetensors").stat().st_size
         else:
-            model = inputs[v.source].file("model.onnx")
-            check_onnx("bench", model)
-            size = model.stat().st_size
+            model = graph_file(inputs[v.source].path)
+            if model.suffix == ".onnx":
+                check_onnx("bench", model)
+            size = graph_bytes(model)
         for target in measured_targets:
             if target != "cpu" and v.format != "onnx":
                 continue
@@ -78,6 +80,7 @@ def bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: 
                 "format": v.format,
                 "model": str(model),
                 "providers": [PROVIDERS[target], "CPUExecutionProvider"],
+                "precision": openvino_hint(v.precision) if v.format == "openvino" else None,
                 "tokenizer": str(hf_dir / "tokenizer.json"),
                 "texts": str(texts),
                 "cases": cases,

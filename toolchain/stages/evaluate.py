@@ -9,17 +9,18 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from toolchain.compile.parity import check_onnx
+from toolchain.compile.parity import check_onnx, graph_file
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
 from toolchain.evaluate.torch_model import load_pytorch, pytorch_logits
-from toolchain.runtime import OnnxClassifier, TextEncoder, softmax
+from toolchain.runtime import TextEncoder, make_classifier, openvino_hint, softmax
 
 
 class EvaluateConfig(StageConfig):
     variant: str
-    format: str  # pytorch | onnx
+    format: str  # pytorch | onnx | openvino
+    precision: str | None = None  # openvino: the precision it runs at (its INFERENCE_PRECISION_HINT)
     max_length: int  # tokens per text, as the bundle runs it
     batch_size: int
 
@@ -41,10 +42,12 @@ def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
         encoder = TextEncoder(hf_dir / "tokenizer.json", max_length)
         logits = pytorch_logits(load_pytorch(inputs[model_key].path), encoder, texts, batch_size, bar.update)
     else:
-        check_onnx(call.key, inputs[model_key].file("model.onnx"))
-        clf = OnnxClassifier(
-            inputs[model_key].file("model.onnx"), hf_dir / "tokenizer.json", max_length, threads=ctx.threads
-        )
+        graph = graph_file(inputs[model_key].path)
+        if graph.suffix == ".onnx":
+            check_onnx(call.key, graph)
+        runtime = "openvino" if cfg.format == "openvino" else "onnxruntime"
+        hint = openvino_hint(cfg.precision or "") if runtime == "openvino" else None
+        clf = make_classifier(runtime, graph, hf_dir / "tokenizer.json", max_length, ctx.threads, precision=hint)
         logits = clf.logits(texts, batch_size, bar.update)
     bar.close()
     probs = softmax(logits)

@@ -15,12 +15,22 @@ import toolchain.stages.distill
 import toolchain.stages.evaluate
 import toolchain.stages.export
 import toolchain.stages.finetune
+import toolchain.stages.openvino_nncf_baseline
 import toolchain.stages.optimize
 import toolchain.stages.optimum_baseline
 import toolchain.stages.quantize
 import toolchain.stages.teacher_logits  # noqa: F401
 from toolchain import resources
-from toolchain.choose import BASELINE, OPTIMUM_BASELINE, choice_table, choose_variant
+from toolchain.choose import (
+    BASELINE,
+    OPENVINO_BF16,
+    OPENVINO_NNCF,
+    OPTIMUM_BASELINE,
+    PEERS,
+    choice_table,
+    choose_variant,
+)
+from toolchain.compile.parity import graph_file
 from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
@@ -148,6 +158,19 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             )
         )
         variants.append(Variant(OPTIMUM_BASELINE, "optimum-baseline", "onnx", "int8"))
+    if recipe.bench.openvino_peers:
+        # what OpenVINO's documented defaults make of the exported weights: bf16 inference, and NNCF's int8
+        variants.append(Variant(OPENVINO_BF16, "export", "openvino", "bf16"))
+        calls.append(
+            StageCall(
+                "openvino-nncf-baseline",
+                "openvino-nncf-baseline",
+                {"rows": 300, "max_length": recipe.bundle.max_length, "seed": ft.seed},
+                ("export", model_key(recipe)),  # the graph, and the tokenizer beside the weights
+                {**data_identity, "train_sha256": train.sha256, "max_train_rows": d.max_train_rows},
+            )
+        )
+        variants.append(Variant(OPENVINO_NNCF, "openvino-nncf-baseline", "openvino", "int8"))
     eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
     for v in variants:
         inputs = tuple(dict.fromkeys((v.source, "finetune")))
@@ -155,7 +178,8 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             StageCall(
                 f"evaluate.{v.name}",
                 "evaluate",
-                {**eval_cfg, "variant": v.name, "format": v.format},
+                {**eval_cfg, "variant": v.name, "format": v.format}
+                | ({"precision": v.precision} if v.format == "openvino" else {}),
                 inputs,
                 eval_identity,
             )
@@ -205,7 +229,12 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[ClassifierRow
             "latency_ms": {c: latency_case(r) for c, r in cases.items()},
             "latency_samples_ms": {c: r["samples_ms"] for c, r in cases.items()},
             "round_p50": {c: r["round_p50"] for c, r in cases.items() if "round_p50" in r},
-            "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
+            # the source's parity was measured through its own runtime: not this variant's when OpenVINO runs an
+            # ONNX graph (openvino-bf16)
+            "parity": None
+            if v.format == "openvino" and graph_file(ctx.artifacts[v.source].path).suffix == ".onnx"
+            else meta.get("parity") or meta.get("drift_vs_pytorch"),
+            "peer": v.name in PEERS,
             "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
             "artifact": ctx.artifacts[v.source].id,
             "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},

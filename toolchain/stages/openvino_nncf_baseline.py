@@ -1,0 +1,54 @@
+"""The OpenVINO/NNCF peer: the int8 model an OpenVINO user makes from the same weights with NNCF's documented
+post-training path, measured beside ours and never shipped.
+
+`nncf.quantize(ov_model, nncf.Dataset(rows), model_type=nncf.ModelType.TRANSFORMER)` on the fp32 export read by
+OpenVINO, calibrated on 300 training rows (NNCF's default subset size), nothing else tuned; saved as an OpenVINO IR
+(model.xml + model.bin), which the evaluate and bench stages run with OpenVINO at its default precision for this CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from toolchain.compile.parity import IR_MODEL, REFERENCE, compare
+from toolchain.core.artifact import Artifact, StageCall
+from toolchain.core.context import StageContext
+from toolchain.core.registry import StageConfig, register
+from toolchain.runtime import TextEncoder
+
+log = logging.getLogger("toolchain")
+
+
+class NncfBaselineConfig(StageConfig):
+    rows: int  # training rows NNCF calibrates on
+    max_length: int  # tokens per calibration row, as the bundle runs
+    seed: int  # of the calibration sample
+
+
+@register(
+    "openvino-nncf-baseline",
+    kind="openvino-ir",
+    help="OpenVINO's own int8 path (nncf.quantize, ModelType.TRANSFORMER, 300 training rows) as a peer.",
+    config=NncfBaselineConfig,
+)
+def openvino_nncf_baseline(
+    ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path
+) -> dict[str, Any]:
+    import nncf
+    import openvino as ov
+
+    cfg = ctx.config(NncfBaselineConfig)
+    export = inputs["export"]
+    tokenizer = inputs[next(k for k in call.inputs if k != "export")].file("tokenizer.json")
+    model = ov.Core().read_model(str(export.file("model.onnx")))
+    names = [i.get_any_name() for i in model.inputs]
+    encoder = TextEncoder(tokenizer, cfg.max_length)
+    rows = [encoder.encode([t]) for t in ctx.train.sample(cfg.rows, seed=cfg.seed + 3).texts]
+    dataset = nncf.Dataset(rows, lambda feeds: {k: feeds[k] for k in names})
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(rows))
+    ov.save_model(quantized, str(out / IR_MODEL))
+    drift = compare(out / IR_MODEL, tokenizer, export.file(REFERENCE), ctx.threads, runtime="openvino")
+    log.info("openvino-nncf-baseline: %d rows, max |logit diff| vs PyTorch %.3f", len(rows), drift["max_abs_diff"])
+    return {"calibration_rows": len(rows), "model_type": "TRANSFORMER", "drift_vs_pytorch": drift}
