@@ -21,6 +21,23 @@ ONNX_TYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 9: "bool", 8:
 
 
 def io_spec(model_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The graph's inputs and outputs: name, element type and shape (a name for a dynamic dimension)."""
+    if model_path.suffix == ".xml":  # an OpenVINO IR
+        import openvino as ov
+
+        model = ov.Core().read_model(str(model_path))
+
+        def ports(values: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": v.get_any_name(),
+                    "type": v.get_element_type().get_type_name(),
+                    "shape": [d.get_length() if d.is_static else "?" for d in v.get_partial_shape()],
+                }
+                for v in values
+            ]
+
+        return {"inputs": ports(model.inputs), "outputs": ports(model.outputs)}
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -38,9 +55,12 @@ def io_spec(model_path: Path) -> dict[str, list[dict[str, Any]]]:
     return {"inputs": spec(graph.input), "outputs": spec(graph.output)}
 
 
-def app_forms(files: dict[str, Any], tokenizer: list[str], mobile: bool, strings: bool) -> dict[str, Any]:
+def app_forms(
+    files: dict[str, Any], model: list[str], tokenizer: list[str], mobile: bool, strings: bool
+) -> dict[str, Any]:
     """The files each kind of app embeds (plus manifest.json) and their bytes: an app ships one form, not the folder."""
-    forms = {"model.onnx + tokenizer": ["model.onnx", *tokenizer, "labels.json"]}
+    runtime = " (OpenVINO)" if model[0].endswith(".xml") else ""
+    forms = {f"{' + '.join(model)} + tokenizer{runtime}": [*model, *tokenizer, "labels.json"]}
     if mobile:
         forms["model.ort + tokenizer (onnxruntime-mobile, reduced builds)"] = ["model.ort", *tokenizer, "labels.json"]
     if strings:

@@ -15,6 +15,7 @@ BASELINE = "pytorch-fp32"
 OPTIMUM_BASELINE = "optimum-int8-dynamic"
 OPENVINO_BF16 = "openvino-bf16"
 OPENVINO_NNCF = "openvino-nncf-int8"
+RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "openvino": "openvino"}  # the runtime each variant format runs on
 PEERS = {
     OPTIMUM_BASELINE: "Optimum's default path",
     OPENVINO_BF16: "OpenVINO's bf16 inference",
@@ -48,8 +49,13 @@ def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[C
         if r["name"] in PEERS:
             choice.verdicts[r["name"]] = f"peer: what {PEERS[r['name']]} makes from the same weights (never shipped)"
             continue
-        if r["format"] != "onnx":
-            choice.verdicts[r["name"]] = "baseline (not shippable: the bundle is ONNX)"
+        if r["format"] == "pytorch":
+            choice.verdicts[r["name"]] = "baseline (not shippable: the bundle runs without torch)"
+            continue
+        if RUNTIME_OF_FORMAT.get(r["format"]) != budget.target:
+            choice.verdicts[r["name"]] = (
+                f"runs on {RUNTIME_OF_FORMAT.get(r['format'], r['format'])}, not on budget.target {budget.target}"
+            )
             continue
         drop = r["accuracy_drop"]
         # Accuracy is a count over the eval rows: compare in rows, not in floats, so 1 row == 1 row.

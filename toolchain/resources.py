@@ -21,7 +21,7 @@ from toolchain.errors import ToolchainError
 from toolchain.recipe.schema import Recipe
 
 GB = 1024**3
-QUANTIZED = {"dynamic-int8": 0.3, "static-int8": 0.3, "qat-qdq": 0.3, "int4": 0.2, "fp16": 0.5}
+QUANTIZED = {"dynamic-int8": 0.3, "static-int8": 0.3, "qat-qdq": 0.3, "int4": 0.2, "fp16": 0.5, "nncf-int8": 0.3}
 RUNTIME_BYTES = 1.5 * GB
 MARGIN = 1.2
 
@@ -61,6 +61,8 @@ def estimate(recipe: Recipe, model_folder: Path) -> dict[str, Any]:
     parts["quantize"] = sum(QUANTIZED[q.mode] * exported for q in comp.quantize)
     if recipe.bench.optimum_baseline:
         parts["optimum-baseline"] = 2.3 * s
+    if recipe.bench.openvino_peers:
+        parts["openvino-nncf-baseline"] = 0.3 * exported
     forms = 1 + int(recipe.bundle.ort_format) + int(recipe.bundle.tokenizer == "in-graph")
     parts["bundle (artifact and published copy)"] = 2 * forms * exported
     disk = MARGIN * sum(parts.values())

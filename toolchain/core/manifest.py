@@ -21,8 +21,16 @@ def file_table(folder: Path) -> dict[str, dict[str, Any]]:
     return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(folder.iterdir())}
 
 
-def target(threads: int, budget: dict[str, Any], provider: str = "CPUExecutionProvider") -> dict[str, Any]:
-    return {"provider": provider, "threads": threads, "machine": platform.machine(), "budget": budget}
+def target(threads: int, budget: dict[str, Any], runtime: str = "onnxruntime") -> dict[str, Any]:
+    """What the bundle was measured for: the runtime on the CPU, the threads, the machine, the budget."""
+    provider = "CPUExecutionProvider" if runtime == "onnxruntime" else "CPU"
+    return {
+        "runtime": runtime,
+        "provider": provider,
+        "threads": threads,
+        "machine": platform.machine(),
+        "budget": budget,
+    }
 
 
 def lineage(ctx: StageContext, call: StageCall, base_model: dict[str, Any]) -> dict[str, Any]:

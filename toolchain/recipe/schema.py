@@ -239,12 +239,14 @@ class DistillSection(TrainingSettings):
 
 
 class QuantizeSpec(Strict):
-    mode: Literal["dynamic-int8", "static-int8", "int4", "int8-weight", "fp16", "qat-qdq"] = Field(
+    mode: Literal["dynamic-int8", "static-int8", "int4", "int8-weight", "fp16", "qat-qdq", "nncf-int8"] = Field(
         description="'dynamic-int8': onnxruntime dynamic quantization of the fp32 graph; 'static-int8': QDQ with "
         "activation ranges calibrated on training rows; 'int4': weight-only MatMulNBits; 'int8-weight': the same with "
         "8-bit weights (decoder LMs); 'fp16': the fused graph in "
         "half precision (inputs and outputs stay as they are; meant for GPU providers); 'qat-qdq': keep the Q/DQ "
-        "graph exported from quantization-aware training (finetune.method: qat) with its learned scales."
+        "graph exported from quantization-aware training (finetune.method: qat) with its learned scales; "
+        "'nncf-int8': NNCF post-training int8 of the export (ModelType.TRANSFORMER, calibrated on "
+        "`calibration_rows` training rows, `exclude` nodes kept in float), an OpenVINO IR run by OpenVINO."
     )
     per_channel: bool = Field(True, description="Per-output-channel weight scales (recovers most accuracy).")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI.")
@@ -258,7 +260,7 @@ class QuantizeSpec(Strict):
         "minmax", description="static-int8 only: how activation ranges are computed from the calibration rows."
     )
     calibration_rows: int = Field(
-        200, gt=0, le=5000, description="static-int8 only: training rows used for calibration (bounds memory)."
+        200, gt=0, le=5000, description="static-int8, nncf-int8: training rows used for calibration (bounds memory)."
     )
     calibration_length: int = Field(
         128, gt=0, le=512, description="static-int8 only: tokens per calibration row (rows are padded to it)."
@@ -323,6 +325,11 @@ class QuantizeSpec(Strict):
     def _exclusion_fits_mode(self) -> QuantizeSpec:
         if self.int8_nodes is not None and self.mode != "int4":
             raise ValueError(f"int8_nodes applies to mode int4 (8-bit weights for some MatMuls), not '{self.mode}'")
+        if self.mode == "nncf-int8" and (self.exclude == "auto" or self.sensitivity):
+            raise ValueError(
+                "mode 'nncf-int8' takes a list of node names to keep in float (NNCF's ignored scope), not 'auto' or "
+                "'sensitivity'"
+            )
         if self.mode in ("fp16", "qat-qdq") and (self.exclude is not None or self.sensitivity):
             raise ValueError(
                 f"mode '{self.mode}' has no per-node quantization to rank or exclude; remove 'exclude' and "
@@ -349,6 +356,8 @@ class QuantizeSpec(Strict):
             return self.name
         if self.mode == "qat-qdq":
             return "onnx-int8-qat"
+        if self.mode == "nncf-int8":
+            return "openvino-int8-nncf" + self._exclude_suffix
         if self.mode == "static-int8":
             return f"onnx-int8-static-{self.calibration_method}" + self._exclude_suffix
         if self.mode == "int4":
@@ -464,6 +473,11 @@ class BudgetSection(Strict):
         "tokens/s ratio to PyTorch fp32 eager.",
     )
     latency_case: str = Field("b1_s128", description="Bench case the latency budget and the choice use.")
+    target: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime",
+        description="The runtime the app will use: only variants it runs are shipped (onnxruntime: the ONNX "
+        "variants; openvino: the nncf-int8 variants, an OpenVINO IR). The report shows every variant either way.",
+    )
 
     @field_validator("max_accuracy_drop", "max_latency_ms", "max_size_mb", "min_speedup")
     @classmethod
@@ -580,6 +594,15 @@ class Recipe(Strict):
                 raise ValueError("compile.quantize mode 'int8-weight' is for generation recipes; use dynamic-int8")
             if any(q.int8_nodes for q in self.compile.quantize):
                 raise ValueError("compile.quantize int8_nodes is for generation recipes (decoder projections)")
+            if self.budget.target == "openvino" and not any(q.mode == "nncf-int8" for q in self.compile.quantize):
+                raise ValueError(
+                    "budget.target 'openvino' ships an OpenVINO variant: add one to compile.quantize "
+                    "(e.g. - nncf-int8), or set budget.target: onnxruntime"
+                )
+            if self.bundle.tokenizer == "in-graph" and self.budget.target != "onnxruntime":
+                raise ValueError(
+                    "bundle.tokenizer 'in-graph' is an onnxruntime-extensions model; use budget.target: onnxruntime"
+                )
             return self
         problems = []
         if self.finetune.method not in ("lora", "full"):
@@ -614,6 +637,8 @@ class Recipe(Strict):
             problems.append(f"compile.quantize modes {wrong}: generation recipes take int4 and int8-weight")
         if self.bundle.tokenizer != "beside":
             problems.append("bundle.tokenizer: generation bundles ship tokenizer.json beside the model; remove it")
+        if self.budget.target != "onnxruntime":
+            problems.append("budget.target: generation bundles run with onnxruntime; remove it")
         if self.budget.max_latency_ms is not None:
             problems.append(
                 "budget.max_latency_ms: generation recipes are budgeted by budget.min_speedup (decode tokens/s "

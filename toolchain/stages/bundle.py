@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 
 from toolchain.bundle_files import app_forms, build_strings_model, io_spec, ort_format
+from toolchain.choose import RUNTIME_OF_FORMAT
+from toolchain.compile.parity import graph_file
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.manifest import file_table, lineage, target, write_manifest
 from toolchain.core.registry import StageConfig, register
 from toolchain.models import copy_tokenizer
-from toolchain.runtime import MANIFEST_VERSION
+from toolchain.runtime import MANIFEST_VERSION, openvino_hint
 
 
 class BundleConfig(StageConfig):
@@ -32,26 +34,35 @@ class BundleConfig(StageConfig):
     tokenizer: str  # beside | in-graph
     budget: dict[str, Any]
     base_model: dict[str, str]  # the source model's identity (hashed)
+    format: str  # the shipped variant's: onnx (onnxruntime) | openvino
+    precision: str
 
 
 @register(
     "bundle",
     kind="bundle",
     help="Package the chosen variant with its tokenizer, labels, manifest and (optionally) its ORT-format copy.",
-    version=3,  # 2: model.ort and the operator configuration; 3: the strings-in model
+    version=4,  # 2: model.ort and its op configuration; 3: the strings-in model; 4: the manifest names the runtime
     config=BundleConfig,
 )
 def bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = ctx.config(BundleConfig)
     shipped = cfg.shipped
     variant_key = next(k for k in call.inputs if k not in ("finetune", "bench") and not k.startswith("evaluate."))
-    shutil.copy2(inputs[variant_key].file("model.onnx"), out / "model.onnx")
+    graph = graph_file(inputs[variant_key].path)
+    model_files = [graph.name] + (["model.bin"] if graph.suffix == ".xml" else [])
+    for name in model_files:
+        shutil.copy2(graph.parent / name, out / name)
+    runtime: dict[str, Any] = {"name": RUNTIME_OF_FORMAT[cfg.format]}
+    if cfg.format == "openvino":
+        runtime["precision"] = openvino_hint(cfg.precision)  # None: OpenVINO's default for the CPU
     tokenizer_files = copy_tokenizer(inputs["finetune"].path, out)
     (out / "labels.json").write_text(json.dumps(cfg.labels))
-    mobile = ort_format(out / "model.onnx") if cfg.ort_format else None
+    onnxruntime = runtime["name"] == "onnxruntime"  # ORT format and the strings-in model are onnxruntime's
+    mobile = ort_format(out / "model.onnx") if cfg.ort_format and onnxruntime else None
     metrics = json.loads(inputs[f"evaluate.{shipped}"].file("metrics.json").read_text())
     strings = None
-    if cfg.tokenizer == "in-graph":
+    if cfg.tokenizer == "in-graph" and onnxruntime:
         logits = np.load(inputs[f"evaluate.{shipped}"].file("logits.npy"))
         strings = build_strings_model(ctx, out, cfg.labels, cfg.max_length, cfg.batch_size, logits)
     bench = json.loads(inputs["bench"].file("bench.json").read_text())
@@ -63,7 +74,8 @@ def bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
         "format_version": MANIFEST_VERSION,
         "name": cfg.name,
         "variant": shipped,
-        "model": "model.onnx",
+        "model": graph.name,
+        "runtime": runtime,
         "labels": cfg.labels,
         "preprocessing": {
             "tokenizer": "tokenizer.json",
@@ -74,19 +86,19 @@ def bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
             "padding": "right, to the longest text in the batch, attention_mask 0 on padding",
             "outputs": "logits; softmax gives the label probabilities in the order of labels",
         },
-        **io_spec(out / "model.onnx"),
+        **io_spec(out / graph.name),
         "metrics": {
             "accuracy": metrics["accuracy"],
             "eval_rows": metrics["rows"],
             "eval_file": cfg.eval_file,
             "latency_ms": latency,
-            "size_bytes": files["model.onnx"]["bytes"],
+            "size_bytes": sum(files[name]["bytes"] for name in model_files),
         },
-        "target": target(bench["threads"], cfg.budget),
+        "target": target(bench["threads"], cfg.budget, runtime["name"]),
         "lineage": lineage(ctx, call, cfg.base_model),
         "files": files,
         "bundle_bytes": sum(f["bytes"] for f in files.values()),
-        "forms": app_forms(files, tokenizer_files, mobile is not None, strings is not None),
+        "forms": app_forms(files, model_files, tokenizer_files, mobile is not None, strings is not None),
     }
     if mobile is not None:
         manifest["mobile"] = mobile

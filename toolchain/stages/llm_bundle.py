@@ -33,7 +33,7 @@ class LlmBundleConfig(PromptConfig):
     "llm-bundle",
     kind="bundle",
     help="The chosen decoder with its tokenizer, generation settings and manifest (toolchain.runtime.Generator).",
-    version=2,  # 2: generation.json records the model's context length (the runtime fits long texts into it)
+    version=3,  # 2: generation.json records the model's context length; 3: the manifest names the runtime
     config=LlmBundleConfig,
 )
 def llm_bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
@@ -76,6 +76,7 @@ def llm_bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], 
         "name": g.name,
         "variant": shipped,
         "model": "model.onnx",
+        "runtime": {"name": "onnxruntime"},
         "tokenizer": "tokenizer.json",
         "generation": "generation.json",
         **io_spec(out / "model.onnx"),

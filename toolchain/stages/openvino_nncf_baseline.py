@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from toolchain.compile.parity import IR_MODEL, REFERENCE, compare
+from toolchain.compile.openvino import nncf_int8
+from toolchain.compile.parity import REFERENCE, compare
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
-from toolchain.runtime import TextEncoder
 
 log = logging.getLogger("toolchain")
 
@@ -36,19 +36,11 @@ class NncfBaselineConfig(StageConfig):
 def openvino_nncf_baseline(
     ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path
 ) -> dict[str, Any]:
-    import nncf
-    import openvino as ov
-
     cfg = ctx.config(NncfBaselineConfig)
     export = inputs["export"]
     tokenizer = inputs[next(k for k in call.inputs if k != "export")].file("tokenizer.json")
-    model = ov.Core().read_model(str(export.file("model.onnx")))
-    names = [i.get_any_name() for i in model.inputs]
-    encoder = TextEncoder(tokenizer, cfg.max_length)
-    rows = [encoder.encode([t]) for t in ctx.train.sample(cfg.rows, seed=cfg.seed + 3).texts]
-    dataset = nncf.Dataset(rows, lambda feeds: {k: feeds[k] for k in names})
-    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(rows))
-    ov.save_model(quantized, str(out / IR_MODEL))
-    drift = compare(out / IR_MODEL, tokenizer, export.file(REFERENCE), ctx.threads, runtime="openvino")
-    log.info("openvino-nncf-baseline: %d rows, max |logit diff| vs PyTorch %.3f", len(rows), drift["max_abs_diff"])
-    return {"calibration_rows": len(rows), "model_type": "TRANSFORMER", "drift_vs_pytorch": drift}
+    texts = ctx.train.sample(cfg.rows, seed=cfg.seed + 3).texts
+    model = nncf_int8(export.file("model.onnx"), tokenizer, texts, cfg.max_length, out)
+    drift = compare(model, tokenizer, export.file(REFERENCE), ctx.threads, runtime="openvino")
+    log.info("openvino-nncf-baseline: %d rows, max |logit diff| vs PyTorch %.3f", len(texts), drift["max_abs_diff"])
+    return {"calibration_rows": len(texts), "model_type": "TRANSFORMER", "drift_vs_pytorch": drift}

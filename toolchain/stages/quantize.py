@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.compile.graph import qdq_coverage
-from toolchain.compile.parity import REFERENCE, compare
+from toolchain.compile.openvino import nncf_int8
+from toolchain.compile.parity import REFERENCE, compare, graph_file
 from toolchain.compile.quantize import QuantizeConfig, build_variant, qat_variant
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
@@ -28,10 +29,18 @@ def quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     spec = ctx.config(QuantizeConfig)
     src = inputs[call.inputs[0]]  # the graph it starts from (the finetune artifact for qat-qdq)
     tokenizer = inputs["finetune"].file("tokenizer.json")
+    runtime = "onnxruntime"
     if spec.mode == "qat-qdq":
         meta = qat_variant(ctx, spec, src, out)
+    elif spec.mode == "nncf-int8":
+        texts = ctx.train.sample(spec.calibration_rows, seed=spec.seed + 1).texts
+        ignored = spec.exclude if isinstance(spec.exclude, list) else None
+        nncf_int8(src.file("model.onnx"), tokenizer, texts, spec.max_length, out, ignored)
+        meta, runtime = {"calibration_rows": len(texts), "excluded": spec.exclude or []}, "openvino"
     else:
         meta = build_variant(ctx, spec, src.file("model.onnx"), out, tokenizer)
-    # drift against the PyTorch reference logits the export computed
-    drift = compare(out / "model.onnx", tokenizer, inputs["export"].file(REFERENCE), ctx.threads)
-    return {"mode": spec.mode, **meta, "drift_vs_pytorch": drift, "qdq": qdq_coverage(out / "model.onnx")}
+    # drift against the PyTorch reference logits the export computed, through the runtime that runs the variant
+    graph = graph_file(out)
+    drift = compare(graph, tokenizer, inputs["export"].file(REFERENCE), ctx.threads, runtime=runtime)
+    coverage = qdq_coverage(graph) if graph.suffix == ".onnx" else None
+    return {"mode": spec.mode, **meta, "drift_vs_pytorch": drift, "qdq": coverage}

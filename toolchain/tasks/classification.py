@@ -124,14 +124,15 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         # A QAT export starts from the fake-quant model in the finetune artifact, not from the fp32 graph.
         # Static QDQ starts from the unfused export: ONNX shape inference cannot type the outputs of the fused
         # contrib ops (Attention, SkipLayerNormalization), and untyped activations are silently left unquantized.
-        source = {"qat-qdq": "finetune", "static-int8": "export"}.get(q.mode, fp32)
+        # NNCF starts from the export too: OpenVINO reads standard ONNX, not onnxruntime's fused contrib ops.
+        source = {"qat-qdq": "finetune", "static-int8": "export", "nncf-int8": "export"}.get(q.mode, fp32)
         identity: dict[str, Any] = {
             **eval_identity,
             "export": comp.export.model_dump(mode="json"),
             "max_length": recipe.bundle.max_length,
             "seed": ft.seed,  # of the calibration and selection samples
         }
-        if q.mode == "static-int8" or q.ranks_nodes:  # calibrated on / selected with training rows
+        if q.mode in ("static-int8", "nncf-int8") or q.ranks_nodes:  # calibrated on / selected with training rows
             identity["train_sha256"] = train.sha256
         if q.ranks_nodes:  # ranked and selected at the evaluation batch size, against the budget
             identity |= validation
@@ -146,7 +147,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         # the reference logits come from the export, the tokenizer from the fine-tuned model
         inputs = tuple(dict.fromkeys((source, "export", "finetune")))
         calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), inputs, identity))
-        variants.append(Variant(q.variant_name, key, "onnx", q.precision))
+        variants.append(Variant(q.variant_name, key, "openvino" if q.mode == "nncf-int8" else "onnx", q.precision))
     if recipe.bench.optimum_baseline:
         calls.append(
             StageCall(
@@ -344,6 +345,7 @@ class Classification:
     def bundle_call(self, ctx: RunContext, variants: list[Variant], choice: Choice[ClassifierRow]) -> StageCall:
         recipe = ctx.recipe
         shipped = [v.source for v in variants if v.name == choice.shipped]
+        variant = next(v for v in variants if v.name == choice.shipped)
         return StageCall(
             "bundle",
             "bundle",
@@ -357,6 +359,8 @@ class Classification:
                 "name": recipe.name,
                 "labels": recipe.data.labels,
                 "eval_file": recipe.data.eval,
+                "format": variant.format,
+                "precision": variant.precision,
             },
             tuple(dict.fromkeys(["finetune", *shipped, *(f"evaluate.{v.name}" for v in variants), "bench"])),
             {
