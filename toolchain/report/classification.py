@@ -5,14 +5,18 @@ md/png from the JSON."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolchain.choose import BASELINE, OPENVINO_BF16, OPENVINO_NNCF, OPTIMUM_BASELINE, PEERS, pareto_front
+from toolchain.choose import (
+    BASELINE,
+    RUNTIME_OF_FORMAT,
+    choose_variant,
+    pareto_front,
+)
 from toolchain.core.task import Choice
-from toolchain.evaluate.stats import ratio_interval
 from toolchain.report.common import atomic_write, report_head, save_report
+from toolchain.report.peers import peer_comparison
 from toolchain.report.plots import plot, plot_latency, plot_training
 from toolchain.report.rows import ClassifierRow
 
@@ -29,6 +33,11 @@ def write(ctx: RunContext, rows: list[ClassifierRow], choice: Choice[ClassifierR
     data = report_head(ctx, bench, ctx.artifacts["finetune"].meta, rows, choice, bundle) | {
         "latency_case": choice.latency_case,
         "pareto_front": pareto_front(rows, choice.latency_case),
+        # what would ship for each runtime an app could use, under the same budget
+        "best_by_target": {
+            t: choose_variant(rows, recipe.budget.model_copy(update={"target": t})).shipped
+            for t in RUNTIME_OF_FORMAT.values()
+        },
         "rounds": bench.get("rounds"),
         "targets": {
             **bench.get("targets", {}),
@@ -100,64 +109,6 @@ def results_table(data: dict[str, Any]) -> str:
             f"{r['size_bytes'] / 1e6:.1f} | {rss} | {lat} | {ratio} |"
         )
     return "\n".join(lines)
-
-
-def peer_comparison(data: dict[str, Any]) -> list[str]:
-    """The shipped variant against each peer (other tools' defaults on the same weights), metric by metric; each cell
-    gives the peer's value and shipped / peer (the range of the per-round ratios for latency)."""
-    by = {r["name"]: r for r in data["variants"]}
-    ours = by.get(data.get("shipped") or "")
-    peers = [by[name] for name in PEERS if name in by]
-    if ours is None or not peers:
-        return []
-    meta = data.get("optimum_baseline") or {}
-    out = ["", "## Against the peers (same weights, each tool's documented defaults; never shipped)", ""]
-    for r in peers:
-        out.append(f"- `{r['name']}`: {PEER_METHODS[r['name']].format_map(defaultdict(lambda: '?', meta))}")
-    if "O2" in (meta.get("failed_levels") or {}):
-        out += [
-            "",
-            f"Optimum's recommended O2 could not be quantized by ORTQuantizer here ({meta['failed_levels']['O2']}; "
-            "huggingface/optimum#1959), so its row is the O1 path a user falls back to.",
-        ]
-    out += [
-        "",
-        f"| metric | shipped `{ours['name']}` | " + " | ".join(f"`{r['name']}` (shipped / peer)" for r in peers) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in peers) + " |",
-        f"| accuracy % | {ours['accuracy'] * 100:.2f} | "
-        + " | ".join(f"{r['accuracy'] * 100:.2f} ({(ours['accuracy'] - r['accuracy']) * 100:+.2f} pts)" for r in peers)
-        + " |",
-    ]
-    for c in ours["latency_ms"]:
-        cells = []
-        for r in peers:
-            a, b = ours["latency_ms"][c]["p50"], r["latency_ms"][c]["p50"]
-            ci_a, ci_b = (ours.get("round_p50") or {}).get(c), (r.get("round_p50") or {}).get(c)
-            rng = ""
-            if ci_a and ci_b:
-                lo, hi = ratio_interval(ci_a, ci_b)
-                rng = f", {lo:.2f}–{hi:.2f}"
-            cells.append(f"{b:.2f} ({a / b:.2f}x{rng})")
-        out.append(f"| p50 {c} ms | {ours['latency_ms'][c]['p50']:.2f} | " + " | ".join(cells) + " |")
-    for key, label, scale, fmt in (
-        ("peak_rss_bytes", "peak RSS MB", 1e-6, ".0f"),
-        ("size_bytes", "file MB", 1e-6, ".1f"),
-        ("cold_start_seconds", "load + first result s", 1.0, ".2f"),
-    ):
-        if ours.get(key):
-            x = ours[key] * scale
-            cells = [f"{r[key] * scale:{fmt}} ({x / (r[key] * scale):.2f}x)" if r.get(key) else "?" for r in peers]
-            out.append(f"| {label} | {x:{fmt}} | " + " | ".join(cells) + " |")
-    return out
-
-
-PEER_METHODS = {
-    OPTIMUM_BASELINE: "optimum export, ORTOptimizer {optimization}, ORTQuantizer dynamic int8 `{preset}` (onnxruntime)",
-    OPENVINO_BF16: "the fp32 export run by OpenVINO with `INFERENCE_PRECISION_HINT: bf16`, `PERFORMANCE_HINT: "
-    "LATENCY` (f32 on a CPU without bf16 support)",
-    OPENVINO_NNCF: "`nncf.quantize` of the fp32 export (300 training rows, `ModelType.TRANSFORMER`), run by OpenVINO "
-    "at its default precision",
-}
 
 
 def bundle_lines(data: dict[str, Any]) -> list[str]:
@@ -260,6 +211,14 @@ def markdown(data: dict[str, Any]) -> str:
         + ", ".join(f"`{n}`" for n in front)
         + ". Plot: `report.png`.",
     ]
+    best = data.get("best_by_target") or {}
+    if best:
+        out += [
+            "",
+            "Best within the budget for each runtime an app could use: "
+            + "; ".join(f"{t}: `{n}`" if n else f"{t}: none" for t, n in best.items())
+            + f" (shipped for budget.target {data['budget'].get('target', 'onnxruntime')}).",
+        ]
     out += _sensitivity_lines(rows)
     out += [
         "",
