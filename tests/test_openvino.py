@@ -48,6 +48,7 @@ def test_the_openvino_target_ships_the_openvino_variant(openvino_run) -> None:
     assert manifest["target"]["runtime"] == "openvino"
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert "model.onnx" not in manifest["files"] and "mobile" not in manifest
+    assert manifest["app"]["runtime"] == "openvino" and manifest["app"]["cold_start_seconds"] > 0
 
 
 def test_an_openvino_bundle_runs_with_openvino_alone_and_predicts_what_was_measured(openvino_run) -> None:
@@ -79,6 +80,12 @@ def test_a_classifier_onnxruntime_bundle_names_its_runtime(first_run) -> None:
     _, runs, _ = first_run
     manifest = json.loads((runs / "tiny" / "bundle" / "manifest.json").read_text())
     assert manifest["runtime"] == {"name": "onnxruntime"} and manifest["target"]["runtime"] == "onnxruntime"
+    # what an app pays to start it, measured through Predictor in fresh processes, in the manifest and the report
+    app = manifest["app"]
+    assert app["processes"] == 3 and app["cold_start_seconds"] > 0 and app["peak_rss_bytes"] > 20e6
+    report = json.loads((runs / "tiny" / "report.json").read_text())
+    assert report["bundle_contents"]["app_start"] == app
+    assert "App start through `Predictor` (onnxruntime" in (runs / "tiny" / "report.md").read_text()
 
 
 def test_an_openvino_target_without_an_openvino_variant_is_refused(first_run, tmp_path: Path) -> None:

@@ -359,6 +359,7 @@ class Classification:
                 "name": recipe.name,
                 "labels": recipe.data.labels,
                 "eval_file": recipe.data.eval,
+                "eval_text": ctx.eval.texts[0],
                 "format": variant.format,
                 "precision": variant.precision,
             },
