@@ -98,7 +98,7 @@ def results_table(data: dict[str, Any]) -> str:
     head += f" | {case} vs PyTorch (range over rounds) |"
     lines = [head, "|" + " --- |" * (6 + len(cases))]
     for r in rows:
-        mark = " **(shipped)**" if r["name"] == data["shipped"] else ""
+        mark = " **(shipped)**" if r["name"] == data["shipped"] else " *(peer)*" if r.get("peer") else ""
         lat = " | ".join(f"{r['latency_ms'][c]['p50']:.2f}" for c in cases)
         ratio = f"{r['latency_ratio_to_pytorch'][case]:.2f}x"
         ci = (r.get("latency_ratio_ci") or {}).get(case)
