@@ -87,6 +87,7 @@ def fake_report(ratio: float, accuracy: float = 0.9) -> dict:
             "parity": None,
             "compression": {},
             "artifact": "0" * 64,
+            "peer": False,
             "latency_ratio_to_pytorch": {"b1_s128": p50 / 20.0},
             "latency_ratio_ci": {"b1_s128": [min(rounds) / 20.0, max(rounds) / 20.0]},
         }

@@ -67,6 +67,8 @@ def _timeless(name: str, data: Any) -> Any:
     if name == "manifest.json":  # the bundle's measured latencies and memory
         data["metrics"] = {k: v for k, v in data["metrics"].items() if "accuracy" in k or k.startswith("eval")}
         data["lineage"].pop("stages", None)  # lists this run's stages, timings included
+        if "app" in data:  # what starting it took in an app process: measured
+            data["app"] = {k: v for k, v in data["app"].items() if k not in ("cold_start_seconds", "peak_rss_bytes")}
         return data
     if isinstance(data, dict):
         return {k: _timeless(name, v) for k, v in data.items() if k not in TIMED_KEYS}

@@ -4,7 +4,9 @@ ranges), nodes named in `ignored` kept in float (NNCF's ignored scope), saved as
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 from toolchain.compile.parity import IR_MODEL
 from toolchain.runtime import TextEncoder
@@ -26,5 +28,15 @@ def nncf_int8(
     quantized = nncf.quantize(
         model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(rows), ignored_scope=scope
     )
+    _canonical_names(quantized)
     ov.save_model(quantized, str(out / IR_MODEL))
     return out / IR_MODEL
+
+
+def _canonical_names(model: Any) -> None:
+    """Name the nodes OpenVINO and NNCF created after their place in the graph: their generated names count every
+    node made so far in the process (Constant_52647), so the same quantization saved twice would differ, and the
+    same artifact id would have two contents."""
+    for i, op in enumerate(model.get_ordered_ops()):
+        if re.fullmatch(r"[A-Za-z]+_\d+", op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_op{i}")
