@@ -59,7 +59,9 @@ def test_every_loss_term_is_finite_and_trains_only_the_student(tiny_model: Path)
     }
     with torch.no_grad():
         t_logits = t(**batch).logits
-    loss_fn = make_loss(cfg, [1], t_logits, torch.tensor([1, 0]), t)
+    with pytest.raises(ValueError, match="online"):  # the online teacher's logits are the soft targets
+        make_loss(cfg, [1], t_logits, torch.tensor([1, 0]), t)
+    loss_fn = make_loss(cfg, [1], None, torch.tensor([1, 0]), t)
     loss = loss_fn(s, batch, [0, 1])
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
@@ -75,6 +77,7 @@ def test_distill_recipe_exports_and_quantizes_the_student(tiny_model: Path, tmp_
     data["data"].update(max_train_rows=800, max_eval_rows=100)
     data["compile"]["distill"] = {
         "num_layers": 1,
+        "intermediate_size": 24,
         "epochs": 3,
         "lr": 3.0e-3,
         "precision": "fp32",
@@ -88,28 +91,42 @@ def test_distill_recipe_exports_and_quantizes_the_student(tiny_model: Path, tmp_
     ctx = engine.run(load_recipe(recipe_file), runs)
 
     student = ctx.artifacts["distill"]
-    assert json.loads(student.file("config.json").read_text())["num_hidden_layers"] == 1
+    config = json.loads(student.file("config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["intermediate_size"] == 24  # FFN pruned from 64
     assert student.meta["kept_layers"] == [1] and student.meta["teacher_layers"] == 2
     curve = json.loads(student.file("train_log.json").read_text())["loss_curve"]
     assert curve[-1]["loss"] < curve[0]["loss"]  # the student learns
-    assert ctx.artifacts["teacher-logits"].meta["rows"] == 800
+    # the teacher ran beside the student (hidden and attention transfer): its logits came from there
+    assert "teacher-logits" not in ctx.artifacts
     # the exported graph is the student's: one attention block, where the teacher has two
     ops = [n.op_type for n in onnx.load(str(ctx.artifacts["optimize"].file("model.onnx"))).graph.node]
     assert ops.count("Attention") == 1
+    # the peers are built from the reference's (the teacher's) weights: its own export, two attention blocks
+    teacher_graph = onnx.load(str(ctx.artifacts["export.teacher"].file("model.onnx"))).graph
+    assert sum(n.op_type == "Softmax" for n in teacher_graph.node) == 2
     report = json.loads((runs / "distilled" / "report.json").read_text())
+    rows = {v["name"]: v for v in report["variants"]}
+    assert rows["openvino-bf16"]["artifact"] == ctx.artifacts["export.teacher"].id
+    calls = {call.key: call for call, _ in engine.planned_ids(ctx)}
+    assert calls["optimum-baseline"].inputs == ("finetune", "export.teacher")
+    assert calls["openvino-nncf-baseline"].inputs == ("export.teacher", "finetune")
     names = [v["name"] for v in report["variants"]]
     assert names[:3] == ["pytorch-fp32", "pytorch-fp32-student", "onnx-fp32"]
-    student_acc = next(v["accuracy"] for v in report["variants"] if v["name"] == "pytorch-fp32-student")
-    onnx_acc = next(v["accuracy"] for v in report["variants"] if v["name"] == "onnx-fp32")
-    assert student_acc == onnx_acc  # the ONNX variants are the student
+    assert rows["pytorch-fp32-student"]["accuracy"] == rows["onnx-fp32"]["accuracy"]  # the ONNX variants: the student
     assert report["distill"]["kept_layers"] == [1]
-    assert "1-layer student" in (runs / "distilled" / "report.md").read_text()
+    md = (runs / "distilled" / "report.md").read_text()
+    assert "1-layer student" in md and "the teacher's weights" in md
 
-    # A new temperature retrains the student and reuses the cached teacher logits.
-    data["compile"]["distill"]["temperature"] = 4.0
+    # Logit-only distillation reads the teacher's logits, computed once; a new temperature retrains the student and
+    # reuses them.
+    data["compile"]["distill"].update(hidden_weight=0.0, attention_weight=0.0)
+    data["compile"]["distill"].pop("intermediate_size")
     ctx2 = engine.run(load_recipe(write_recipe(tmp_path, data)), runs)
-    status = {r.key: r.status for r in ctx2.records}
+    assert {r.key: r.status for r in ctx2.records}["teacher-logits"] == "ran"
+    data["compile"]["distill"]["temperature"] = 4.0
+    ctx3 = engine.run(load_recipe(write_recipe(tmp_path, data)), runs)
+    status = {r.key: r.status for r in ctx3.records}
     assert status["finetune"] == status["teacher-logits"] == "reused"
     assert status["distill"] == "ran"
-    logits = np.load(ctx2.artifacts["teacher-logits"].file("teacher_logits.npy"))
+    logits = np.load(ctx3.artifacts["teacher-logits"].file("teacher_logits.npy"))
     assert logits.shape == (800, 2)

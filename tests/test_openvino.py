@@ -18,6 +18,7 @@ from conftest import write_recipe
 from toolchain import engine
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.load import load_recipe
+from toolchain.runtime import CPU_SESSION_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,8 @@ def test_an_openvino_bundle_runs_with_openvino_alone_and_predicts_what_was_measu
 def test_a_classifier_onnxruntime_bundle_names_its_runtime(first_run) -> None:
     _, runs, _ = first_run
     manifest = json.loads((runs / "tiny" / "bundle" / "manifest.json").read_text())
-    assert manifest["runtime"] == {"name": "onnxruntime"} and manifest["target"]["runtime"] == "onnxruntime"
+    assert manifest["runtime"] == {"name": "onnxruntime", "cpu_session_config": CPU_SESSION_CONFIG}
+    assert manifest["target"]["runtime"] == "onnxruntime"
     # what an app pays to start it, measured through Predictor in fresh processes, in the manifest and the report
     app = manifest["app"]
     assert app["processes"] == 3 and app["cold_start_seconds"] > 0 and app["peak_rss_bytes"] > 20e6

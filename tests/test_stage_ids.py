@@ -83,3 +83,32 @@ def test_the_export_id_covers_the_length_its_parity_reference_is_computed_at() -
     ids = {call.key: sid for call, sid in planned_ids(ctx)}
     recorded = golden["recipes"][_name(path)]
     assert ids["export"] != recorded["export"] and ids["finetune"] == recorded["finetune"]
+
+
+# The stages whose output is trained (or feeds training): the rows accuracy is reported on must not reach them.
+TRAINING_STAGES = {"finetune", "teacher-logits", "distill", "llm-finetune"}
+
+
+def eval_rows_in_training(path: Path, overrides: list[str] | None = None) -> list[str]:
+    """The training or distillation calls of a recipe's plan whose id holds the eval file's sha256."""
+    ctx = RunContext(load_recipe(path, overrides or []))
+    sha = ctx.eval.sha256
+    return [
+        call.key for call, _ in planned_ids(ctx) if call.stage in TRAINING_STAGES and sha in json.dumps(call.__dict__)
+    ]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_name)
+def test_no_training_or_distillation_identity_holds_the_eval_rows(path: Path) -> None:
+    """What trains, distils or selects a model never sees the rows its accuracy is reported on (dev.tsv)."""
+    from toolchain.core.registry import STAGES
+
+    assert eval_rows_in_training(path) == []
+    assert set(STAGES) >= TRAINING_STAGES  # (registered once a plan imported the tasks)
+
+
+def test_the_eval_rows_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the recipe check that refuses it switched off, validating on dev.tsv shows in both training ids."""
+    monkeypatch.setattr("toolchain.recipe.load.check_data", lambda recipe: [])
+    path = PROJECT_ROOT / "recipes" / "sst2-minilm.yaml"
+    assert eval_rows_in_training(path, ["finetune.validation={file: sst2/dev.tsv}"]) == ["finetune", "distill"]

@@ -47,7 +47,9 @@ def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[C
     for r in rows:
         reasons = []
         if r["name"] in PEERS:
-            choice.verdicts[r["name"]] = f"peer: what {PEERS[r['name']]} makes from the same weights (never shipped)"
+            choice.verdicts[r["name"]] = (
+                f"peer: what {PEERS[r['name']]} makes from the reference's weights (never shipped)"
+            )
             continue
         if r["format"] == "pytorch":
             choice.verdicts[r["name"]] = "baseline (not shippable: the bundle runs without torch)"

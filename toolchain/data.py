@@ -138,6 +138,7 @@ def check_data(recipe: Recipe) -> list[str]:
     for i, q in enumerate(recipe.compile.quantize):
         if q.auto_file is not None:
             files[f"compile.quantize.{i}.auto_file"] = q.auto_file
+    hashes: dict[str, str] = {}
     for field, rel in files.items():
         path = root / rel
         try:
@@ -153,9 +154,15 @@ def check_data(recipe: Recipe) -> list[str]:
             )
             continue
         try:
-            read_split(path, d.text, d.label, d.labels)
+            hashes[field] = read_split(path, d.text, d.label, d.labels).sha256
         except DataError as e:
             problems.append(f"{field}: {e}")
+    for field, sha in hashes.items():  # the rows accuracy is reported on never train, select or decide anything
+        if field != "data.eval" and sha == hashes.get("data.eval"):
+            problems.append(
+                f"{field}: '{files[field]}' has the same rows as data.eval ('{d.eval}'), so the reported accuracy "
+                "would be measured on rows that trained or chose the model; use a held-out file (e.g. sst2/heldout.tsv)"
+            )
     return problems
 
 

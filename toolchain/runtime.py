@@ -79,6 +79,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+# Session config entries for the CPU provider: onnxruntime's CPU SkipLayerNormalization kernel is a scalar loop
+# (5.2 ns per element against 0.7 for Add + LayerNormalization, onnxruntime 1.32, 1x128x384), so sessions keep the
+# residual Add and LayerNormalization apart instead of fusing them (b1_s128 of a 3-layer MiniLM int8: 3.2 -> 2.7 ms).
+# Bundles record it in their manifest (`session_config`) for apps to set too (onnxruntime-node: `extra`).
+CPU_SESSION_CONFIG = {"optimization.disable_specified_optimizers": "SkipLayerNormFusion"}
+
+
 def make_session(
     model_path: Path | str,
     threads: int | None = None,
@@ -86,10 +93,24 @@ def make_session(
     custom_ops: str | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session with explicit intra-op threads and sequential execution; `custom_ops` is the path of a
-    custom operator library to register (onnxruntime-extensions' for the strings-in graph)."""
+    custom operator library to register (onnxruntime-extensions' for the strings-in graph). On the CPU provider
+    alone, `CPU_SESSION_CONFIG` applies."""
     import onnxruntime as ort  # here, not at the top: an OpenVINO bundle's app does not install it
 
+    opts = session_options(threads, providers, custom_ops)
+    return ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def session_options(
+    threads: int | None = None, providers: list[str] | None = None, custom_ops: str | None = None
+) -> ort.SessionOptions:
+    """The options `make_session` uses."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
+    if set(providers or ["CPUExecutionProvider"]) == {"CPUExecutionProvider"}:
+        for key, value in CPU_SESSION_CONFIG.items():
+            opts.add_session_config_entry(key, value)
     if custom_ops:
         opts.register_custom_ops_library(custom_ops)
     if threads:
@@ -97,7 +118,7 @@ def make_session(
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_path), opts, providers=providers or ["CPUExecutionProvider"])
+    return opts
 
 
 class TextEncoder:

@@ -75,6 +75,13 @@ export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
   );
   const options = { executionMode: "sequential", graphOptimizationLevel: "all", interOpNumThreads: 1 };
   if (threads) options.intraOpNumThreads = threads;
+  // the session config entries the bundle was measured with ("optimization.x": "y" -> extra.optimization.x = "y")
+  const extra = {};
+  for (const [key, value] of Object.entries(manifest.runtime?.cpu_session_config ?? {})) {
+    const dot = key.indexOf(".");
+    (extra[key.slice(0, dot)] ??= {})[key.slice(dot + 1)] = value;
+  }
+  if (Object.keys(extra).length) options.extra = extra;
   const session = await ort.InferenceSession.create(path.join(dir, manifest.model), options);
   const labels = manifest.labels;
 

@@ -2,13 +2,15 @@
 
 Two stages:
 - `teacher-logits` runs the teacher once over the training rows and keeps its logits (cached like any artifact,
-  so changing the student's settings does not rerun the teacher);
+  so changing the student's settings does not rerun the teacher); planned only for logit-only distillation;
 - `distill` builds the student (teacher weights, layers `distill.layers` kept), trains it with the one training loop
   on   alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)
   plus, when asked, the MSE between each student layer's output and its teacher layer's (`hidden_weight`) and the
   KL between their attention maps (`attention_weight`); those two need the teacher's activations, so the teacher
-  then runs beside the student on every batch. The student is saved as a plain transformers model and flows through
-  export, optimization and quantization like the teacher would.
+  then runs beside the student on every batch (and its logits there are the soft targets: no teacher-logits stage).
+  `intermediate_size` also prunes each student layer's FFN (`toolchain.compile.prune`) before training.
+  The student is saved as a plain transformers model and flows through export, optimization and quantization like
+  the teacher would.
 """
 
 from __future__ import annotations
@@ -89,25 +91,33 @@ def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
 def make_loss(
     cfg: DistillSection,
     keep: list[int],
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
     teacher: torch.nn.Module | None,
 ) -> Any:
+    """The student's loss. With hidden-state or attention transfer the teacher runs beside the student on every
+    batch and its logits there are the soft targets; otherwise they come from `teacher_logits` (one row per
+    training row)."""
     needs_teacher = cfg.hidden_weight > 0 or cfg.attention_weight > 0
+    if (teacher_logits is None) != needs_teacher or (teacher is None) == needs_teacher:
+        raise ValueError("make_loss: the teacher runs online exactly when hidden or attention transfer is on")
 
     def loss_fn(student: torch.nn.Module, batch: dict[str, torch.Tensor], rows: list[int]) -> torch.Tensor:
         out = student(**batch, output_hidden_states=cfg.hidden_weight > 0, output_attentions=cfg.attention_weight > 0)
         device = out.logits.device
-        t_logits = teacher_logits[rows].to(device)
-        loss = cfg.alpha * kd_loss(out.logits, t_logits, cfg.temperature)
-        if cfg.alpha < 1:
-            loss = loss + (1 - cfg.alpha) * F.cross_entropy(out.logits.float(), labels[rows].to(device))
-        if needs_teacher:
-            assert teacher is not None
+        if teacher is not None:
             with torch.no_grad():
                 t_out = teacher(
                     **batch, output_hidden_states=cfg.hidden_weight > 0, output_attentions=cfg.attention_weight > 0
                 )
+            t_logits = t_out.logits
+        else:
+            assert teacher_logits is not None
+            t_logits = teacher_logits[rows].to(device)
+        loss = cfg.alpha * kd_loss(out.logits, t_logits, cfg.temperature)
+        if cfg.alpha < 1:
+            loss = loss + (1 - cfg.alpha) * F.cross_entropy(out.logits.float(), labels[rows].to(device))
+        if teacher is not None:
             mask = batch["attention_mask"]
             for i, t_layer in enumerate(keep):
                 if cfg.hidden_weight > 0:

@@ -1,10 +1,13 @@
-"""ONNX graph helpers the quantizers share: which inputs each MatMul reads, how much of a graph Q/DQ covers, and
-onnxruntime's MatMulNBits weight-only quantizer restricted to chosen nodes (int4/int8 for encoders and decoders)."""
+"""ONNX graph helpers the quantizers share: which inputs each MatMul reads, how much of a graph Q/DQ covers,
+onnxruntime's MatMulNBits weight-only quantizer restricted to chosen nodes (int4/int8 for encoders and decoders), and
+the tanh approximation of the fused graph's GELU."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from toolchain.errors import StageError
 
 
 def matmul_input_sources(graph: Any) -> dict[str, tuple[str | None, str | None]]:
@@ -71,3 +74,18 @@ def matmul_nbits(
     )
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+def approximate_gelu(src: Path, out: Path) -> tuple[Path, int]:
+    """The graph with onnxruntime's fused Gelu and BiasGelu nodes as FastGelu (tanh approximation; BiasGelu's bias
+    carried over as FastGelu's optional second input); the count rewritten."""
+    import onnx
+
+    model = onnx.load(str(src))
+    nodes = [n for n in model.graph.node if n.domain == "com.microsoft" and n.op_type in ("Gelu", "BiasGelu")]
+    if not nodes:
+        raise StageError("quantize", f"gelu_approximation: {src} has no fused Gelu or BiasGelu node to approximate")
+    for node in nodes:
+        node.op_type = "FastGelu"
+    onnx.save(model, str(out))
+    return out, len(nodes)

@@ -24,7 +24,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from pydantic import BaseModel, ConfigDict
 
-from toolchain.compile.graph import matmul_nbits
+from toolchain.compile.graph import approximate_gelu, matmul_nbits
 from toolchain.compile.parity import compare
 from toolchain.compile.sensitivity import Candidate, auto_exclude, rank_nodes
 from toolchain.core.artifact import Artifact
@@ -294,9 +294,11 @@ def build_variant(ctx: StageContext, spec: QuantizeConfig, src: Path, out: Path,
 
     max_length = spec.max_length
     with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+        meta: dict[str, Any] = {}
+        if spec.gelu_approximation:  # the float graph every build and the ranking's reference start from
+            src, meta["gelu_approximated"] = approximate_gelu(src, Path(tmp) / "gelu-tanh.onnx")
         quantizer = QUANTIZERS[spec.mode](ctx, spec, src, Path(tmp), tokenizer)
         final = out / "model.onnx"
-        meta: dict[str, Any] = {}
         exclude = spec.exclude if isinstance(spec.exclude, list) else []
         unknown = sorted(set(exclude) - {c.name for c in quantizer.candidates()})
         if unknown:

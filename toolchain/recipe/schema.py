@@ -219,6 +219,13 @@ class DistillSection(TrainingSettings):
     attention_weight: float = Field(
         0.0, ge=0, description="Weight of the KL between student and teacher attention maps (per kept layer)."
     )
+    intermediate_size: int | None = Field(
+        None,
+        gt=0,
+        description="Feed-forward neurons each student layer keeps (e.g. 768 of MiniLM's 1536): the most important "
+        "by mean activation x outgoing weight norm on training rows, pruned before distillation recovers the rest. "
+        "None keeps them all.",
+    )
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of the student (AdamW, warm-up then decay).")
 
     @model_validator(mode="after")
@@ -249,6 +256,12 @@ class QuantizeSpec(Strict):
         "`calibration_rows` training rows, `exclude` nodes kept in float), an OpenVINO IR run by OpenVINO."
     )
     per_channel: bool = Field(True, description="Per-output-channel weight scales (recovers most accuracy).")
+    gelu_approximation: bool = Field(
+        False,
+        description="dynamic-int8 of the fused graph only: run GELU as onnxruntime's FastGelu (the tanh "
+        "approximation, what its `optimization.enable_gelu_approximation` does) instead of the exact erf form; "
+        "faster on the CPU, logits move by about 1e-3, accuracy is measured like any variant's.",
+    )
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI.")
     op_types: list[str] | None = Field(
         None,
@@ -373,6 +386,8 @@ class QuantizeSpec(Strict):
             name += "-reduce-range"
         if self.op_types:
             name += "-" + "-".join(t.lower() for t in self.op_types)
+        if self.gelu_approximation:
+            name += "-gelu-tanh"
         return name + self._exclude_suffix
 
     @property
@@ -646,6 +661,16 @@ class Recipe(Strict):
             )
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _gelu_approximation_needs_the_fused_graph(self) -> Recipe:
+        for q in self.compile.quantize:
+            if q.gelu_approximation and (q.mode != "dynamic-int8" or not self.compile.optimize):
+                raise ValueError(
+                    f"compile.quantize {q.variant_name}: gelu_approximation rewrites the fused graph's Gelu nodes, "
+                    "which only dynamic-int8 with compile.optimize: true starts from; remove it or use that mode"
+                )
         return self
 
     @model_validator(mode="after")

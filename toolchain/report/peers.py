@@ -1,5 +1,6 @@
 """The peers section of a classifier's report.md: the shipped variant against what other tools' documented defaults
-make of the same weights (Optimum, OpenVINO, NNCF), metric by metric."""
+make of the reference's weights (Optimum, OpenVINO, NNCF), metric by metric; in a distilled recipe those are the
+teacher's, not the student's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def peer_comparison(data: dict[str, Any]) -> list[str]:
     if ours is None or not peers:
         return []
     meta = data.get("optimum_baseline") or {}
-    out = ["", "## Against the peers (same weights, each tool's documented defaults; never shipped)", ""]
+    weights = "the teacher's weights" if data.get("distill") else "the same weights"
+    out = ["", f"## Against the peers ({weights}, each tool's documented defaults; never shipped)", ""]
     for r in peers:
         out.append(f"- `{r['name']}`: {PEER_METHODS[r['name']].format_map(defaultdict(lambda: '?', meta))}")
     if "O2" in (meta.get("failed_levels") or {}):

@@ -46,7 +46,9 @@ class BenchConfig(BenchSection):
     kind="bench",
     help="Latency percentiles, throughput, memory and cold start of every variant, a fresh process per variant and "
     "round, rounds interleaved.",
-    version=6,  # 4: interleaved rounds, per-round ratios, extra providers; 6: a fresh process per variant and round
+    # 4: interleaved rounds, per-round ratios, extra providers; 6: a fresh process per variant and round; 7: CPU
+    # sessions keep Add + LayerNormalization unfused (runtime.CPU_SESSION_CONFIG)
+    version=7,
     config=BenchConfig,
 )
 def bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

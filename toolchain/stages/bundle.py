@@ -22,7 +22,7 @@ from toolchain.core.launcher import measure_once
 from toolchain.core.manifest import file_table, lineage, target, write_manifest
 from toolchain.core.registry import StageConfig, register
 from toolchain.models import copy_tokenizer
-from toolchain.runtime import MANIFEST_VERSION, openvino_hint
+from toolchain.runtime import CPU_SESSION_CONFIG, MANIFEST_VERSION, openvino_hint
 
 
 class BundleConfig(StageConfig):
@@ -59,6 +59,8 @@ def bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
     runtime: dict[str, Any] = {"name": RUNTIME_OF_FORMAT[cfg.format]}
     if cfg.format == "openvino":
         runtime["precision"] = openvino_hint(cfg.precision)  # None: OpenVINO's default for the CPU
+    else:  # what the measured sessions set on the CPU provider; an app sets them too (SessionOptions config entries)
+        runtime["cpu_session_config"] = dict(CPU_SESSION_CONFIG)
     tokenizer_files = copy_tokenizer(inputs["finetune"].path, out)
     (out / "labels.json").write_text(json.dumps(cfg.labels))
     onnxruntime = runtime["name"] == "onnxruntime"  # ORT format and the strings-in model are onnxruntime's

@@ -29,6 +29,7 @@ class EvaluateConfig(StageConfig):
     "evaluate",
     kind="metrics",
     help="Accuracy and per-row predictions of one variant on the eval split.",
+    version=2,  # 2: CPU sessions keep Add + LayerNormalization unfused (runtime.CPU_SESSION_CONFIG)
     config=EvaluateConfig,
 )
 def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

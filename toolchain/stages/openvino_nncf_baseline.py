@@ -37,8 +37,8 @@ def openvino_nncf_baseline(
     ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path
 ) -> dict[str, Any]:
     cfg = ctx.config(NncfBaselineConfig)
-    export = inputs["export"]
-    tokenizer = inputs[next(k for k in call.inputs if k != "export")].file("tokenizer.json")
+    export, source = (inputs[k] for k in call.inputs)  # the ONNX export, and the model it was made from
+    tokenizer = source.file("tokenizer.json")
     texts = ctx.train.sample(cfg.rows, seed=cfg.seed + 3).texts
     model = nncf_int8(export.file("model.onnx"), tokenizer, texts, cfg.max_length, out)
     drift = compare(model, tokenizer, export.file(REFERENCE), ctx.threads, runtime="openvino")

@@ -1,4 +1,5 @@
-"""The optimize stage: onnxruntime's transformer optimizer (attention, LayerNorm, GELU fusions).
+"""The optimize stage: onnxruntime's transformer optimizer (attention, embedding LayerNorm, GELU fusions; the
+residual Add + LayerNorm left unfused, being faster on the CPU).
 
 The fused graph stays portable: only the optimizer's fusions and ORT's basic graph rewrites (opt level 1) are saved,
 not the machine-specific layouts of higher levels."""
@@ -34,21 +35,29 @@ class OptimizeConfig(StageConfig):
     "optimize",
     kind="onnx",
     help="Fuse attention/LayerNorm/GELU with onnxruntime's transformer optimizer.",
+    version=2,  # 2: the residual Add + LayerNormalization left unfused (onnxruntime's CPU SkipLayerNorm is slow)
     config=OptimizeConfig,
 )
 def optimize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     exported = inputs["export"]
     # the model the export was made from: its config names the fusions' model type, heads and hidden size
     hf_dir = inputs[next(k for k in call.inputs if k != "export")].path
     config = json.loads((hf_dir / "config.json").read_text())
+    model_type = ORT_MODEL_TYPES.get(config["model_type"], "bert")
+    options = FusionOptions(model_type)
+    # residual Add + LayerNormalization stay two nodes: onnxruntime's CPU SkipLayerNormalization kernel is a scalar
+    # loop, 5-7x slower than the two (see toolchain.runtime.CPU_SESSION_CONFIG, which keeps sessions from re-fusing)
+    options.enable_skip_layer_norm = False
     model = optimize_model(
         str(exported.file("model.onnx")),
-        model_type=ORT_MODEL_TYPES.get(config["model_type"], "bert"),
+        model_type=model_type,
         num_heads=config.get("num_attention_heads", 0),
         hidden_size=config.get("hidden_size", 0),
         opt_level=1,
+        optimization_options=options,
     )
     model.save_model_to_file(str(out / "model.onnx"))
     fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}

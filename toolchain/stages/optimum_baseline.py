@@ -38,7 +38,8 @@ def optimum_baseline(ctx: StageContext, call: StageCall, inputs: dict[str, Artif
     from optimum.onnxruntime import ORTModelForSequenceClassification, ORTOptimizer, ORTQuantizer
     from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
 
-    src = inputs[call.inputs[0]].path  # the fine-tuned model, or the distilled student
+    model_dir, export = (inputs[k] for k in call.inputs)  # the model, and its export (the PyTorch reference logits)
+    src = model_dir.path
     preset = ctx.config(OptimumBaselineConfig).preset
     work = out / "work"
     model = ORTModelForSequenceClassification.from_pretrained(src, export=True)
@@ -68,7 +69,7 @@ def optimum_baseline(ctx: StageContext, call: StageCall, inputs: dict[str, Artif
     drift = compare(
         out / "model.onnx",
         src / "tokenizer.json",
-        inputs["export"].file(REFERENCE),
+        export.file(REFERENCE),
         ctx.threads,
     )
     log.info("optimum-baseline: preset %s, max |logit diff| vs PyTorch %.3f", preset, drift["max_abs_diff"])

@@ -44,6 +44,9 @@ from toolchain.runtime import sha256_file
 log = logging.getLogger("toolchain")
 
 
+TEACHER_EXPORT = "export.teacher"  # a distilled recipe's export of the teacher, which its peers are built from
+
+
 def model_key(recipe: Recipe) -> str:
     """The artifact holding the model that is exported: the distilled student, else the fine-tuned model."""
     return "distill" if recipe.compile.distill is not None else "finetune"
@@ -77,21 +80,24 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     variants = [Variant("pytorch-fp32", "finetune", "pytorch", "fp32")]
     if comp.distill is not None:
         train_identity = {**data_identity, "train_sha256": train.sha256, "max_train_rows": d.max_train_rows}
-        calls.append(
-            StageCall(
-                "teacher-logits",
-                "teacher-logits",
-                {"max_length": comp.distill.max_length},
-                ("finetune",),
-                train_identity,
+        # with hidden-state or attention transfer the teacher runs beside the student: its logits come from there
+        online = comp.distill.hidden_weight > 0 or comp.distill.attention_weight > 0
+        if not online:
+            calls.append(
+                StageCall(
+                    "teacher-logits",
+                    "teacher-logits",
+                    {"max_length": comp.distill.max_length},
+                    ("finetune",),
+                    train_identity,
+                )
             )
-        )
         calls.append(
             StageCall(
                 "distill",
                 "distill",
                 comp.distill.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
-                ("finetune", "teacher-logits"),
+                ("finetune",) if online else ("finetune", "teacher-logits"),
                 {
                     **train_identity,
                     "validation": ft.validation.model_dump(mode="json") if ft.validation else None,
@@ -148,26 +154,40 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         inputs = tuple(dict.fromkeys((source, "export", "finetune")))
         calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), inputs, identity))
         variants.append(Variant(q.variant_name, key, "openvino" if q.mode == "nncf-int8" else "onnx", q.precision))
+    # The peers are built from the reference's weights (the fine-tuned model), as a user of each tool would: with a
+    # distilled student that is a second export, of the teacher.
+    peer_export = "export"
+    if comp.distill is not None and (recipe.bench.optimum_baseline or recipe.bench.openvino_peers):
+        peer_export = TEACHER_EXPORT
+        calls.append(
+            StageCall(
+                TEACHER_EXPORT,
+                "export",
+                {**comp.export.model_dump(mode="json"), "max_length": recipe.bundle.max_length},
+                ("finetune",),
+                eval_identity,
+            )
+        )
     if recipe.bench.optimum_baseline:
         calls.append(
             StageCall(
                 "optimum-baseline",
                 "optimum-baseline",
                 {"preset": ctx.cpu_preset},
-                (model_key(recipe), "export"),  # the export holds the PyTorch reference logits
+                ("finetune", peer_export),  # the model, and the export holding its PyTorch reference logits
                 {**eval_identity, "export": comp.export.model_dump(mode="json")},
             )
         )
         variants.append(Variant(OPTIMUM_BASELINE, "optimum-baseline", "onnx", "int8"))
     if recipe.bench.openvino_peers:
         # what OpenVINO's documented defaults make of the exported weights: bf16 inference, and NNCF's int8
-        variants.append(Variant(OPENVINO_BF16, "export", "openvino", "bf16"))
+        variants.append(Variant(OPENVINO_BF16, peer_export, "openvino", "bf16"))
         calls.append(
             StageCall(
                 "openvino-nncf-baseline",
                 "openvino-nncf-baseline",
                 {"rows": 300, "max_length": recipe.bundle.max_length, "seed": ft.seed},
-                ("export", model_key(recipe)),  # the graph, and the tokenizer beside the weights
+                (peer_export, "finetune"),  # the graph, and the tokenizer beside the weights
                 {**data_identity, "train_sha256": train.sha256, "max_train_rows": d.max_train_rows},
             )
         )
