@@ -16,6 +16,8 @@ from toolchain.core.registry import StageConfig, register
 from toolchain.evaluate.torch_model import load_pytorch, pytorch_logits
 from toolchain.runtime import TextEncoder, make_classifier, openvino_hint, softmax
 
+PYTORCH_BATCH = 32
+
 
 class EvaluateConfig(StageConfig):
     variant: str
@@ -29,7 +31,8 @@ class EvaluateConfig(StageConfig):
     "evaluate",
     kind="metrics",
     help="Accuracy and per-row predictions of one variant on the eval split.",
-    version=2,  # 2: CPU sessions keep Add + LayerNormalization unfused (runtime.CPU_SESSION_CONFIG)
+    # 2: CPU sessions keep Add + LayerNormalization unfused (runtime.CPU_SESSION_CONFIG); PyTorch rows 32 at a time
+    version=2,
     config=EvaluateConfig,
 )
 def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
@@ -40,8 +43,11 @@ def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     bar = tqdm(total=len(texts), desc=call.key, unit="row", mininterval=2.0)
     model_key = call.inputs[0]  # the variant's own artifact (the teacher's for pytorch-fp32)
     if cfg.format == "pytorch":
+        # fp32 PyTorch's logits do not depend on what shares a batch (padding is masked), unlike a dynamically
+        # quantized graph's: its rows are scored PYTORCH_BATCH at a time, by length, whatever the recipe's batch
         encoder = TextEncoder(hf_dir / "tokenizer.json", max_length)
-        logits = pytorch_logits(load_pytorch(inputs[model_key].path), encoder, texts, batch_size, bar.update)
+        model = load_pytorch(inputs[model_key].path)
+        logits = pytorch_logits(model, encoder, texts, max(batch_size, PYTORCH_BATCH), bar.update)
     else:
         graph = graph_file(inputs[model_key].path)
         if graph.suffix == ".onnx":
