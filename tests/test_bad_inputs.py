@@ -181,6 +181,11 @@ CASES = [
         _recipe(_set("finetune.validation", {"file": "sst2/dev.tsv"})),
         "has the same rows as data.eval",
     ),
+    Case(
+        "distillation pruning the FFN to the model's own width",
+        _recipe(_set("compile.distill", {"num_layers": 1, "intermediate_size": 64})),
+        "compile.distill.intermediate_size: 64 keeps every FFN neuron",
+    ),
     Case("fp16 training without a GPU", _recipe(_set("finetune.precision", "fp16")), "needs a CUDA GPU"),
     Case("override of an unknown key", _with_override("finetune.lrate=1e-4"), "finetune.lrate: unknown key"),
     Case("override value of the wrong type", _with_override("bench.batch_sizes=[one]"), "bench.batch_sizes"),

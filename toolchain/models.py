@@ -161,11 +161,15 @@ def remote_code(folder: Path) -> list[str]:
 
 
 def check_model_source(
-    model: ModelSection, distill_layers: list[int] | None = None, causal_lm: bool = False
+    model: ModelSection,
+    distill_layers: list[int] | None = None,
+    causal_lm: bool = False,
+    distill_ffn: int | None = None,
 ) -> list[str]:
     """Problems with the recipe's model as `model.source: ...` lines (empty when it resolves to a usable model).
     `distill_layers`: teacher layers a distillation student keeps; they must exist in this model. `causal_lm`: the
-    recipe generates (a decoder LM, from a transformers folder or one GGUF file)."""
+    recipe generates (a decoder LM, from a transformers folder or one GGUF file). `distill_ffn`: the FFN width a
+    distillation student is pruned to; it must be below this model's."""
     source = model.source
     try:
         folder = resolve_source(source, model)
@@ -211,6 +215,12 @@ def check_model_source(
         return [
             f"compile.distill.layers: {distill_layers} names a layer the model does not have; "
             f"'{source}' has layers 0..{layers - 1}"
+        ]
+    width = config.get("intermediate_size", config.get("hidden_dim"))
+    if distill_ffn is not None and isinstance(width, int) and distill_ffn >= width:
+        return [
+            f"compile.distill.intermediate_size: {distill_ffn} keeps every FFN neuron or more; '{source}' has "
+            f"{width} per layer: set a smaller width or remove intermediate_size"
         ]
     return []
 

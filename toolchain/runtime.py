@@ -82,7 +82,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # Session config entries for the CPU provider: onnxruntime's CPU SkipLayerNormalization kernel is a scalar loop
 # (5.2 ns per element against 0.7 for Add + LayerNormalization, onnxruntime 1.32, 1x128x384), so sessions keep the
 # residual Add and LayerNormalization apart instead of fusing them (b1_s128 of a 3-layer MiniLM int8: 3.2 -> 2.7 ms).
-# Bundles record it in their manifest (`session_config`) for apps to set too (onnxruntime-node: `extra`).
+# Bundles record it in their manifest (`runtime.cpu_session_config`) for apps to set too (onnxruntime-node: `extra`).
 CPU_SESSION_CONFIG = {"optimization.disable_specified_optimizers": "SkipLayerNormFusion"}
 
 

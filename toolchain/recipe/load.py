@@ -175,7 +175,10 @@ def check_recipe_files(recipe: Recipe) -> list[str]:
         ]
     try:
         problems += check_model_source(
-            recipe.model, distill.layers if distill else None, causal_lm=recipe.generation is not None
+            recipe.model,
+            distill.layers if distill else None,
+            causal_lm=recipe.generation is not None,
+            distill_ffn=distill.intermediate_size if distill else None,
         )
     except (OSError, ValueError, TypeError) as e:  # a path too long, a Hub id or package name that is no name
         problems.append(
