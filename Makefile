@@ -1,7 +1,7 @@
 # make <recipe>   run recipes/<recipe>.yaml end to end (every recipe file gets a target; ARGS="key=value ..." overrides)
 # make test       the test suite;  make lint  ruff and mypy (strict on engine, core/, stages/, tasks/, report/);  make list  recipes and stages
 # make bench-ci   the CI benchmark (bench/sst2-ci.yaml, timing re-measured) and its regression gate
-# make bench-baseline   re-measure and rewrite bench/baselines/sst2-ci.json (on purpose; commit it)
+# make bench-baseline   re-measure this CPU class's entry of bench/baselines/sst2-ci.json (on purpose; commit it)
 # make node-example     install the Node.js example's packages (examples/node, from the npm registry)
 # make node-check       check the Node.js app against the Python runtime on a bundle's eval rows (BUNDLE=...)
 # Every target creates or reuses the virtual environment .venv first.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.gate import GateError, compare, run_gate, summarize, table, write_baseline
+from toolchain.gate import GateError, compare, machine_class, run_gate, summarize, table, write_baseline
 
 
 def summary(ratios: dict[str, tuple[float, float, float]], accuracy: dict[str, float] | None = None) -> dict:
@@ -59,6 +59,40 @@ def test_accuracy_drop_beyond_tolerance_fails_and_within_passes() -> None:
     assert failing(compare(worse, BASE, accuracy_tolerance=0.01)) == []
 
 
+def test_on_another_cpu_the_ratios_to_pytorch_are_shown_not_gated_but_the_ratios_to_the_peer_are() -> None:
+    base = copy.deepcopy(BASE)
+    base["variants"]["onnx-int8"]["vs_peer"] = {
+        "peer": "optimum-int8",
+        "ratio": {"b1_s128": 0.9},
+        "range": {"b1_s128": [0.88, 0.92]},
+    }
+    # int8 kernels without VNNI: every int8 graph 1.4x slower against PyTorch, ours and the peer's alike
+    other_cpu = summary({"onnx-int8": (0.56, 0.53, 0.59), "onnx-fp32": (0.80, 0.78, 0.83)})
+    other_cpu["variants"]["onnx-int8"]["vs_peer"] = {
+        "peer": "optimum-int8",
+        "ratio": {"b1_s128": 0.91},
+        "range": {"b1_s128": [0.89, 0.93]},
+    }
+    assert failing(compare(other_cpu, base)) == [("onnx-int8", "b1_s128 p50 vs PyTorch")]  # on the same CPU: fails
+    checks = compare(other_cpu, base, same_cpu=False)
+    assert failing(checks) == []
+    assert "| onnx-int8 | b1_s128 p50 vs PyTorch | 0.400x (0.380–0.420) | 0.560x (0.530–0.590) | not gated" in table(
+        checks
+    )
+    # ours slower than the peer by more than the noise: fails on any CPU
+    other_cpu["variants"]["onnx-int8"]["vs_peer"]["range"]["b1_s128"] = [1.05, 1.10]
+    assert failing(compare(other_cpu, base, same_cpu=False)) == [("onnx-int8", "b1_s128 p50 vs optimum-int8")]
+    del other_cpu["variants"]["onnx-int8"]["vs_peer"]
+    assert failing(compare(other_cpu, base, same_cpu=False)) == [("onnx-int8", "b1_s128 p50 vs optimum-int8")]
+
+
+def test_machine_class_is_the_model_and_the_isa_flags() -> None:
+    assert machine_class({"cpu_model": "AMD EPYC", "cpu_flags": ["avx2"]}) == "AMD EPYC [avx2]"
+    assert machine_class({"cpu_model": "X", "cpu_flags": ["avx2", "avx512_vnni"]}) == "X [avx2 avx512_vnni]"
+    assert machine_class({"cpu_model": "X", "cpu_flags": []}) == "X [no AVX2]"
+    assert machine_class({"cpu_model": "X"}) == "X [flags not recorded]"
+
+
 def test_a_missing_variant_fails_and_a_new_one_is_ignored() -> None:
     cur = copy.deepcopy(BASE)
     del cur["variants"]["onnx-fp32"]
@@ -66,8 +100,10 @@ def test_a_missing_variant_fails_and_a_new_one_is_ignored() -> None:
     assert failing(compare(cur, BASE)) == [("onnx-fp32", "present")]
 
 
-def fake_report(ratio: float, accuracy: float = 0.9) -> dict:
-    def variant(name: str, p50: float, rounds: list[float], acc: float) -> dict:
+def fake_report(ratio: float, accuracy: float = 0.9, cpu: str = "cpu", peer_ratio: float | None = None) -> dict:
+    """PyTorch at 20 ms, onnx-int8 at `ratio` of it; with `peer_ratio`, an Optimum int8 peer at that ratio."""
+
+    def variant(name: str, p50: float, rounds: list[float], acc: float, peer: bool = False) -> dict:
         """A whole row, as toolchain.report.rows.ClassifierRow has it (the gate checks rows read back)."""
         stats = {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "cv": 0.01, "n": 50, "p50_ci95": [p50, p50]}
         return {
@@ -87,22 +123,26 @@ def fake_report(ratio: float, accuracy: float = 0.9) -> dict:
             "parity": None,
             "compression": {},
             "artifact": "0" * 64,
-            "peer": False,
+            "peer": peer,
             "latency_ratio_to_pytorch": {"b1_s128": p50 / 20.0},
             "latency_ratio_ci": {"b1_s128": [min(rounds) / 20.0, max(rounds) / 20.0]},
         }
 
+    spread = (0.98, 1.0, 1.02, 0.99, 1.01)
+    rows = [
+        variant("pytorch-fp32", 20.0, [20.0] * 5, 0.9),
+        variant("onnx-int8", 20.0 * ratio, [20.0 * ratio * f for f in spread], accuracy),
+    ]
+    if peer_ratio is not None:
+        rows.append(variant("optimum-int8", 20.0 * peer_ratio, [20.0 * peer_ratio * f for f in spread], 0.9, True))
     return {
         "recipe": "ci",
         "measured_at_commit": "abc",
-        "environment": {"cpu_model": "cpu", "cores_physical": 2, "threads": 1, "versions": {}},
+        "environment": {"cpu_model": cpu, "cpu_flags": ["avx2"], "cores_physical": 2, "threads": 1, "versions": {}},
         "data": {"eval_rows": 100},
         "latency_case": "b1_s128",
         "shipped": "onnx-int8",
-        "variants": [
-            variant("pytorch-fp32", 20.0, [20.0] * 5, 0.9),
-            variant("onnx-int8", 20.0 * ratio, [20.0 * ratio * f for f in (0.98, 1.0, 1.02, 0.99, 1.01)], accuracy),
-        ],
+        "variants": rows,
     }
 
 
@@ -114,7 +154,8 @@ def test_gate_and_baseline_commands(tmp_path: Path, capsys) -> None:
     (run / "report.json").write_text(json.dumps(fake_report(0.4)))
     baseline = tmp_path / "baselines" / "ci.json"
     data = write_baseline(run, baseline, 0.005, 0.1)
-    assert data["variants"]["onnx-int8"]["ratio_range"]["b1_s128"] == [pytest.approx(0.392), pytest.approx(0.408)]
+    mine = data["machines"]["cpu [avx2]"]["variants"]["onnx-int8"]
+    assert mine["ratio_range"]["b1_s128"] == [pytest.approx(0.392), pytest.approx(0.408)]
     assert json.loads(baseline.read_text()) == json.loads(json.dumps(data))
     assert "checks pass." in run_gate(run, baseline)
 
@@ -128,6 +169,48 @@ def test_gate_and_baseline_commands(tmp_path: Path, capsys) -> None:
     assert "make bench-baseline" in capsys.readouterr().err
 
 
+def test_a_baseline_keeps_one_entry_per_cpu_class_and_an_unknown_cpu_is_gated_against_its_peer(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "ci"
+    run.mkdir(parents=True)
+    baseline = tmp_path / "ci.json"
+    (run / "report.json").write_text(json.dumps(fake_report(0.13, cpu="Xeon", peer_ratio=0.15)))
+    write_baseline(run, baseline, 0.005, 0.1)
+    (run / "report.json").write_text(json.dumps(fake_report(0.18, cpu="EPYC", peer_ratio=0.205)))
+    data = write_baseline(run, baseline, 0.005, 0.1)
+    assert list(data["machines"]) == ["Xeon [avx2]", "EPYC [avx2]"]  # the first class kept, the second added
+    peer = data["machines"]["Xeon [avx2]"]["variants"]["onnx-int8"]["vs_peer"]
+    assert peer["peer"] == "optimum-int8" and peer["ratio"]["b1_s128"] == pytest.approx(0.13 / 0.15)
+    assert "vs_peer" not in data["machines"]["Xeon [avx2]"]["variants"]["optimum-int8"]  # a peer has no peer
+    assert "this CPU class (EPYC [avx2])" in run_gate(run, baseline)  # each class against its own
+    # a third CPU: int8 slower against PyTorch than on either, as fast as ever against the peer: passes
+    (run / "report.json").write_text(json.dumps(fake_report(0.25, cpu="Other", peer_ratio=0.29)))
+    text = run_gate(run, baseline)
+    assert "No baseline for this CPU class (Other [avx2])" in text and "not gated" in text
+    # ... and slower against the peer: fails on the peer check only
+    (run / "report.json").write_text(json.dumps(fake_report(0.25, cpu="Other", peer_ratio=0.20)))
+    with pytest.raises(GateError, match=r"checks pass: onnx-int8 b1_s128 p50 vs optimum-int8 regressed$"):
+        run_gate(run, baseline)
+    # int8 rounding differs by ISA: on a new CPU accuracy may move by up to 1 point, against the closest class
+    (run / "report.json").write_text(json.dumps(fake_report(0.25, accuracy=0.892, cpu="Other", peer_ratio=0.29)))
+    assert "accuracy 1.00 pts, latency ratio 25%" in run_gate(run, baseline)
+    (run / "report.json").write_text(json.dumps(fake_report(0.25, accuracy=0.888, cpu="Other", peer_ratio=0.29)))
+    with pytest.raises(GateError, match=r"checks pass: onnx-int8 accuracy % regressed$"):
+        run_gate(run, baseline)
+    (run / "report.json").write_text(json.dumps(fake_report(0.18, accuracy=0.888, cpu="EPYC", peer_ratio=0.205)))
+    with pytest.raises(GateError, match=r"accuracy 0.50 pts"):  # on a known CPU, its own tolerance
+        run_gate(run, baseline)
+    # a baseline of the old format is named with the fix; `baseline` replaces it
+    baseline.write_text(json.dumps({"format_version": 1, "recipe": "ci", "variants": {}}))
+    from toolchain.errors import ToolchainError
+
+    with pytest.raises(
+        ToolchainError,
+        match=r"ci\.json: not a baseline of format 2; recreate it with `make bench-baseline`",
+    ):
+        run_gate(run, baseline)
+    assert list(write_baseline(run, baseline, 0.005, 0.1)["machines"]) == ["EPYC [avx2]"]
+
+
 def test_a_report_whose_rows_are_not_this_versions_is_named_with_the_fix(tmp_path: Path) -> None:
     from toolchain.errors import ToolchainError
 
@@ -139,7 +222,7 @@ def test_a_report_whose_rows_are_not_this_versions_is_named_with_the_fix(tmp_pat
     with pytest.raises(ToolchainError, match=r"report\.json: its variants are not report rows.*run the recipe again"):
         write_baseline(run, tmp_path / "b.json", 0.005, 0.1)
     baseline = tmp_path / "bad.json"
-    baseline.write_text(json.dumps({"format_version": 1, "variants": {"x": {"correct": 1}}}))
+    baseline.write_text(json.dumps({"format_version": 2, "machines": {"x": {"variants": {"x": {"correct": 1}}}}}))
     with pytest.raises(ToolchainError, match=r"bad\.json: not a baseline of this version"):
         run_gate(run, baseline)
 
@@ -197,7 +280,8 @@ def test_a_generation_report_is_gated_on_decode_speed_and_accuracy(tmp_path: Pat
     baseline = tmp_path / "gen.json"
     data = write_baseline(run, baseline, 0.005, 0.1)
     assert data["kind"] == "generation"
-    assert data["variants"]["onnx-int4"]["decode_speedup_range"] == [pytest.approx(2.2), pytest.approx(2.4)]
+    mine = data["machines"]["cpu [flags not recorded]"]["variants"]["onnx-int4"]
+    assert mine["decode_speedup_range"] == [pytest.approx(2.2), pytest.approx(2.4)]
     assert "checks pass." in run_gate(run, baseline)
     # noise: this run's best round still within 10% of the baseline's worst
     (run / "report.json").write_text(json.dumps(generation_report([1.9, 2.0, 2.05])))

@@ -221,8 +221,15 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "report.json").is_file():
         raise ToolchainError(f"{run_dir / 'report.json'} does not exist; run the recipe first")
+    import json
+
+    from toolchain.gate import machine_class
+
     data = write_baseline(run_dir, Path(args.out), args.accuracy_tolerance, args.latency_tolerance)
-    print(f"baseline for {data['recipe']} ({len(data['variants'])} variants) written to {args.out}")
+    mine = machine_class(json.loads((run_dir / "report.json").read_text())["environment"])
+    others = [c for c in data["machines"] if c != mine]
+    kept = f"; kept the baselines of {', '.join(others)}" if others else ""
+    print(f"baseline for {data['recipe']} on {mine} written to {args.out}{kept}")
     return 0
 
 

@@ -79,6 +79,16 @@ def generator_rows() -> TypeAdapter[list[GeneratorRow]]:
 
 
 @with_config(FORBID)
+class PeerRatio(TypedDict):
+    """A variant's p50 against the peer that runs the same kernels (same runtime and precision), per case, with the
+    range of the per-round ratios: it does not move with the CPU the way a ratio to PyTorch does."""
+
+    peer: str
+    ratio: dict[str, float]
+    range: dict[str, list[float]]
+
+
+@with_config(FORBID)
 class GateVariant(TypedDict):
     """One variant in the gate's summary of a report (and in a committed baseline)."""
 
@@ -87,6 +97,7 @@ class GateVariant(TypedDict):
     p50_ms: NotRequired[dict[str, float]]
     ratio_to_pytorch: NotRequired[dict[str, float]]
     ratio_range: NotRequired[dict[str, list[float]]]
+    vs_peer: NotRequired[PeerRatio]
     decode_speedup: NotRequired[float]
     decode_speedup_range: NotRequired[list[float]]
 
@@ -101,10 +112,20 @@ class GateSummary(TypedDict):
     eval_rows: int
     variants: dict[str, GateVariant]
     kind: NotRequired[str]
-    format_version: NotRequired[int]
-    tolerances: NotRequired[dict[str, float]]
+
+
+@with_config(FORBID)
+class GateBaseline(TypedDict):
+    """A committed baseline: one summary per CPU class it was measured on (`toolchain.gate.machine_class`), since
+    a ratio to PyTorch depends on the CPU's instruction set (int8 kernels gain more from VNNI than fp32 ones)."""
+
+    format_version: int
+    recipe: str
+    kind: str
+    tolerances: dict[str, float]
+    machines: dict[str, GateSummary]
 
 
 @cache
-def gate_summary() -> TypeAdapter[GateSummary]:
-    return TypeAdapter(GateSummary)
+def gate_baseline() -> TypeAdapter[GateBaseline]:
+    return TypeAdapter(GateBaseline)
