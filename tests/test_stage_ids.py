@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 
+from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.engine import planned_ids
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.load import load_recipe
+from toolchain.recipe.schema import Recipe
 
 GOLDEN = Path(__file__).parent / "golden" / "stage_ids.json"
 RECIPES = sorted([*PROJECT_ROOT.glob("recipes/*.yaml"), *PROJECT_ROOT.glob("bench/*.yaml")])
@@ -27,7 +29,11 @@ def ids_of(path: Path, under: dict[str, Any] | None = None) -> dict[str, str]:
     recipe = load_recipe(path, [])
     under = under or {}
     ctx = RunContext(
-        recipe, versions=under.get("versions"), threads=under.get("threads"), cpu_preset=under.get("cpu_preset")
+        recipe,
+        versions=under.get("versions"),
+        threads=under.get("threads"),
+        cpu_preset=under.get("cpu_preset"),
+        bf16_native=under.get("bf16_native"),
     )
     return {call.key: sid for call, sid in planned_ids(ctx)}
 
@@ -53,14 +59,19 @@ def test_an_id_follows_what_its_stage_is_given() -> None:
     golden = json.loads(GOLDEN.read_text())
     recipe = load_recipe(path, ["finetune.lr=3e-5"])
     under = golden["computed_under"]
-    ctx = RunContext(recipe, versions=under["versions"], threads=under["threads"], cpu_preset=under["cpu_preset"])
+    ctx = RunContext(recipe, **under)
     changed = {call.key for call, sid in planned_ids(ctx) if sid != golden["recipes"][_name(path)][call.key]}
     assert changed == set(golden["recipes"][_name(path)])
 
 
 def write() -> None:
     first = RunContext(load_recipe(PROJECT_ROOT / "recipes" / "sst2-minilm.yaml", []))
-    under = {"versions": first.versions, "threads": first.threads, "cpu_preset": first.cpu_preset}
+    under = {
+        "versions": first.versions,
+        "threads": first.threads,
+        "cpu_preset": first.cpu_preset,
+        "bf16_native": first.bf16_native,
+    }
     data = {"computed_under": under, "recipes": {_name(p): ids_of(p, under) for p in RECIPES}}
     GOLDEN.write_text(json.dumps(data, indent=2) + "\n")
     print(f"{GOLDEN}: {sum(len(v) for v in data['recipes'].values())} ids of {len(RECIPES)} recipes")
@@ -79,7 +90,7 @@ def test_the_export_id_covers_the_length_its_parity_reference_is_computed_at() -
     golden = json.loads(GOLDEN.read_text())
     under = golden["computed_under"]
     recipe = load_recipe(path, ["bundle.max_length=64"])
-    ctx = RunContext(recipe, versions=under["versions"], threads=under["threads"], cpu_preset=under["cpu_preset"])
+    ctx = RunContext(recipe, **under)
     ids = {call.key: sid for call, sid in planned_ids(ctx)}
     recorded = golden["recipes"][_name(path)]
     assert ids["export"] != recorded["export"] and ids["finetune"] == recorded["finetune"]
@@ -112,3 +123,27 @@ def test_the_eval_rows_check_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("toolchain.recipe.load.check_data", lambda recipe: [])
     path = PROJECT_ROOT / "recipes" / "sst2-minilm.yaml"
     assert eval_rows_in_training(path, ["finetune.validation={file: sst2/dev.tsv}"]) == ["finetune", "distill"]
+
+
+def test_precision_auto_is_resolved_for_the_machine_and_the_id_holds_what_it_resolved_to() -> None:
+    """auto trains in bf16 where the hardware has it and in fp32 elsewhere; explicit values stay as written."""
+    golden = json.loads(GOLDEN.read_text())
+    under = golden["computed_under"]
+    path = PROJECT_ROOT / "recipes" / "sst2-minilm.yaml"
+    recipe = load_recipe(path, [])
+    assert recipe.finetune.precision == "auto" and recipe.compile.distill is not None
+
+    def planned(r: Recipe, native: bool) -> dict[str, StageCall]:
+        ctx = RunContext(r, **(under | {"bf16_native": native}))
+        return {call.key: call for call, _ in planned_ids(ctx)}
+
+    native, emulated = planned(recipe, True), planned(recipe, False)
+    assert native["finetune"].config["precision"] == native["distill"].config["precision"] == "bf16"
+    assert emulated["finetune"].config["precision"] == emulated["distill"].config["precision"] == "fp32"
+    assert ids_of(path, under | {"bf16_native": False})["finetune"] != golden["recipes"][_name(path)]["finetune"]
+    fp32 = load_recipe(path, ["finetune.precision=fp32", "compile.distill.precision=fp32"])
+    assert ids_of(path, under | {"bf16_native": False}) == {
+        call.key: sid for call, sid in planned_ids(RunContext(fp32, **(under | {"bf16_native": True})))
+    }
+    explicit = load_recipe(path, ["finetune.precision=bf16"])
+    assert planned(explicit, False)["finetune"].config["precision"] == "bf16"

@@ -156,6 +156,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(
         f"{recipe.name}: {len(planned)} stages, then the bundle of the chosen variant (its id depends on the choice); "
         f"ids computed under {ctx.threads} thread(s), CPU preset {ctx.cpu_preset}, "
+        f"training precision auto = {'bf16' if ctx.bf16_native else 'fp32'}, "
         + ", ".join(f"{k} {v}" for k, v in ctx.versions.items())
     )
     width = max(len(call.key) for call, _ in planned)

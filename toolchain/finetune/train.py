@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from toolchain.core import faults
+from toolchain.core.provenance import resolve_precision
 from toolchain.data import Split, bucketed_batches
 from toolchain.errors import StageError
 from toolchain.finetune import checkpoint
@@ -126,7 +127,7 @@ def train_classifier(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    dtype = AUTOCAST[cfg.precision]
+    dtype = AUTOCAST[resolve_precision(cfg.precision)]  # planned runs get it resolved already
     labels = torch.as_tensor(train.labels)
     trained = model
     if world > 1:

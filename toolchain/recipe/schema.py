@@ -144,10 +144,11 @@ class TrainingSettings(Strict):
     max_length: int = Field(64, gt=0, le=512, description="Truncate training texts to this many tokens.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up the LR.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16",
-        description="Autocast precision for training: bf16 (AMX/AVX-512 BF16 on recent CPUs, or CUDA), "
-        "fp16 (CUDA only), fp32.",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast precision for training. auto: bf16 where this machine runs it natively (a CUDA GPU "
+        "with bf16, a CPU with AMX or AVX512-BF16), fp32 elsewhere (bf16 emulated on an AVX2 CPU was measured 18x "
+        "slower than fp32); bf16, fp16 (CUDA only) or fp32 as named. The stage id holds what auto resolved to.",
     )
     seed: int = Field(0, description="Seed for sampling, shuffling, initialization and dropout.")
     checkpoint_every: int | None = Field(

@@ -36,7 +36,7 @@ from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
 from toolchain.evaluate.stats import ratio_interval
 from toolchain.models import resolve_source, source_identity
-from toolchain.recipe.schema import NOT_IN_STAGE_ID, Recipe
+from toolchain.recipe.schema import Recipe
 from toolchain.report import classification as report
 from toolchain.report.rows import ClassifierRow, LatencyCase
 from toolchain.runtime import sha256_file
@@ -66,7 +66,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         StageCall(
             "finetune",
             "finetune",
-            ft.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
+            ctx.training_config(ft),
             identity={
                 "model": source_identity(recipe.model.source, recipe.model),
                 **data_identity,
@@ -96,7 +96,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             StageCall(
                 "distill",
                 "distill",
-                comp.distill.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
+                ctx.training_config(comp.distill),
                 ("finetune",) if online else ("finetune", "teacher-logits"),
                 {
                     **train_identity,
@@ -149,7 +149,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
                 "max_accuracy_drop": recipe.budget.max_accuracy_drop,
             }
         if q.mode == "qat-qdq":  # rebuilds the fake-quant model the finetune stage trained
-            identity["finetune"] = ft.model_dump(mode="json", exclude=NOT_IN_STAGE_ID)
+            identity["finetune"] = ctx.training_config(ft)
         # the reference logits come from the export, the tokenizer from the fine-tuned model
         inputs = tuple(dict.fromkeys((source, "export", "finetune")))
         calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), inputs, identity))

@@ -23,7 +23,7 @@ from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
 from toolchain.models import gguf_file, resolve_source, source_identity
-from toolchain.recipe.schema import NOT_IN_STAGE_ID, Recipe
+from toolchain.recipe.schema import Recipe
 from toolchain.report import generation as report
 from toolchain.report.rows import GeneratorRow
 from toolchain.resources import GB, ResourceError
@@ -54,7 +54,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         StageCall(
             "llm-finetune",
             "llm-finetune",
-            ft.model_dump(mode="json", exclude=NOT_IN_STAGE_ID),
+            ctx.training_config(ft),
             ("llm-base",),
             {**task_identity, "train_sha256": train.sha256, "max_train_rows": d.max_train_rows},
             settings={"checkpoint_every": ft.checkpoint_every},
