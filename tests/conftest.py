@@ -204,3 +204,38 @@ def tiny_run(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) ->
     recipe = write_recipe(folder, tiny_generation_recipe(tiny_chat_llama))
     assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
     return folder / "runs" / "tiny-gen"
+
+
+def node_app_compare():
+    """examples/check_node.compare (the Node app against toolchain.runtime, row by row), with the app's npm packages
+    installed; skips without node/npm, unless TOOLCHAIN_REQUIRE_NODE=1 (.ci/run), where it fails instead."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from toolchain.paths import PROJECT_ROOT
+
+    required = os.environ.get("TOOLCHAIN_REQUIRE_NODE") == "1"
+    app = PROJECT_ROOT / "examples" / "node"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        if required:
+            pytest.fail("node and npm are required (TOOLCHAIN_REQUIRE_NODE=1)")
+        pytest.skip("node/npm not installed")
+    if not (app / "node_modules" / "onnxruntime-node").is_dir():
+        install = subprocess.run(
+            ["npm", "ci", "--prefix", str(app), "--no-audit", "--no-fund"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"},  # the CPU build ships in the package
+        )
+        if install.returncode != 0:
+            if required:
+                pytest.fail(f"npm ci failed: {install.stderr[-2000:]}")
+            pytest.skip(f"npm ci failed (no registry?): {install.stderr[-300:]}")
+    sys.path.insert(0, str(PROJECT_ROOT / "examples"))
+    try:
+        from check_node import compare
+    finally:
+        sys.path.pop(0)
+    return compare

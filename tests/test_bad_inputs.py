@@ -22,12 +22,12 @@ from toolchain.recipe.schema import resolve_data_root
 Case = namedtuple("Case", "what make expect")
 
 
-def _recipe(change: Callable[[dict, Path], None] | None = None) -> Callable[[Path, Path], list[str]]:
+def _recipe(*changes: Callable[[dict, Path], None]) -> Callable[[Path, Path], list[str]]:
     """A case that edits a valid tiny recipe and validates it."""
 
     def make(tmp: Path, model: Path) -> list[str]:
         data = tiny_recipe_dict(model)
-        if change is not None:
+        for change in changes:
             change(data, tmp)
         return ["validate", str(write_recipe(tmp, data))]
 
@@ -89,6 +89,21 @@ def _remote_code(folder: Path) -> None:
 def _architecture(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "whisper"}))
+
+
+def _drop_labels(data: dict, tmp: Path) -> None:
+    del data["data"]["labels"]
+
+
+def _short_positions(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+
+
+def _bpe_tokenizer(folder: Path) -> None:
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = None  # no BertNormalizer: onnxruntime-extensions' BertTokenizer op would not match it
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
 
 
 def _set(path: str, value: object) -> Callable[[dict, Path], None]:
@@ -162,7 +177,22 @@ CASES = [
         "data file that is a link leading out of the data root", _recipe(_linked_out), "data.allow_outside_root: true"
     ),
     Case("model source that does not exist", _recipe(_set("model.source", "./no/such/model")), "does not exist"),
-    Case("unsupported architecture", _recipe(_model_folder(_architecture)), "'whisper' has no sequence-classif"),
+    Case("unsupported architecture", _recipe(_model_folder(_architecture)), "'whisper' is not a supported encoder"),
+    Case(
+        "max_length past the model's position embeddings",
+        _recipe(_model_folder(_short_positions)),
+        "bundle.max_length: 128 tokens, but",
+    ),
+    Case(
+        "strings-in graph with a tokenizer that is not WordPiece",
+        _recipe(_model_folder(_bpe_tokenizer), _set("bundle.tokenizer", "in-graph")),
+        "Set bundle.tokenizer: beside",
+    ),
+    Case(
+        "labels left out, an eval label the training file lacks",
+        _recipe(_drop_labels, _data_file("unseen.tsv", "sentence\tlabel\ngood\t0\nbad\t2\n", "eval")),
+        "never appear in the training file",
+    ),
     Case("pickle-only checkpoint", _recipe(_model_folder(_pickled)), "model.allow_pickle: true"),
     Case("model folder that ships code", _recipe(_model_folder(_remote_code)), "model.trust_remote_code: true"),
     Case("model path leading out of the project", _recipe(_outside_project), "model.allow_outside_project: true"),

@@ -66,3 +66,50 @@ def test_bucketed_batches_cover_each_row_once_with_little_padding() -> None:
     assert padded < 1.1 * sum(lengths)  # random batches would pad to ~1.8x
     assert [b for b in bucketed_batches(lengths, 32, seed=0)] == batches
     assert [b for b in bucketed_batches(lengths, 32, seed=1)] != batches
+
+
+def test_labels_left_out_are_read_from_the_training_file(tmp_path: Path, data_root: Path) -> None:
+    from toolchain.data import infer_labels
+
+    # integer labels: '0'..'N-1'
+    assert infer_labels(data_root / "sst2/train.tsv", data_root / "sst2/dev.tsv", "sentence", "label") == ["0", "1"]
+    # names: in order of first appearance, whatever YAML would make of them
+    train = tmp_path / "train.csv"
+    train.write_text('text,label\nhi,what?\nyo,"a: b"\nok,#tag\nsure,what?\n')
+    evl = tmp_path / "eval.csv"
+    evl.write_text("text,label\nhm,#tag\n")
+    labels = infer_labels(train, evl, "text", "label")
+    assert labels == ["what?", "a: b", "#tag"]
+    assert read_split(train, "text", "label", labels).labels.tolist() == [0, 1, 2, 0]
+    # an eval label the training file lacks, named; integers that are not 0..N-1; a single label
+    evl.write_text("text,label\nhm,never\n")
+    with pytest.raises(DataError, match=r"eval\.csv: label\(s\) \['never'\] never appear in the training file"):
+        infer_labels(train, evl, "text", "label")
+    (tmp_path / "ints.tsv").write_text("t\tl\na\t1\nb\t3\n")
+    with pytest.raises(DataError, match=r"integer labels must be 0\.\.N-1.*\[1, 3\]"):
+        infer_labels(tmp_path / "ints.tsv", tmp_path / "ints.tsv", "t", "l")
+    (tmp_path / "one.tsv").write_text("t\tl\na\tx\nb\tx\n")
+    with pytest.raises(DataError, match="holds one label"):
+        infer_labels(tmp_path / "one.tsv", tmp_path / "one.tsv", "t", "l")
+
+
+def test_a_recipe_without_labels_gets_them_from_the_data_and_plans_like_the_explicit_list(tmp_path: Path) -> None:
+    import yaml
+
+    from toolchain.core.context import RunContext
+    from toolchain.engine import planned_ids
+    from toolchain.paths import PROJECT_ROOT
+    from toolchain.recipe.load import load_recipe
+
+    raw = yaml.safe_load((PROJECT_ROOT / "recipes" / "agnews-minilm-lora.yaml").read_text())
+    del raw["data"]["labels"]
+    path = tmp_path / "agnews-minilm-lora.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    inferred = load_recipe(path)
+    assert inferred.data.labels == ["Sci/Tech", "World", "Sports", "Business"]  # first appearance in train.tsv
+    explicit = load_recipe(path, [f"data.labels={json.dumps(inferred.data.labels)}"])
+
+    def ids(recipe) -> dict[str, str]:
+        return {c.key: s for c, s in planned_ids(RunContext(recipe, bf16_native=True))}
+
+    assert ids(inferred) == ids(explicit)

@@ -11,6 +11,7 @@ import pytest
 
 from toolchain.compile.ingraph import tokenizer_graph
 from toolchain.errors import StageError
+from toolchain.model_inputs import ENCODING_FIELD
 from toolchain.runtime import TextEncoder, extensions_library
 
 TRICKY = [
@@ -31,7 +32,7 @@ def test_in_graph_tokenizer_matches_the_tokenizers_library(tiny_model: Path, max
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(extensions_library())
     session = ort.InferenceSession(tokenizer_graph(tiny_model, max_length).SerializeToString(), opts)
-    encoder = TextEncoder(tiny_model / "tokenizer.json", max_length)
+    encoder = TextEncoder(tiny_model / "tokenizer.json", max_length, fields=ENCODING_FIELD)
     for text in TRICKY:
         ids, types, mask, _ = session.run(None, {"text": np.array([text], dtype=object)})
         want = encoder.encode([text])

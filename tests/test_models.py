@@ -88,7 +88,7 @@ def test_unsupported_architecture(tmp_path: Path, tiny_model: Path) -> None:
         (tmp_path / p.name).write_bytes(p.read_bytes())
     (tmp_path / "config.json").write_text('{"model_type": "whisper"}')
     (problem,) = check_model_source(model(tmp_path))
-    assert "'whisper'" in problem and "sequence-classification" in problem
+    assert "'whisper' is not a supported encoder" in problem and "distilbert" in problem
 
 
 def test_hub_id_offline_says_how_to_use_a_local_copy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_recipe_dict, write_recipe
+from conftest import node_app_compare, tiny_recipe_dict, write_recipe
 
 from toolchain import engine
 from toolchain.engine import load_all
@@ -144,12 +144,13 @@ def test_bundle_manifest_hashes_and_runtime_in_fresh_process(first_run, tmp_path
     # the ORT-format copy for mobile / reduced builds computes the same logits
     import onnxruntime as ort
 
+    from toolchain.model_inputs import ENCODING_FIELD
     from toolchain.runtime import TextEncoder
 
     assert manifest["mobile"]["ort_model"] == "model.ort" and "model.ort" in manifest["files"]
     ops = (bundle / "required_operators.config").read_text()
     assert "ai.onnx;" in ops and "MatMul" in ops
-    feeds = TextEncoder(bundle / "tokenizer.json", 128).encode(ctx.eval.texts[:8])
+    feeds = TextEncoder(bundle / "tokenizer.json", 128, fields=ENCODING_FIELD).encode(ctx.eval.texts[:8])
     want = ort.InferenceSession(str(bundle / "model.onnx")).run(None, feeds)[0]
     got = ort.InferenceSession(str(bundle / "model.ort")).run(None, feeds)[0]
     assert np.allclose(got, want, atol=1e-4)
@@ -232,31 +233,8 @@ def test_strings_in_model_is_checked_at_batch_one_when_accuracy_is_measured_batc
 def test_node_app_agrees_with_the_python_runtime_on_every_eval_row(first_run, tmp_path: Path) -> None:
     """examples/node (onnxruntime-node + the pure-JS tokenizer) against toolchain.runtime, row by row.
     .ci/run installs the npm packages and sets TOOLCHAIN_REQUIRE_NODE=1, so there it cannot skip."""
-    import os
-
-    required = os.environ.get("TOOLCHAIN_REQUIRE_NODE") == "1"
+    compare = node_app_compare()
     app = PROJECT_ROOT / "examples" / "node"
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        if required:
-            pytest.fail("node and npm are required (TOOLCHAIN_REQUIRE_NODE=1)")
-        pytest.skip("node/npm not installed")
-    if not (app / "node_modules" / "onnxruntime-node").is_dir():
-        install = subprocess.run(
-            ["npm", "ci", "--prefix", str(app), "--no-audit", "--no-fund"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"},  # the CPU build ships in the package
-        )
-        if install.returncode != 0:
-            if required:
-                pytest.fail(f"npm ci failed: {install.stderr[-2000:]}")
-            pytest.skip(f"npm ci failed (no registry?): {install.stderr[-300:]}")
-    sys.path.insert(0, str(PROJECT_ROOT / "examples"))
-    try:
-        from check_node import compare
-    finally:
-        sys.path.pop(0)
-
     _, runs, ctx = first_run
     result = compare(runs / "tiny" / "bundle", ctx.eval.texts)
     assert result["rows"] == 300

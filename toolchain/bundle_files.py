@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain import model_inputs
 from toolchain.compile.ingraph import check_strings_model, strings_model
 from toolchain.core.context import StageContext
 from toolchain.errors import StageError
@@ -82,7 +83,9 @@ def build_strings_model(
     path.write_bytes(model.SerializeToString())
     texts = ctx.eval.texts
     if batch_size != 1:  # the strings graph runs one text at a time: compare at batch 1
-        clf = OnnxClassifier(out / "model.onnx", out / "tokenizer.json", max_length, ctx.threads)
+        clf = OnnxClassifier(
+            out / "model.onnx", out / "tokenizer.json", max_length, ctx.threads, fields=model_inputs.ENCODING_FIELD
+        )
         eval_logits = clf.logits(texts, 1)
     reference = eval_logits.argmax(-1)
     check = check_strings_model(path, texts, reference, labels)

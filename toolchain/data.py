@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -114,6 +114,54 @@ def read_split(path: Path, text: str, label: str, labels: list[str]) -> Split:
             )
         ids[i] = cid
     return Split(path, [t.strip() for t in texts], ids, sha256_file(path))
+
+
+def _label_column(path: Path, text: str, label: str) -> list[Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set data.root or $TOOLCHAIN_DATA to the folder that holds it)")
+    try:
+        cols = _load_columns(path, path.stat().st_mtime_ns)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
+    missing = [c for c in (text, label) if c not in cols]
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; the file has: {', '.join(cols)}")
+    return list(cols[label])
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def infer_labels(train: Path, eval_file: Path, text: str, label: str) -> list[str]:
+    """The label names of a recipe that leaves data.labels out, read from the whole training file: integer labels
+    must be 0..N-1 and are named '0'..'N-1'; names come in order of first appearance. An eval label the training file
+    lacks is an error naming it."""
+    raw = _label_column(train, text, label)
+    bad = next((v for v in raw if v is None or isinstance(v, bool | float)), "none")
+    if bad != "none":
+        raise DataError(f"{train}: column {label!r} holds {bad!r}; labels must be names or integers 0..N-1")
+    if raw and all(_is_index(v) for v in raw):
+        seen = sorted({int(v) for v in raw})
+        if seen != list(range(len(seen))):
+            raise DataError(
+                f"{train}: integer labels must be 0..N-1 (class indices); column {label!r} holds {seen[:10]}. "
+                "Give data.labels, or write the labels as names"
+            )
+        labels = [str(i) for i in seen]
+        evl = {str(int(v)) if _is_index(v) else str(v).strip() for v in _label_column(eval_file, text, label)}
+    else:
+        labels = list(dict.fromkeys(str(v).strip() for v in raw))
+        evl = {str(v).strip() for v in _label_column(eval_file, text, label)}
+    if len(labels) < 2:
+        raise DataError(f"{train}: column {label!r} holds one label ({labels}); a classifier needs at least 2")
+    unseen = sorted(evl - set(labels))
+    if unseen:
+        raise DataError(
+            f"{eval_file}: label(s) {unseen[:5]} never appear in the training file {train.name}, whose labels are "
+            f"{labels[:20]}; fix the files or give data.labels"
+        )
+    return labels
 
 
 def load_splits(recipe: Recipe) -> tuple[Split, Split]:

@@ -160,16 +160,42 @@ def remote_code(folder: Path) -> list[str]:
     return asks
 
 
+# The encoders a classification recipe takes, by transformers' model_type: each is fine-tuned, exported, fused where
+# onnxruntime's optimizer knows it, quantized and bundled in the architecture matrix of the tests
+# (tests/test_architectures.py); docs/models.md lists them. modernbert where this transformers has it.
+SUPPORTED_ENCODERS = ("bert", "distilbert", "roberta", "xlm-roberta", "deberta-v2", "electra", "albert", "mpnet")
+# position ids start after the padding index in these (RoBERTa's scheme): two of max_position_embeddings are not usable
+PADDING_OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "mpnet": 2, "camembert": 2}
+
+
+def supported_encoders() -> tuple[str, ...]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return SUPPORTED_ENCODERS + (
+        ("modernbert",) if "modernbert" in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES else ()
+    )
+
+
+def position_limit(config: dict[str, Any]) -> int | None:
+    """The most tokens a model's position embeddings take (None: no absolute positions, or not stated)."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or config.get("position_biased_input") is False:  # deberta-v2: relative only
+        return None
+    return limit - PADDING_OFFSET_POSITIONS.get(config.get("model_type", ""), 0)
+
+
 def check_model_source(
     model: ModelSection,
     distill_layers: list[int] | None = None,
     causal_lm: bool = False,
     distill_ffn: int | None = None,
+    max_lengths: dict[str, int] | None = None,
 ) -> list[str]:
     """Problems with the recipe's model as `model.source: ...` lines (empty when it resolves to a usable model).
     `distill_layers`: teacher layers a distillation student keeps; they must exist in this model. `causal_lm`: the
     recipe generates (a decoder LM, from a transformers folder or one GGUF file). `distill_ffn`: the FFN width a
-    distillation student is pruned to; it must be below this model's."""
+    distillation student is pruned to; it must be below this model's. `max_lengths`: recipe field -> the tokens it
+    asks the model to take; none may pass its position embeddings."""
     source = model.source
     try:
         folder = resolve_source(source, model)
@@ -184,8 +210,6 @@ def check_model_source(
         return [f"model.source '{source}': {folder / 'config.json'} is not valid JSON ({e})"]
     if not isinstance(config, dict):
         return [f"model.source '{source}': {folder / 'config.json'} is not a JSON object"]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
     asks = remote_code(folder)
     if asks and not model.trust_remote_code:
         return [
@@ -204,12 +228,21 @@ def check_model_source(
                 "recipe needs a decoder such as llama, qwen2, mistral or gpt2"
             ]
         return []
-    custom_head = asks and "AutoModelForSequenceClassification" in (config.get("auto_map") or {})
-    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not custom_head:
+    if model_type not in supported_encoders():
         return [
-            f"model.source '{source}': model_type {model_type!r} has no sequence-classification head in "
-            "transformers; use an encoder such as bert, distilbert, roberta or deberta-v2"
+            f"model.source '{source}': model_type {model_type!r} is not a supported encoder; supported: "
+            f"{', '.join(supported_encoders())} (docs/models.md)"
         ]
+    problems = []
+    limit = position_limit(config)
+    for name, value in (max_lengths or {}).items():
+        if limit is not None and value > limit:
+            problems.append(
+                f"{name}: {value} tokens, but '{source}' ({model_type}) has position embeddings for {limit}; "
+                f"set {name} to {limit} or less"
+            )
+    if problems:
+        return problems
     layers = config.get("num_hidden_layers", config.get("n_layers"))
     if distill_layers and isinstance(layers, int) and max(distill_layers) >= layers:
         return [

@@ -28,7 +28,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: each input names the tokenizer field it comes from (`from`)
 GENERATOR_MANIFEST_VERSION = 1  # bundles of decoder LMs (manifest kind "generator")
 
 
@@ -122,11 +122,14 @@ def session_options(
 
 
 class TextEncoder:
-    """Turns texts into the int64 arrays a BERT-style graph takes, exactly as the training tokenizer does."""
+    """Turns texts into the int64 arrays a graph takes, exactly as the training tokenizer does. `fields`: each input
+    the arrays are for -> the `tokenizers` Encoding field it comes from (a bundle manifest's inputs' `from`; the
+    toolchain's own runs pass toolchain.model_inputs.ENCODING_FIELD, every input a text model may take)."""
 
-    def __init__(self, tokenizer_file: Path | str, max_length: int):
+    def __init__(self, tokenizer_file: Path | str, max_length: int, *, fields: dict[str, str]):
         from tokenizers import Tokenizer
 
+        self.fields = dict(fields)
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_length)
@@ -144,27 +147,38 @@ class TextEncoder:
         return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """input_ids, attention_mask, token_type_ids: each (B, T) int64, T = longest text in the batch."""
+        """One (B, T) int64 array per input in `fields`, T = the longest text in the batch; padding positions hold
+        the pad id in the ids and 0 elsewhere. A graph is fed the ones it declares."""
         encs = self.tokenizer.encode_batch(texts)
         empty = [i for i, e in enumerate(encs) if not e.ids]
         if empty:  # a tokenizer without [CLS]/[SEP] and a text of nothing but spaces: no input for the graph
             raise ValueError(f"texts {empty[:5]} encode to no tokens; give each text at least one word")
         width = max(len(e.ids) for e in encs)
-        ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encs), width), dtype=np.int64)
-        types = np.zeros((len(encs), width), dtype=np.int64)
-        for i, e in enumerate(encs):
-            n = len(e.ids)
-            ids[i, :n] = e.ids
-            mask[i, :n] = 1
-            types[i, :n] = e.type_ids
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        out = {}
+        for name, field in self.fields.items():
+            arr = np.full((len(encs), width), self.pad_id if field == "ids" else 0, dtype=np.int64)
+            for i, e in enumerate(encs):
+                values = getattr(e, field)
+                arr[i, : len(values)] = values
+            out[name] = arr
+        return out
 
 
 class _Classifier:
     """A sequence classifier plus its tokenizer: texts in, logits out. Subclasses run the graph."""
 
     encoder: TextEncoder
+    input_names: list[str]
+
+    def feeds(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays this graph declares, by name; one it declares and the encoder does not make is an error."""
+        missing = [n for n in self.input_names if n not in arrays]
+        if missing:
+            raise BundleError(
+                f"the graph takes {self.input_names}; {missing} are not among the inputs the encoder makes "
+                f"({sorted(arrays)}): the manifest's inputs must name each with the tokenizer field it comes from"
+            )
+        return {n: arrays[n] for n in self.input_names}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Logits (B, labels) for already-encoded inputs."""
@@ -198,13 +212,15 @@ class OnnxClassifier(_Classifier):
         max_length: int,
         threads: int | None = None,
         providers: list[str] | None = None,
+        *,
+        fields: dict[str, str],
     ):
         self.session = make_session(model_path, threads, providers)
-        self.encoder = TextEncoder(tokenizer_file, max_length)
+        self.encoder = TextEncoder(tokenizer_file, max_length, fields=fields)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, {k: feeds[k] for k in self.input_names})[0]
+        return self.session.run(None, self.feeds(feeds))[0]
 
 
 class OpenVinoClassifier(_Classifier):
@@ -220,6 +236,8 @@ class OpenVinoClassifier(_Classifier):
         max_length: int,
         threads: int | None = None,
         precision: str | None = None,
+        *,
+        fields: dict[str, str],
     ):
         import openvino as ov
 
@@ -229,7 +247,7 @@ class OpenVinoClassifier(_Classifier):
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
-        self.encoder = TextEncoder(tokenizer_file, max_length)
+        self.encoder = TextEncoder(tokenizer_file, max_length, fields=fields)
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
         self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))  # what it runs at here
         self._local = threading.local()  # an infer request per thread: one request is not safe to share
@@ -238,7 +256,7 @@ class OpenVinoClassifier(_Classifier):
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        result = request.infer({k: feeds[k] for k in self.input_names})
+        result = request.infer(self.feeds(feeds))
         return np.asarray(result[self.compiled.output(0)])
 
 
@@ -256,13 +274,16 @@ def make_classifier(
     threads: int | None = None,
     providers: list[str] | None = None,
     precision: str | None = None,
+    *,
+    fields: dict[str, str],
 ) -> OnnxClassifier | OpenVinoClassifier:
-    """The classifier for a runtime: `onnxruntime` (with its execution providers) or `openvino` (precision hint)."""
+    """The classifier for a runtime: `onnxruntime` (with its execution providers) or `openvino` (precision hint).
+    `fields`: as TextEncoder's."""
     if runtime == "openvino":
-        return OpenVinoClassifier(model_path, tokenizer_file, max_length, threads, precision)
+        return OpenVinoClassifier(model_path, tokenizer_file, max_length, threads, precision, fields=fields)
     if runtime != "onnxruntime":
         raise BundleError(f"unknown runtime {runtime!r}: onnxruntime or openvino")
-    return OnnxClassifier(model_path, tokenizer_file, max_length, threads, providers)
+    return OnnxClassifier(model_path, tokenizer_file, max_length, threads, providers, fields=fields)
 
 
 def extensions_library() -> str:
@@ -320,6 +341,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def input_fields(manifest: dict[str, Any], where: Path) -> dict[str, str]:
+    """A bundle's model inputs -> the tokenizer Encoding field each comes from (the manifest's inputs' `from`)."""
+    fields = {p["name"]: p["from"] for p in manifest.get("inputs", []) if "from" in p}
+    if not fields:
+        raise BundleError(
+            f"{where}: its inputs name no tokenizer field (`from`); rebuild the bundle with this toolchain"
+        )
+    return fields
+
+
 class Predictor:
     """Loads a bundle (verifying every file's sha256) and classifies texts."""
 
@@ -371,6 +402,7 @@ class Predictor:
             threads,
             providers,
             runtime.get("precision"),
+            fields=input_fields(manifest, manifest_path),
         )
         return cls(folder, manifest, classifier)
 

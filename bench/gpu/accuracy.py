@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from toolchain import model_inputs
 from toolchain.evaluate.latency import PROVIDERS, available_targets
 from toolchain.recipe.load import load_recipe
 from toolchain.runtime import OnnxClassifier
@@ -45,7 +46,14 @@ def main() -> int:
         model = next(p / "model.onnx" for p in stages.iterdir() if p.name.endswith(v["artifact"][:12]))
         cpu_pred = None
         for t in targets:
-            clf = OnnxClassifier(model, finetune / "tokenizer.json", recipe.finetune.max_length, None, [PROVIDERS[t]])
+            clf = OnnxClassifier(
+                model,
+                finetune / "tokenizer.json",
+                recipe.finetune.max_length,
+                None,
+                [PROVIDERS[t]],
+                fields=model_inputs.ENCODING_FIELD,
+            )
             assert clf.session.get_providers()[0] == PROVIDERS[t], clf.session.get_providers()
             pred = clf.logits(texts, batch_size=32).argmax(-1)
             cpu_pred = pred if t == "cpu" else cpu_pred

@@ -14,7 +14,10 @@ import path from "node:path";
 import { Tokenizer } from "@huggingface/tokenizers";
 import ort from "onnxruntime-node";
 
-export const MANIFEST_VERSION = 1;
+export const MANIFEST_VERSION = 2;
+
+// manifest inputs' `from` (the Python `tokenizers` Encoding field) -> the key this tokenizer's encode() returns it under
+const ENCODING_KEY = { ids: "ids", attention_mask: "attention_mask", type_ids: "token_type_ids" };
 
 export class BundleError extends Error {}
 
@@ -85,13 +88,18 @@ export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
   const session = await ort.InferenceSession.create(path.join(dir, manifest.model), options);
   const labels = manifest.labels;
 
+  // what the model takes, and the tokenizer field each comes from: the manifest's inputs
+  const sources = Object.fromEntries(manifest.inputs.filter((i) => i.from).map((i) => [i.name, ENCODING_KEY[i.from]]));
+  for (const name of session.inputNames) {
+    if (!sources[name]) throw new BundleError(`${dir}: the model takes ${name}; manifest.json names no field for it`);
+  }
+
   async function logits(text) {
     const enc = encode(tokenizer, text, pre.max_length);
-    const arrays = { input_ids: enc.ids, attention_mask: enc.attention_mask, token_type_ids: enc.token_type_ids };
     const feeds = {};
     for (const name of session.inputNames) {
-      if (!arrays[name]) throw new BundleError(`${dir}: the model takes ${name}, which this app does not make`);
-      feeds[name] = new ort.Tensor("int64", BigInt64Array.from(arrays[name], BigInt), [1, arrays[name].length]);
+      const values = enc[sources[name]];
+      feeds[name] = new ort.Tensor("int64", BigInt64Array.from(values, BigInt), [1, values.length]);
     }
     const result = await session.run(feeds);
     return Array.from(result[session.outputNames[0]].data, Number);

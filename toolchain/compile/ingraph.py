@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain import model_inputs
 from toolchain.errors import StageError
 from toolchain.runtime import StringsClassifier
 
@@ -26,23 +27,31 @@ PREFIX = "tok/"
 CONTRIB = "ai.onnx.contrib"
 
 
+def unsupported_tokenizer(spec: dict[str, Any], where: Path | str) -> str | None:
+    """Why a tokenizer.json cannot go in the graph (None when it can): onnxruntime-extensions' BertTokenizer op is
+    WordPiece with BERT's normalizer. The recipe check asks before any compute, the bundle stage again."""
+    kind = (spec.get("model") or {}).get("type")
+    normalizer = spec.get("normalizer") or {}
+    if kind == "WordPiece" and normalizer.get("type") == "BertNormalizer":
+        return None
+    return (
+        f"bundle.tokenizer: in-graph supports BERT-style WordPiece tokenizers (BertNormalizer); {where} has model "
+        f"{kind!r}, normalizer {normalizer.get('type')!r}. Set bundle.tokenizer: beside for this model"
+    )
+
+
 def tokenizer_graph(tokenizer_dir: Path, max_length: int) -> Any:
-    """onnxruntime-extensions' tokenizer graph (string [1] -> input_ids, token_type_ids, attention_mask, each [T]),
+    """onnxruntime-extensions' tokenizer graph (string [1] -> model_inputs.BERT_TOKENIZER_OP_OUTPUTS, each [T]),
     normalising and truncating exactly as tokenizer.json says."""
     import onnx
     from onnxruntime_extensions import gen_processing_models
     from transformers import AutoTokenizer
 
     spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    kind = (spec.get("model") or {}).get("type")
+    refused = unsupported_tokenizer(spec, tokenizer_dir / "tokenizer.json")
+    if refused:
+        raise StageError("bundle", refused)
     normalizer = spec.get("normalizer") or {}
-    if kind != "WordPiece" or normalizer.get("type") != "BertNormalizer":
-        raise StageError(
-            "bundle",
-            f"bundle.tokenizer: in-graph supports BERT-style WordPiece tokenizers (BertNormalizer); "
-            f"{tokenizer_dir / 'tokenizer.json'} has model {kind!r}, normalizer {normalizer.get('type')!r}. "
-            "Set bundle.tokenizer: beside for this model.",
-        )
     try:
         pre, _ = gen_processing_models(AutoTokenizer.from_pretrained(tokenizer_dir), pre_kwargs={})
     except Exception as e:  # the converter raises bare Exceptions for what it cannot convert
@@ -71,14 +80,14 @@ def strings_model(classifier_path: Path, tokenizer_dir: Path, max_length: int, l
     clf_inputs = [i.name for i in graph.input]
     logits = graph.output[0].name
     tok_node = next(n for n in pre.graph.node if n.op_type == "BertTokenizer")
-    tok_outputs = {name: f"{PREFIX}{name}" for name in ("input_ids", "token_type_ids", "attention_mask")}
+    tok_outputs = {name: f"{PREFIX}{name}" for name in model_inputs.BERT_TOKENIZER_OP_OUTPUTS}
     missing = [n for n in clf_inputs if n not in tok_outputs]
     if missing:
         raise StageError("bundle", f"bundle.tokenizer: in-graph: the model takes {missing}, the tokenizer gives none")
-    tokenizer = helper.make_node(
+    tokenizer = helper.make_node(  # its outputs in the op's order; the classifier takes the ones it declares
         "BertTokenizer",
         ["text"],
-        [tok_outputs["input_ids"], tok_outputs["token_type_ids"], tok_outputs["attention_mask"], f"{PREFIX}offsets"],
+        [*tok_outputs.values(), f"{PREFIX}offsets"],
         name=f"{PREFIX}BertTokenizer",
         domain=CONTRIB,
     )

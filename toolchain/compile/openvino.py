@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from toolchain import model_inputs
 from toolchain.compile.parity import IR_MODEL
 from toolchain.runtime import TextEncoder
 
@@ -21,7 +22,7 @@ def nncf_int8(
 
     model = ov.Core().read_model(str(graph))
     names = [i.get_any_name() for i in model.inputs]
-    encoder = TextEncoder(tokenizer, max_length)
+    encoder = TextEncoder(tokenizer, max_length, fields=model_inputs.ENCODING_FIELD)
     rows = [encoder.encode([t]) for t in texts]  # one row per item, at its own length, as an app sends them
     dataset = nncf.Dataset(rows, lambda feeds: {k: feeds[k] for k in names})
     scope = nncf.IgnoredScope(names=list(ignored)) if ignored else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain import model_inputs
 from toolchain.errors import StageError
 from toolchain.runtime import make_classifier
 
@@ -45,8 +46,10 @@ def compare(
     """Max |logit difference| and argmax agreement of a model (run by `runtime`, at its default precision) against
     the stored PyTorch logits."""
     ref = np.load(reference)
-    clf = make_classifier(runtime, model_path, tokenizer_file, int(ref["max_length"]), threads)
-    feeds = {k: ref[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    clf = make_classifier(
+        runtime, model_path, tokenizer_file, int(ref["max_length"]), threads, fields=model_inputs.ENCODING_FIELD
+    )
+    feeds = {k: ref[k] for k in model_inputs.TEXT_INPUTS if k in ref.files}
     got = clf.run(feeds)
     want = ref["logits"]
     return {

@@ -24,6 +24,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from pydantic import BaseModel, ConfigDict
 
+from toolchain import model_inputs
 from toolchain.compile.graph import approximate_gelu, matmul_nbits
 from toolchain.compile.parity import compare
 from toolchain.compile.sensitivity import Candidate, auto_exclude, rank_nodes
@@ -70,7 +71,7 @@ class _CalibrationRows(CalibrationDataReader):
 
     def __init__(self, tokenizer: Path, texts: list[str], length: int, input_names: list[str]):
 
-        encoder = TextEncoder(tokenizer, length)
+        encoder = TextEncoder(tokenizer, length, fields=model_inputs.ENCODING_FIELD)
         self.rows = []
         for text in texts:
             feeds = encoder.encode([text])
@@ -314,7 +315,10 @@ def build_variant(ctx: StageContext, spec: QuantizeConfig, src: Path, out: Path,
             rows, where = _selection_rows(ctx, spec, selection)
 
             def logits(model: Path, texts: list[str]) -> np.ndarray:
-                result = OnnxClassifier(model, tokenizer, max_length, threads=ctx.threads).logits(texts, batch_size)
+                clf = OnnxClassifier(
+                    model, tokenizer, max_length, threads=ctx.threads, fields=model_inputs.ENCODING_FIELD
+                )
+                result = clf.logits(texts, batch_size)
                 if model.parent == Path(tmp) and model.name.startswith("try-"):
                     model.unlink()  # keep the scratch folder small: one model at a time
                 return result
@@ -369,7 +373,7 @@ def qat_variant(ctx: StageContext, spec: QuantizeConfig, finetune: Artifact, out
         raise StageError(
             "quantize", f"QAT state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    feeds = TextEncoder(finetune.file("tokenizer.json"), spec.max_length).encode(
+    feeds = TextEncoder(finetune.file("tokenizer.json"), spec.max_length, fields=model_inputs.ENCODING_FIELD).encode(
         ctx.eval.texts[: spec.export.parity_rows]
     )
     qat.export_qdq(model, out, {**feeds, "max_length": spec.max_length}, spec.export.opset)

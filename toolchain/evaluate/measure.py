@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain import model_inputs
 from toolchain.evaluate.stats import peak_rss_bytes
 from toolchain.runtime import OnnxClassifier, OpenVinoClassifier, TextEncoder
 
@@ -49,9 +50,11 @@ def case_inputs(tokenizer_file: Path, max_length: int, texts: list[str], batch: 
     N: every row is N tokens of real eval text (sentences joined, then cut), no padding.
     """
     if seq == "real":
-        encoder = TextEncoder(tokenizer_file, max_length)
+        encoder = TextEncoder(tokenizer_file, max_length, fields=model_inputs.ENCODING_FIELD)
         return [encoder.encode(texts[i : i + batch]) for i in range(0, len(texts) - batch + 1, batch)][:256]
-    feeds = TextEncoder(tokenizer_file, int(seq)).encode([" ".join(texts[:200])] * batch)
+    feeds = TextEncoder(tokenizer_file, int(seq), fields=model_inputs.ENCODING_FIELD).encode(
+        [" ".join(texts[:200])] * batch
+    )
     if feeds["input_ids"].shape[1] != int(seq):
         raise ValueError(f"the eval split has too little text to fill {seq} tokens")
     return [feeds]
@@ -64,10 +67,11 @@ def _pytorch_step(model_dir: Path, threads: int) -> Callable[[Feeds], Any]:
     from toolchain.evaluate.torch_model import load_pytorch
 
     model = load_pytorch(model_dir)
+    takes = model_inputs.forward_inputs(model)
 
     def step(feeds: dict[str, Any]) -> Any:
         with torch.inference_mode():
-            return model(**feeds).logits
+            return model(**model_inputs.select(feeds, takes)).logits
 
     return step
 
@@ -88,13 +92,20 @@ class Variant:
             convert: Callable[[Feeds], Any] = lambda f: {k: torch.from_numpy(a) for k, a in f.items()}  # noqa: E731
         elif job["format"] == "openvino":
             ov_classifier = OpenVinoClassifier(
-                job["model"], tokenizer, job["max_length"], threads, job.get("precision")
+                job["model"],
+                tokenizer,
+                job["max_length"],
+                threads,
+                job.get("precision"),
+                fields=model_inputs.ENCODING_FIELD,
             )
             self.step = ov_classifier.run
             convert = lambda f: f  # noqa: E731
         else:
             providers = job.get("providers") or ["CPUExecutionProvider"]
-            classifier = OnnxClassifier(job["model"], tokenizer, job["max_length"], threads, providers)
+            classifier = OnnxClassifier(
+                job["model"], tokenizer, job["max_length"], threads, providers, fields=model_inputs.ENCODING_FIELD
+            )
             if providers[0] not in classifier.session.get_providers():  # never time the CPU under a GPU's name
                 raise RuntimeError(
                     f"{job['model']}: {providers[0]} did not start (onnxruntime runs it on "

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain import model_inputs
 from toolchain.runtime import TextEncoder
 
 
@@ -31,10 +32,11 @@ def pytorch_logits(
 
     order = np.argsort(encoder.lengths(texts), kind="stable")
     out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    takes = model_inputs.forward_inputs(model)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            feeds = encoder.encode([texts[i] for i in idx])
+            feeds = model_inputs.select(encoder.encode([texts[i] for i in idx]), takes)
             out[idx] = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
             if on_batch is not None:
                 on_batch(len(idx))

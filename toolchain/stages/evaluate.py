@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from toolchain import model_inputs
 from toolchain.compile.parity import check_onnx, graph_file
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
@@ -45,7 +46,7 @@ def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     if cfg.format == "pytorch":
         # fp32 PyTorch's logits do not depend on what shares a batch (padding is masked), unlike a dynamically
         # quantized graph's: its rows are scored PYTORCH_BATCH at a time, by length, whatever the recipe's batch
-        encoder = TextEncoder(hf_dir / "tokenizer.json", max_length)
+        encoder = TextEncoder(hf_dir / "tokenizer.json", max_length, fields=model_inputs.ENCODING_FIELD)
         model = load_pytorch(inputs[model_key].path)
         logits = pytorch_logits(model, encoder, texts, max(batch_size, PYTORCH_BATCH), bar.update)
     else:
@@ -54,7 +55,15 @@ def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
             check_onnx(call.key, graph)
         runtime = "openvino" if cfg.format == "openvino" else "onnxruntime"
         hint = openvino_hint(cfg.precision or "") if runtime == "openvino" else None
-        clf = make_classifier(runtime, graph, hf_dir / "tokenizer.json", max_length, ctx.threads, precision=hint)
+        clf = make_classifier(
+            runtime,
+            graph,
+            hf_dir / "tokenizer.json",
+            max_length,
+            ctx.threads,
+            precision=hint,
+            fields=model_inputs.ENCODING_FIELD,
+        )
         logits = clf.logits(texts, batch_size, bar.update)
     bar.close()
     probs = softmax(logits)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from pydantic import ConfigDict
 
+from toolchain import model_inputs
 from toolchain.compile.export import check_parity
 from toolchain.compile.parity import REFERENCE
 from toolchain.core.artifact import Artifact, StageCall
@@ -58,9 +59,10 @@ def export(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
 
     # Reference logits from PyTorch on the parity rows, fed the very arrays the ONNX runtime gets.
     texts = ctx.eval.texts[: cfg.parity_rows]
-    feeds = TextEncoder(src / "tokenizer.json", max_length).encode(texts)
+    feeds = TextEncoder(src / "tokenizer.json", max_length, fields=model_inputs.ENCODING_FIELD).encode(texts)
     model = load_pytorch(src)
     with torch.inference_mode():
-        logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
+        takes = model_inputs.select(feeds, model_inputs.forward_inputs(model))
+        logits = model(**{k: torch.from_numpy(v) for k, v in takes.items()}).logits.float().numpy()
     np.savez(out / REFERENCE, logits=logits, max_length=max_length, **feeds)  # type: ignore[arg-type]
     return check_parity(out / "model.onnx", src / "tokenizer.json", out / REFERENCE, cfg.atol, ctx.threads, "export")

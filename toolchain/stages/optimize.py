@@ -7,6 +7,8 @@ not the machine-specific layouts of higher levels."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from toolchain.compile.parity import REFERENCE
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
+
+log = logging.getLogger("toolchain")
 
 # Model families the ORT transformer optimizer knows, by transformers' model_type.
 ORT_MODEL_TYPES = {
@@ -46,7 +50,12 @@ def optimize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     # the model the export was made from: its config names the fusions' model type, heads and hidden size
     hf_dir = inputs[next(k for k in call.inputs if k != "export")].path
     config = json.loads((hf_dir / "config.json").read_text())
-    model_type = ORT_MODEL_TYPES.get(config["model_type"], "bert")
+    if config["model_type"] not in ORT_MODEL_TYPES:  # its fusion patterns are not this graph's: keep the export
+        shutil.copy2(exported.file("model.onnx"), out / "model.onnx")
+        fusions = f"none: onnxruntime's transformer optimizer does not know model_type {config['model_type']!r}"
+        log.info("optimize: %s; the exported graph as it is", fusions)
+        return {"parity": exported.meta.get("parity"), "atol": ctx.config(OptimizeConfig).atol, "fusions": fusions}
+    model_type = ORT_MODEL_TYPES[config["model_type"]]
     options = FusionOptions(model_type)
     # residual Add + LayerNormalization stay two nodes: onnxruntime's CPU SkipLayerNormalization kernel is a scalar
     # loop, 5-7x slower than the two (see toolchain.runtime.CPU_SESSION_CONFIG, which keeps sessions from re-fusing)
@@ -69,4 +78,5 @@ def optimize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
         ctx.threads,
         "optimize",
     )
-    return {**meta, "fused_operators": fused}
+    fusions = ", ".join(f"{op} {n}" for op, n in sorted(fused.items())) or "none found"
+    return {**meta, "fused_operators": fused, "fusions": f"onnxruntime transformer optimizer ({model_type}): {fusions}"}

@@ -256,7 +256,7 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[ClassifierRow
             if v.format == "openvino" and graph_file(ctx.artifacts[v.source].path).suffix == ".onnx"
             else meta.get("parity") or meta.get("drift_vs_pytorch"),
             "peer": v.name in PEERS,
-            "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto") if k in meta},
+            "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto", "fusions") if k in meta},
             "artifact": ctx.artifacts[v.source].id,
             "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},
             "latency_ratio_ci": {
