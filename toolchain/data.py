@@ -116,6 +116,11 @@ def read_split(path: Path, text: str, label: str, labels: list[str]) -> Split:
     return Split(path, [t.strip() for t in texts], ids, sha256_file(path))
 
 
+def read_columns(path: Path) -> dict[str, list[Any]]:
+    """All columns of a data file (.tsv, .csv, .jsonl) as lists, cached per file version."""
+    return _load_columns(path, path.stat().st_mtime_ns)
+
+
 def _label_column(path: Path, text: str, label: str) -> list[Any]:
     if not path.is_file():
         raise DataError(f"{path}: file not found (set data.root or $TOOLCHAIN_DATA to the folder that holds it)")
