@@ -128,3 +128,18 @@ def test_the_optional_input_is_named_only_in_the_model_inputs_helper() -> None:
         if re.search(r"token_type_ids", p.read_text())
     )
     assert named == ["toolchain/model_inputs.py"]
+
+
+def test_a_model_folder_without_tokenizer_json_gets_one_converted(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    (folder / "tokenizer.json").unlink()
+    assert (folder / "vocab.txt").is_file()  # what transformers converts from
+    engine.run(load_recipe(write_recipe(tmp_path, lean_recipe(folder, "no-tokenizer-json"))), tmp_path / "runs")
+    bundle = tmp_path / "runs" / "no-tokenizer-json" / "bundle"
+    assert (bundle / "tokenizer.json").is_file()
+    from toolchain.runtime import Predictor
+
+    assert Predictor.load(bundle).predict(["a gorgeous, witty film"])[0].label in ("negative", "positive")

@@ -28,6 +28,8 @@ log = logging.getLogger("toolchain")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+# what transformers builds a tokenizer.json from, when a folder has none (the finetune stage writes the converted one)
+CONVERTIBLE_TOKENIZER_FILES = ("vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 
 class ModelSourceError(ValueError):
@@ -139,9 +141,11 @@ def _check_folder(folder: Path, source: str, allow_pickle: bool = False) -> Path
             )
         else:
             raise ModelSourceError(f"model.source '{source}': no *.safetensors weights in {folder}")
-    if not (folder / "tokenizer.json").is_file():
+    convertible = [n for n in CONVERTIBLE_TOKENIZER_FILES if (folder / n).is_file()]
+    if not (folder / "tokenizer.json").is_file() and not convertible:
         raise ModelSourceError(
-            f"model.source '{source}': no tokenizer.json in {folder}; a fast tokenizer file is needed for the bundle"
+            f"model.source '{source}': no tokenizer in {folder}: neither tokenizer.json nor a file transformers "
+            f"converts one from ({', '.join(CONVERTIBLE_TOKENIZER_FILES)})"
         )
     return folder.resolve()
 

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import register
+from toolchain.errors import StageError
 from toolchain.finetune.methods import AGREEMENT_ROWS, METHODS, QAT_STATE, apply_freeze, rank_predictions
 from toolchain.finetune.train import seed_everything, train_classifier
 from toolchain.models import copy_tokenizer, resolve_source, trust_kwargs
@@ -75,6 +76,15 @@ def finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     if main_rank:
         model.save_pretrained(out, safe_serialization=True)
         copy_tokenizer(src, out)
+        if not (out / "tokenizer.json").is_file():  # a folder with vocab.txt/sentencepiece files only: convert it
+            if not getattr(tokenizer, "is_fast", False):
+                raise StageError(
+                    "finetune",
+                    f"{src} has no tokenizer.json and transformers could not convert its tokenizer to one; "
+                    "add a tokenizer.json (tokenizers library) to the model folder",
+                )
+            tokenizer.save_pretrained(out)
+            log.info("finetune: %s has no tokenizer.json; wrote the one transformers converted", src)
         (out / "train_log.json").write_text(json.dumps(stats, indent=2))
     meta = {
         "method": cfg.method,
