@@ -14,12 +14,12 @@ PACKAGE = PROJECT_ROOT / "toolchain"
 
 # Lower layers never import higher ones. Modules not listed are stages and their helpers (layer 3).
 LAYERS = [
-    (0, ("toolchain.errors", "toolchain.paths", "toolchain.runtime", "toolchain.blocks")),
+    (0, ("toolchain.errors", "toolchain.paths", "toolchain.runtime", "toolchain.blocks", "toolchain.model_inputs")),
     (1, ("toolchain.recipe", "toolchain.data", "toolchain.models")),
     (2, ("toolchain.core",)),
     (4, ("toolchain.tasks",)),
     (5, ("toolchain.engine",)),
-    (6, ("toolchain.cli", "toolchain.__main__", "toolchain.launch")),
+    (6, ("toolchain.cli", "toolchain.__main__", "toolchain.launch", "toolchain.scaffold")),
 ]
 STAGE_LAYER = 3
 

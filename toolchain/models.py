@@ -150,6 +150,20 @@ def _check_folder(folder: Path, source: str, allow_pickle: bool = False) -> Path
     return folder.resolve()
 
 
+def unsupported_tokenizer(spec: dict[str, Any], where: Path | str) -> str | None:
+    """Why a tokenizer.json cannot go in the graph (None when it can): onnxruntime-extensions' BertTokenizer op is
+    WordPiece with BERT's normalizer. The recipe check asks before any compute, the bundle stage
+    (toolchain.compile.ingraph) again."""
+    kind = (spec.get("model") or {}).get("type")
+    normalizer = spec.get("normalizer") or {}
+    if kind == "WordPiece" and normalizer.get("type") == "BertNormalizer":
+        return None
+    return (
+        f"bundle.tokenizer: in-graph supports BERT-style WordPiece tokenizers (BertNormalizer); {where} has model "
+        f"{kind!r}, normalizer {normalizer.get('type')!r}. Set bundle.tokenizer: beside for this model"
+    )
+
+
 def remote_code(folder: Path) -> list[str]:
     """What in a model folder asks to run the folder's own Python code: auto_map entries and .py files."""
     asks = []

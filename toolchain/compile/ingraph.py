@@ -21,23 +21,11 @@ import numpy as np
 
 from toolchain import model_inputs
 from toolchain.errors import StageError
+from toolchain.models import unsupported_tokenizer
 from toolchain.runtime import StringsClassifier
 
 PREFIX = "tok/"
 CONTRIB = "ai.onnx.contrib"
-
-
-def unsupported_tokenizer(spec: dict[str, Any], where: Path | str) -> str | None:
-    """Why a tokenizer.json cannot go in the graph (None when it can): onnxruntime-extensions' BertTokenizer op is
-    WordPiece with BERT's normalizer. The recipe check asks before any compute, the bundle stage again."""
-    kind = (spec.get("model") or {}).get("type")
-    normalizer = spec.get("normalizer") or {}
-    if kind == "WordPiece" and normalizer.get("type") == "BertNormalizer":
-        return None
-    return (
-        f"bundle.tokenizer: in-graph supports BERT-style WordPiece tokenizers (BertNormalizer); {where} has model "
-        f"{kind!r}, normalizer {normalizer.get('type')!r}. Set bundle.tokenizer: beside for this model"
-    )
 
 
 def tokenizer_graph(tokenizer_dir: Path, max_length: int) -> Any:

@@ -203,8 +203,7 @@ def check_in_graph_tokenizer(recipe: Recipe) -> list[str]:
         return []
     import json
 
-    from toolchain.compile.ingraph import unsupported_tokenizer
-    from toolchain.models import ModelSourceError, resolve_source
+    from toolchain.models import ModelSourceError, resolve_source, unsupported_tokenizer
 
     try:
         spec_file = resolve_source(recipe.model.source, recipe.model) / "tokenizer.json"
