@@ -49,7 +49,7 @@ def test_the_agnews_files_give_a_recipe_sized_to_them(tmp_path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.data.train == "agnews/train.tsv" and recipe.data.text == "text" and recipe.data.label == "label"
     assert sorted(recipe.data.labels) == ["Business", "Sci/Tech", "Sports", "World"]
-    assert recipe.finetune.epochs == 2 and 64 <= recipe.finetune.max_length <= 128
+    assert recipe.finetune.epochs == 1 and 64 <= recipe.finetune.max_length <= 128
     assert "10,001 training rows, 7,600 eval rows, 4 classes" in path.read_text()
 
 
