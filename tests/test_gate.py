@@ -296,3 +296,15 @@ def test_a_generation_report_is_gated_on_decode_speed_and_accuracy(tmp_path: Pat
     (run / "report.json").write_text(json.dumps(fake_report(0.4)))
     assert main(["gate", str(run), "--baseline", str(baseline)]) == 1
     assert "a baseline of a generation recipe" in capsys.readouterr().err
+
+
+def test_on_a_new_cpu_a_class_with_peer_ratios_is_preferred_to_one_without(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "ci"
+    run.mkdir(parents=True)
+    baseline = tmp_path / "ci.json"
+    (run / "report.json").write_text(json.dumps(fake_report(0.13, cpu="Old")))  # no peer row: no peer ratios
+    write_baseline(run, baseline, 0.005, 0.1)
+    (run / "report.json").write_text(json.dumps(fake_report(0.18, cpu="EPYC", peer_ratio=0.205)))
+    write_baseline(run, baseline, 0.005, 0.1)
+    (run / "report.json").write_text(json.dumps(fake_report(0.25, cpu="New", peer_ratio=0.29)))
+    assert "gated against the closest of 2 classes, EPYC [avx2]" in run_gate(run, baseline)

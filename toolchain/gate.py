@@ -253,6 +253,10 @@ def _decode_check(name: str, base: GateVariant, cur: GateVariant, tolerance: flo
     return Check(name, metric, was, now, f"high end >= {floor:.2f}x", c_hi >= floor)
 
 
+def _gated(check: Check) -> bool:
+    return check.limit != NOT_GATED
+
+
 def table(checks: list[Check]) -> str:
     lines = [
         "| variant | metric | baseline | this run | limit | verdict |",
@@ -318,7 +322,8 @@ def run_gate(
         acc_tol = max(acc_tol, CROSS_CPU_ACCURACY_TOLERANCE)
         lat_tol = max(lat_tol, CROSS_CPU_LATENCY_TOLERANCE)
         tried = {c: compare(current, b, acc_tol, lat_tol, same_cpu=False) for c, b in baseline["machines"].items()}
-        against = min(tried, key=lambda c: sum(not x.ok for x in tried[c]))
+        # fewest failures; of those, the one that checks most (peer ratios recorded)
+        against = min(tried, key=lambda c: (sum(not x.ok for x in tried[c]), -sum(_gated(x) for x in tried[c])))
         checks = tried[against]
     failed = [c for c in checks if not c.ok]
     commit = (baseline["machines"][against]["measured_at_commit"] or "?")[:12]
