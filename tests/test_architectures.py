@@ -80,7 +80,9 @@ def test_each_type_runs_end_to_end_and_its_bundle_predicts_without_torch(
         "onnx-int8-dynamic",
     ]
     by = {v["name"]: v for v in report["variants"]}
-    assert by["onnx-fp32"]["accuracy"] == by["pytorch-fp32"]["accuracy"]  # the export computes the same function
+    # the export computes the same function (its parity check held, or the run would have failed); a barely trained
+    # tiny model may have a near-tie that float rounding tips, so one row of slack
+    assert abs(by["onnx-fp32"]["correct"] - by["pytorch-fp32"]["correct"]) <= 1
     fusions = by["onnx-fp32-optimized"]["compression"]["fusions"]
     if model_type in ORT_MODEL_TYPES:
         assert fusions.startswith("onnxruntime transformer optimizer"), fusions
