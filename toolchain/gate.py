@@ -139,7 +139,8 @@ def peer_ratio(row: ClassifierRow, peer: ClassifierRow) -> PeerRatio:
         if theirs is None:
             continue
         out["ratio"][case] = stats["p50"] / theirs["p50"]
-        per_round = [a / b for a, b in zip(row["round_p50"][case], peer["round_p50"][case], strict=False)]
+        ours, peers = row["round_p50"].get(case, []), peer["round_p50"].get(case, [])
+        per_round = [a / b for a, b in zip(ours, peers, strict=False)]
         out["range"][case] = [min(per_round), max(per_round)] if per_round else [out["ratio"][case]] * 2
     return out
 
