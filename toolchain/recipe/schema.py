@@ -594,8 +594,11 @@ class BundleSection(Strict):
     )
 
 
+RECIPE_NAME_PATTERN = r"^[A-Za-z0-9][\w.-]*$"  # names recipes/NAME.yaml, runs/NAME/ and the make target
+
+
 class Recipe(Strict):
-    name: str = Field(description="Run name; the run folder is runs/<name>/.", pattern=r"^[A-Za-z0-9][\w.-]*$")
+    name: str = Field(description="Run name; the run folder is runs/<name>/.", pattern=RECIPE_NAME_PATTERN)
     model: ModelSection
     data: DataSection
     finetune: FinetuneSection
