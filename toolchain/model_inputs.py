@@ -1,10 +1,11 @@
 """What a text model takes, in one place: the inputs a transformers encoder or its ONNX graph can be fed, where each
-comes from in a `tokenizers` Encoding, and which of them a given model, forward signature or graph actually takes.
+comes from in a `tokenizers` Encoding, and which of them a given model's forward actually takes.
 
 Models differ: BERT takes segment ids, DistilBERT, RoBERTa and MPNet do not (feeding them is a TypeError in PyTorch
 and an unknown input in onnxruntime). Training, the export's parity reference, evaluation, the bench children, the
-QAT export, the strings-in graph, the Python runtime and the Node app (through the bundle manifest's `from` fields)
-all ask here, so no other module names an optional input. Light to import (the standard library only)."""
+QAT export and the strings-in graph ask here; the bundle manifest's `from` fields carry the answer to the Python
+runtime and the Node app, which import nothing of the toolchain. No other toolchain module names an optional input.
+Light to import (the standard library only)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import inspect
 from collections.abc import Iterable
 from typing import Any
 
-# Every input a text classifier can take, in the order graphs list them, with the `tokenizers` Encoding field it
-# comes from (the same names in the Python and Node.js bindings of `tokenizers`).
+# Every input a text classifier can take, in the order graphs list them, with the field of the Python `tokenizers`
+# Encoding it comes from (the Node app maps these to its tokenizer's keys: examples/node/bundle.mjs ENCODING_KEY).
 ENCODING_FIELD = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 TEXT_INPUTS = tuple(ENCODING_FIELD)
 REQUIRED = ("input_ids", "attention_mask")  # what every supported encoder takes
@@ -30,14 +31,6 @@ def taken_by(names: Iterable[str]) -> list[str]:
 def forward_inputs(model: Any) -> list[str]:
     """The text inputs a transformers model's forward accepts."""
     return taken_by(inspect.signature(model.forward).parameters)
-
-
-def graph_inputs(path: Any) -> list[str]:
-    """The text inputs an ONNX file declares (read with onnx, no session)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return taken_by(i.name for i in graph.input)
 
 
 def select(feeds: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
