@@ -26,6 +26,7 @@ from toolchain.stages.optimize import ORT_MODEL_TYPES
 pytestmark = pytest.mark.slow
 # the Node app (examples/node) on a model without segment ids and on a byte-level BPE tokenizer, row by row
 NODE_CHECKED = ("distilbert", "roberta")
+WITH_SEGMENT_IDS = ("albert", "bert", "electra")  # the types whose exported graph takes segment ids
 
 
 def test_the_matrix_covers_every_supported_type() -> None:
@@ -94,11 +95,11 @@ def test_each_type_runs_end_to_end_and_its_bundle_predicts_without_torch(
     manifest = json.loads((bundle / "manifest.json").read_text())
     graph = onnx.load(str(bundle / manifest["model"]), load_external_data=False).graph
     # the bundle names what the graph takes: what the forward takes, less what the exporter drops as unused
-    # (segment ids of roberta-like models with one segment type)
+    # (segment ids of roberta-like models with one segment type); docs/models.md has the same table
     assert [i["name"] for i in manifest["inputs"]] == [i.name for i in graph.input]
-    assert set(model_inputs.REQUIRED) <= {i.name for i in graph.input} <= set(takes)
-    if "token_type_ids" not in takes:
-        assert model_type in ("distilbert", "mpnet", "modernbert")
+    segment_ids = ["token_type_ids"] if model_type in WITH_SEGMENT_IDS else []
+    assert [i.name for i in graph.input] == [*model_inputs.REQUIRED, *segment_ids]
+    assert set(segment_ids) <= set(takes)
     assert all(i["from"] == model_inputs.ENCODING_FIELD[i["name"]] for i in manifest["inputs"])
 
     shipped = report["shipped"]
