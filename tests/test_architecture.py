@@ -14,7 +14,17 @@ PACKAGE = PROJECT_ROOT / "toolchain"
 
 # Lower layers never import higher ones. Modules not listed are stages and their helpers (layer 3).
 LAYERS = [
-    (0, ("toolchain.errors", "toolchain.paths", "toolchain.runtime", "toolchain.blocks", "toolchain.model_inputs")),
+    (
+        0,
+        (
+            "toolchain.errors",
+            "toolchain.paths",
+            "toolchain.runtime",
+            "toolchain.blocks",
+            "toolchain.model_inputs",
+            "toolchain.weight_parts",
+        ),
+    ),
     (1, ("toolchain.recipe", "toolchain.data", "toolchain.models")),
     (2, ("toolchain.core",)),
     (4, ("toolchain.tasks",)),

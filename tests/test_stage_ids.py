@@ -3,7 +3,8 @@ The golden file holds the id of every stage every recipe plans (recipes/ and ben
 threads and CPU preset it was computed under; the test recomputes them under those recorded values, so a new wheel
 or another machine does not fail it, and a change to what a stage hashes does.
 
-Regenerate on purpose (and say why in the commit): `.venv/bin/python tests/test_stage_ids.py --write`."""
+Regenerate on purpose (and say why in the commit): `.venv/bin/python tests/test_stage_ids.py --write` (under the
+recorded values; `--write --here`: under this machine's)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
-from toolchain.engine import planned_ids
+from toolchain.engine import load_all, planned_ids
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.load import load_recipe
 from toolchain.recipe.schema import Recipe
@@ -64,23 +65,29 @@ def test_an_id_follows_what_its_stage_is_given() -> None:
     assert changed == set(golden["recipes"][_name(path)])
 
 
-def write() -> None:
-    first = RunContext(load_recipe(PROJECT_ROOT / "recipes" / "sst2-minilm.yaml", []))
-    under = {
-        "versions": first.versions,
-        "threads": first.threads,
-        "cpu_preset": first.cpu_preset,
-        "bf16_native": first.bf16_native,
-    }
+def write(here: bool) -> None:
+    """Every recipe's ids, under the recorded values (a new recipe is added, the others stay as they were), or with
+    `here` under this machine's versions, threads, CPU preset and bf16 support."""
+    load_all()
+    if here or not GOLDEN.exists():
+        first = RunContext(load_recipe(PROJECT_ROOT / "recipes" / "sst2-minilm.yaml", []))
+        under = {
+            "versions": first.versions,
+            "threads": first.threads,
+            "cpu_preset": first.cpu_preset,
+            "bf16_native": first.bf16_native,
+        }
+    else:
+        under = json.loads(GOLDEN.read_text())["computed_under"]
     data = {"computed_under": under, "recipes": {_name(p): ids_of(p, under) for p in RECIPES}}
     GOLDEN.write_text(json.dumps(data, indent=2) + "\n")
     print(f"{GOLDEN}: {sum(len(v) for v in data['recipes'].values())} ids of {len(RECIPES)} recipes")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--write"]:
+    if sys.argv[1:] not in (["--write"], ["--write", "--here"]):
         sys.exit(__doc__)
-    write()
+    write(here=sys.argv[2:] == ["--here"])
 
 
 def test_the_export_id_covers_the_length_its_parity_reference_is_computed_at() -> None:

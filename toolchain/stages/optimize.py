@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,9 @@ from toolchain.compile.parity import REFERENCE
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
+from toolchain.errors import StageError
+from toolchain.models import resolve_source
+from toolchain.recipe.schema import Recipe
 
 log = logging.getLogger("toolchain")
 
@@ -29,6 +31,25 @@ ORT_MODEL_TYPES = {
     "deberta-v2": "bert",
     "electra": "bert",
 }
+
+
+def no_fusions(model_type: str | None) -> str | None:
+    """Why onnxruntime's transformer optimizer has nothing for `model_type` (None: it fuses that family)."""
+    if model_type in ORT_MODEL_TYPES:
+        return None
+    return (
+        f"none: onnxruntime's transformer optimizer does not know model_type {model_type!r} (the exported graph is "
+        "quantized and shipped as it is; compile.optimize adds no variant)"
+    )
+
+
+def no_fusions_for(recipe: Recipe) -> str | None:
+    """Why compile.optimize has nothing to do for the recipe's model (None: optimize is off, or onnxruntime's
+    optimizer fuses the model's family). The plan then leaves the optimize stage and its variant out."""
+    if not recipe.compile.optimize:
+        return None
+    config = json.loads((resolve_source(recipe.model.source, recipe.model) / "config.json").read_text())
+    return no_fusions(config.get("model_type"))
 
 
 class OptimizeConfig(StageConfig):
@@ -50,11 +71,9 @@ def optimize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     # the model the export was made from: its config names the fusions' model type, heads and hidden size
     hf_dir = inputs[next(k for k in call.inputs if k != "export")].path
     config = json.loads((hf_dir / "config.json").read_text())
-    if config["model_type"] not in ORT_MODEL_TYPES:  # its fusion patterns are not this graph's: keep the export
-        shutil.copy2(exported.file("model.onnx"), out / "model.onnx")
-        fusions = f"none: onnxruntime's transformer optimizer does not know model_type {config['model_type']!r}"
-        log.info("optimize: %s; the exported graph as it is", fusions)
-        return {"parity": exported.meta.get("parity"), "atol": ctx.config(OptimizeConfig).atol, "fusions": fusions}
+    unfused = no_fusions(config["model_type"])
+    if unfused:  # the plan leaves this stage out for such a model
+        raise StageError("optimize", unfused)
     model_type = ORT_MODEL_TYPES[config["model_type"]]
     options = FusionOptions(model_type)
     # residual Add + LayerNormalization stay two nodes: onnxruntime's CPU SkipLayerNormalization kernel is a scalar

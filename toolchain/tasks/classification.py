@@ -40,6 +40,7 @@ from toolchain.recipe.schema import Recipe
 from toolchain.report import classification as report
 from toolchain.report.rows import ClassifierRow, LatencyCase
 from toolchain.runtime import sha256_file
+from toolchain.stages.optimize import no_fusions_for
 
 log = logging.getLogger("toolchain")
 
@@ -119,12 +120,14 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     )
     variants.append(Variant("onnx-fp32", "export", "onnx", "fp32"))
     fp32 = "export"
-    if comp.optimize:
+    if comp.optimize and no_fusions_for(recipe) is None:
         calls.append(
             StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export", model_key(recipe)), eval_identity)
         )
         variants.append(Variant("onnx-fp32-optimized", "optimize", "onnx", "fp32"))
         fp32 = "optimize"
+    elif comp.optimize:  # an optimized variant would be the exported graph again, evaluated and timed twice
+        log.info("optimize: skipped: %s", no_fusions_for(recipe))
     for q in comp.quantize:
         key = f"quantize.{q.variant_name}"
         # A QAT export starts from the fake-quant model in the finetune artifact, not from the fp32 graph.
@@ -256,7 +259,8 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[ClassifierRow
             if v.format == "openvino" and graph_file(ctx.artifacts[v.source].path).suffix == ".onnx"
             else meta.get("parity") or meta.get("drift_vs_pytorch"),
             "peer": v.name in PEERS,
-            "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto", "fusions") if k in meta},
+            "compression": {k: meta[k] for k in ("mode", "excluded", "sensitivity", "auto", "fusions") if k in meta}
+            | ({"fusions": unfused} if v.name == "onnx-fp32" and (unfused := no_fusions_for(ctx.recipe)) else {}),
             "artifact": ctx.artifacts[v.source].id,
             "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},
             "latency_ratio_ci": {
@@ -322,21 +326,7 @@ def changed_predictions(
 def expect_resources(ctx: RunContext) -> dict[str, Any]:
     """State the disk and memory the recipe expects; fail before any compute when the disk cannot hold it."""
     facts = resources.check(ctx.recipe, resolve_source(ctx.recipe.model.source, ctx.recipe.model), ctx.run_dir)
-    gb = resources.GB
-    log.info(
-        "expects about %.1f GB of artifacts (%.1f GB free here) and %.1f GB of memory to train (%.1f GB here)",
-        facts["disk_bytes"] / gb,
-        facts["disk_free_bytes"] / gb,
-        facts["memory_bytes"] / gb,
-        facts["memory_total_bytes"] / gb,
-    )
-    if facts["memory_bytes"] > facts["memory_total_bytes"]:
-        log.warning(
-            "training may not fit in memory (about %.1f GB expected, %.1f GB here): lower finetune.batch_size or "
-            "finetune.max_length, or use method lora/qlora",
-            facts["memory_bytes"] / gb,
-            facts["memory_total_bytes"] / gb,
-        )
+    resources.announce(facts)
     return facts
 
 
