@@ -93,7 +93,9 @@ def test_labels_left_out_are_read_from_the_training_file(tmp_path: Path, data_ro
         infer_labels(tmp_path / "one.tsv", tmp_path / "one.tsv", "t", "l")
 
 
-def test_a_recipe_without_labels_gets_them_from_the_data_and_plans_like_the_explicit_list(tmp_path: Path) -> None:
+def test_a_recipe_without_labels_gets_them_from_the_data_and_plans_like_the_explicit_list(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import yaml
 
     from toolchain.core.context import RunContext
@@ -105,8 +107,12 @@ def test_a_recipe_without_labels_gets_them_from_the_data_and_plans_like_the_expl
     del raw["data"]["labels"]
     path = tmp_path / "agnews-minilm-lora.yaml"
     path.write_text(yaml.safe_dump(raw))
-    inferred = load_recipe(path)
+    with caplog.at_level("INFO", logger="toolchain"):
+        inferred = load_recipe(path)
     assert inferred.data.labels == ["Sci/Tech", "World", "Sports", "Business"]  # first appearance in train.tsv
+    assert "read from agnews/train.tsv (names in order of first appearance): Sci/Tech, World, Sports, Business" in (
+        caplog.text
+    )
     explicit = load_recipe(path, [f"data.labels={json.dumps(inferred.data.labels)}"])
 
     def ids(recipe) -> dict[str, str]:

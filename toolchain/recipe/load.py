@@ -4,6 +4,7 @@ problem in one message, before any compute."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from toolchain.models import check_model_source
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.keys import duplicate_keys, name_mismatch, override_clashes
 from toolchain.recipe.schema import Recipe
+
+log = logging.getLogger("toolchain")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading, overrides and error messages
@@ -164,6 +167,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
             d.labels = infer_labels(recipe.data_root() / d.train, recipe.data_root() / d.eval, d.text, d.label)
         except (DataError, OSError, ValueError) as e:
             raise RecipeError(file, [*problems, f"data.labels (left out, so read from the data): {e}"]) from None
+        indices = d.labels == [str(i) for i in range(len(d.labels))]
+        order = "class indices 0..N-1" if indices else "names in order of first appearance"
+        shown = ", ".join(d.labels[:12]) + (f", ... ({len(d.labels)} in all)" if len(d.labels) > 12 else "")
+        log.info("data.labels left out: read from %s (%s): %s", d.train, order, shown)
     if check_files:
         problems += check_recipe_files(recipe)
     if problems:
