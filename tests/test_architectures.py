@@ -45,6 +45,7 @@ def lean_recipe(model: Path, name: str) -> dict:
     data = tiny_recipe_dict(model, name)
     data["data"] |= {"max_train_rows": 256, "max_eval_rows": 48}
     data["finetune"] |= {"epochs": 1}
+    del data["data"]["labels"]  # read from the data: SST-2's 0/1 become '0', '1'
     data["compile"]["export"]["parity_rows"] = 16
     data["bench"] = {
         "batch_sizes": [1],
@@ -107,6 +108,12 @@ def test_each_type_runs_end_to_end_and_its_bundle_predicts_without_torch(
     assert set(segment_ids) <= set(takes)
     assert all(i["from"] == model_inputs.ENCODING_FIELD[i["name"]] for i in manifest["inputs"])
 
+    # the labels read from the training file reach every place an app or a reader looks
+    assert report["data"]["labels"] == manifest["labels"] == json.loads((bundle / "labels.json").read_text())
+    assert report["data"]["labels"] == ["0", "1"]
+    assert report["data"]["labels_from"] == "read from sst2/train.tsv, class indices 0..N-1"
+    report_md = (tmp_path / "runs" / name / "report.md").read_text()
+    assert "Labels (output order): 0, 1 (read from sst2/train.tsv" in report_md
     shipped = report["shipped"]
     predictions = json.loads(ctx.artifacts[f"evaluate.{shipped}"].file("metrics.json").read_text())["predictions"]
     script = textwrap.dedent(f"""

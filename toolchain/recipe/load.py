@@ -171,6 +171,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         order = "class indices 0..N-1" if indices else "names in order of first appearance"
         shown = ", ".join(d.labels[:12]) + (f", ... ({len(d.labels)} in all)" if len(d.labels) > 12 else "")
         log.info("data.labels left out: read from %s (%s): %s", d.train, order, shown)
+        d._labels_read = f"read from {d.train}, {order}"
     if check_files:
         problems += check_recipe_files(recipe)
     if problems:

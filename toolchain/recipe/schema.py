@@ -75,6 +75,9 @@ class DataSection(Strict):
         "out). Off: such a path is refused.",
     )
 
+    # where the label names came from: None (the recipe), else how load_recipe read them from the training file
+    _labels_read: str | None = None
+
     @field_validator("labels")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:

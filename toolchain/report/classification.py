@@ -173,6 +173,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"({data['data']['train_rows']} rows, {data['finetune']['method']}, "
         f"{data['finetune'].get('train_seconds', 0):.0f} s).",
         "",
+        f"Labels (output order): {', '.join(data['data']['labels'])} ({data['data']['labels_from']}).",
+        "",
         *_distill_lines(data),
         "## Variants",
         "",

@@ -37,6 +37,8 @@ def report_head(
             "train_rows": len(ctx.train),
             "eval": recipe.data.eval,
             "eval_rows": len(ctx.eval),
+            "labels": recipe.data.labels,  # in the model's output order
+            "labels_from": recipe.data._labels_read or "recipe",
         },
         "finetune": {"method": recipe.finetune.method, **finetune},
         "budget": recipe.budget.model_dump(mode="json"),

@@ -120,14 +120,15 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     )
     variants.append(Variant("onnx-fp32", "export", "onnx", "fp32"))
     fp32 = "export"
-    if comp.optimize and no_fusions_for(recipe) is None:
+    unfused = no_fusions_for(recipe)
+    if unfused:  # an optimized variant would be the exported graph again, evaluated and timed twice
+        log.info("optimize: skipped, %s", unfused.removeprefix("none: "))
+    elif comp.optimize:
         calls.append(
             StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export", model_key(recipe)), eval_identity)
         )
         variants.append(Variant("onnx-fp32-optimized", "optimize", "onnx", "fp32"))
         fp32 = "optimize"
-    elif comp.optimize:  # an optimized variant would be the exported graph again, evaluated and timed twice
-        log.info("optimize: skipped: %s", no_fusions_for(recipe))
     for q in comp.quantize:
         key = f"quantize.{q.variant_name}"
         # A QAT export starts from the fake-quant model in the finetune artifact, not from the fp32 graph.
