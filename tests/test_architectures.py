@@ -157,4 +157,4 @@ def test_a_model_folder_without_tokenizer_json_gets_one_converted(tiny_model: Pa
     assert (bundle / "tokenizer.json").is_file()
     from toolchain.runtime import Predictor
 
-    assert Predictor.load(bundle).predict(["a gorgeous, witty film"])[0].label in ("negative", "positive")
+    assert Predictor.load(bundle).predict(["a gorgeous, witty film"])[0].label in ("0", "1")  # read from the data
