@@ -120,3 +120,12 @@ def test_freezing_layers_fixes_what_the_encoder_shares_across_them() -> None:
     ids = torch.randint(3, 50, (2, 8))
     hidden = model.mpnet(ids, output_hidden_states=True).hidden_states
     assert [h.requires_grad for h in hidden] == [False, False, False, True]
+
+
+def test_a_damaged_cache_names_the_folder_to_delete(site: Path, tmp_path: Path) -> None:
+    install_parts(site, "tampered-model", 2)
+    folder = weight_parts.model_folder("tampered-model")
+    (folder / "config.json").unlink()
+    with pytest.raises(models.ModelSourceError) as e:
+        models.resolve_source("pypi:tampered-model")
+    assert f"delete {tmp_path / 'cache' / 'models' / 'tampered-model-0.0.1'} and run again" in str(e.value)

