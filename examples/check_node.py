@@ -1,4 +1,6 @@
-"""Check that the Node.js app (examples/node) classifies like the Python runtime: same label on every row.
+"""Check that the Node.js app (examples/node) classifies like the Python runtime: same label on every row (a
+sentence-embedding bundle: the cosine between the Node and the Python embedding of every text, both texts of each
+eval pair, at least --min-cosine, default 0.9999).
 
     make node-example      # ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix examples/node
     python examples/check_node.py runs/sst2-minilm/bundle            # the bundle's eval split (SST-2 dev, 872 rows)
@@ -25,6 +27,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 NODE_APP = HERE / "node" / "classify.mjs"
+NODE_EMBED = HERE / "node" / "embed.mjs"
 
 
 def read_texts(path: Path, column: str | None) -> list[str]:
@@ -37,14 +40,15 @@ def read_texts(path: Path, column: str | None) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def node_predictions(bundle: Path, texts: list[str], threads: int | None = None) -> list[dict]:
-    """The Node app's JSON output, one object per text."""
+def node_predictions(bundle: Path, texts: list[str], threads: int | None = None, app: Path = NODE_APP) -> list[dict]:
+    """The Node app's JSON output, one object (an embedding app: one array) per text."""
     node = shutil.which("node")
     if node is None:
         raise RuntimeError("node is not on PATH")
     if not (HERE / "node" / "node_modules" / "onnxruntime-node").is_dir():
         raise RuntimeError("the Node packages are not installed: make node-example")
-    cmd = [node, str(NODE_APP), str(bundle), "--json"] + (["--threads", str(threads)] if threads else [])
+    flags = ["--json"] if app == NODE_APP else []
+    cmd = [node, str(app), str(bundle), *flags] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, input="\n".join(texts) + "\n", capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"the Node app failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
@@ -75,12 +79,23 @@ def compare(bundle: Path, texts: list[str], threads: int | None = 1) -> dict:
     }
 
 
+def compare_embeddings(bundle: Path, texts: list[str], threads: int | None = 1) -> dict:
+    """The cosine between the Node app's and the Python runtime's embedding of each text (one text at a time)."""
+    from toolchain.runtime import Embedder
+
+    py = Embedder.load(bundle, threads=threads).embed(texts, batch_size=1).astype(np.float64)
+    js = np.array(node_predictions(bundle, texts, threads, NODE_EMBED), dtype=np.float64)
+    cosines = (py * js).sum(-1) / (np.linalg.norm(py, axis=1) * np.linalg.norm(js, axis=1))
+    return {"rows": len(texts), "cosines": cosines, "min_cosine": float(cosines.min()) if texts else 1.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--texts", type=Path, help="rows to classify (default: the bundle's eval file)")
     parser.add_argument("--column", help="the text column of a .tsv (default: the recipe's)")
     parser.add_argument("--limit", type=int, help="only the first N rows")
+    parser.add_argument("--min-cosine", type=float, default=0.9999, help="embedding bundles: the least cosine")
     args = parser.parse_args(argv)
     try:
         manifest = json.loads((args.bundle / "manifest.json").read_text())
@@ -95,10 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         print(f"error: {path} does not exist; pass --texts or set TOOLCHAIN_DATA", file=sys.stderr)
         return 2
-    texts = [t for t in read_texts(path, args.column or recipe["data"]["text"]) if t.strip()][: args.limit]
+    columns = [args.column] if args.column else [recipe["data"]["text"], recipe["data"].get("text_pair")]
+    texts = [t for c in columns if c for t in read_texts(path, c) if t.strip()][: args.limit]
     if not texts:
         print(f"error: no rows in {path}", file=sys.stderr)
         return 2
+    if manifest.get("kind") == "embedder":
+        try:
+            found = compare_embeddings(args.bundle, texts)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        low = np.flatnonzero(found["cosines"] < args.min_cosine)
+        print(
+            f"{args.bundle}: Node.js (onnxruntime-node) embeds {found['rows'] - len(low)}/{found['rows']} texts of "
+            f"{path} within cosine {args.min_cosine} of the Python runtime; lowest cosine {found['min_cosine']:.7f}"
+        )
+        for i in low[:20]:
+            print(f"  text {i}: cosine {found['cosines'][i]:.6f}: {texts[i][:80]!r}")
+        return 0 if len(low) == 0 else 1
     try:
         result = compare(args.bundle, texts)
     except RuntimeError as e:

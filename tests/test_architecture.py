@@ -159,7 +159,11 @@ def test_one_module_defines_each_shared_piece() -> None:
     assert _defines("MeasureProcess") == ["toolchain.core.launcher"]  # the process-per-variant launcher
     assert _defines("replace_block") == ["toolchain.blocks"]  # the one writer of generated Markdown blocks
     assert _defines("publish_bundle") == ["toolchain.core.publish"]
-    assert _calls("write_manifest") == ["toolchain.stages.bundle", "toolchain.stages.llm_bundle"]  # one writer
+    assert _calls("write_manifest") == [  # the one writer, called by each task's bundle stage
+        "toolchain.stages.bundle",
+        "toolchain.stages.embed_bundle",
+        "toolchain.stages.llm_bundle",
+    ]
     assert _defines("write_manifest") == ["toolchain.core.manifest"]
     assert _defines("run_lock") == ["toolchain.core.lock"]
     assert _defines("write_lineage") == ["toolchain.core.lineage"]
@@ -193,7 +197,7 @@ def test_stages_and_their_helpers_never_see_the_recipe_or_the_run() -> None:
     """A stage reads its typed config (validated from what its id hashes), its inputs and the splits its id covers,
     through a StageContext: no stage or helper module imports RunContext or reads `.recipe`, so a setting cannot reach a
     stage without being in its id."""
-    helpers = ("stages", "compile", "finetune", "evaluate", "llm", "bundle_files")
+    helpers = ("stages", "compile", "finetune", "evaluate", "llm", "embed", "bundle_files")
     offenders = []
     for m, path in MODULES.items():
         if not m.startswith(tuple(f"toolchain.{h}" for h in helpers)):

@@ -6,6 +6,7 @@ Also the Pareto front of accuracy against latency that the report draws."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from toolchain.core.task import Choice
 from toolchain.recipe.schema import BudgetSection
@@ -40,12 +41,22 @@ def choice_table(choice: Choice[ClassifierRow]) -> str:
     return "\n".join(lines)
 
 
-def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[ClassifierRow]:
+R = TypeVar("R", bound=ClassifierRow)
+
+
+def choose_variant(
+    rows: list[R], budget: BudgetSection, metric: str = "accuracy", resolution: float = 0.0
+) -> Choice[R]:
+    """`metric`: what the rows' `accuracy` holds, as the verdicts name it; `resolution`: the difference in it (0-1
+    scale) below which two variants are as accurate (0: exact, as for counts of right answers)."""
     case = budget.latency_case
     choice = Choice(shipped=None, latency_case=case, rows=rows)
-    qualified: list[ClassifierRow] = []
+    qualified: list[R] = []
     for r in rows:
         reasons = []
+        if r.get("reference"):
+            choice.verdicts[r["name"]] = "reference (measured, not a candidate)"
+            continue
         if r["name"] in PEERS:
             choice.verdicts[r["name"]] = (
                 f"peer: what {PEERS[r['name']]} makes from the reference's weights (never shipped)"
@@ -62,7 +73,7 @@ def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[C
         drop = r["accuracy_drop"]
         # Accuracy is a count over the eval rows: compare in rows, not in floats, so 1 row == 1 row.
         if drop > budget.max_accuracy_drop + 1e-9:
-            reasons.append(f"accuracy drop {drop * 100:.2f} pts > budget {budget.max_accuracy_drop * 100:.2f}")
+            reasons.append(f"{metric} drop {drop * 100:.2f} pts > budget {budget.max_accuracy_drop * 100:.2f}")
         p50 = r["latency_ms"][case]["p50"]
         if budget.max_latency_ms is not None and p50 > budget.max_latency_ms:
             reasons.append(f"p50 {p50:.2f} ms > budget {budget.max_latency_ms:.2f} ms")
@@ -81,14 +92,19 @@ def choose_variant(rows: list[ClassifierRow], budget: BudgetSection) -> Choice[C
     qualified.sort(key=lambda r: (r["latency_ms"][case]["p50"], r["size_bytes"]))
     fastest = qualified[0]
     tied = [r for r in qualified if latency_range(r, case)[0] <= latency_range(fastest, case)[1]]
-    best = max(tied, key=lambda r: (r["correct"], -r["size_bytes"], -r["latency_ms"][case]["p50"]))
+    # the same eval rows for every variant: accuracy orders them as the count of right answers would; a metric that
+    # is no count (Spearman) is as good within `resolution` of the best
+    top = max(r["accuracy"] for r in tied)
+    as_good = [r for r in tied if r["accuracy"] >= top - resolution - 1e-12]
+    best = min(as_good, key=lambda r: (r["size_bytes"], r["latency_ms"][case]["p50"]))
     choice.shipped = best["name"]
     shown = {r["name"]: f"{r['latency_ms'][case]['p50']:.2f} ms" for r in qualified}
+    within = f" (within {resolution * 100:.2f} pts)" if resolution else ""
     for r in qualified:
         if r is best:
             why = "fastest" if r is fastest else f"as fast as {fastest['name']} within the rounds' range, more accurate"
-            if r is not fastest and r["correct"] == fastest["correct"]:
-                why = f"as fast as {fastest['name']} within the rounds' range, as accurate, smaller"
+            if r is not fastest and any(f is fastest for f in as_good):
+                why = f"as fast as {fastest['name']} within the rounds' range, as accurate{within}, smaller"
             choice.verdicts[r["name"]] = f"shipped: {why} within budget at {case}"
         elif any(r is t for t in tied):
             choice.verdicts[r["name"]] = (

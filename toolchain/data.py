@@ -26,12 +26,14 @@ FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 @dataclass(frozen=True)
 class Split:
-    """One labelled split: texts and integer class ids, plus where it came from."""
+    """One labelled split: texts and integer class ids (or, for scored pairs, each pair's second text and its float
+    score), plus where it came from."""
 
     path: Path
     texts: list[str]
-    labels: np.ndarray  # (rows,) int64 class ids
+    labels: np.ndarray  # (rows,) int64 class ids; float64 scores for scored pairs
     sha256: str
+    pairs: list[str] | None = None  # the second text of each row (data.text_pair)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -39,14 +41,15 @@ class Split:
     def head(self, n: int | None) -> Split:
         if n is None or n >= len(self):
             return self
-        return Split(self.path, self.texts[:n], self.labels[:n], self.sha256)
+        return Split(self.path, self.texts[:n], self.labels[:n], self.sha256, self.pairs[:n] if self.pairs else None)
 
     def sample(self, n: int | None, seed: int) -> Split:
         """A seeded random subset of n rows (the whole split when n is None or too large)."""
         if n is None or n >= len(self):
             return self
         idx = sorted(random.Random(seed).sample(range(len(self)), n))
-        return Split(self.path, [self.texts[i] for i in idx], self.labels[idx], self.sha256)
+        pairs = [self.pairs[i] for i in idx] if self.pairs else None
+        return Split(self.path, [self.texts[i] for i in idx], self.labels[idx], self.sha256, pairs)
 
 
 class DataError(ValueError):
@@ -116,6 +119,49 @@ def read_split(path: Path, text: str, label: str, labels: list[str]) -> Split:
     return Split(path, [t.strip() for t in texts], ids, sha256_file(path))
 
 
+def read_scored_pairs(path: Path, text: str, text_pair: str, score: str, score_max: float) -> Split:
+    """A split of text pairs with a numeric gold score in 0..score_max (STS-B). Raises DataError naming the file,
+    the row and the fix."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set data.root or $TOOLCHAIN_DATA to the folder that holds it)")
+    try:
+        cols = _load_columns(path, path.stat().st_mtime_ns)
+    except DataError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
+    missing = [c for c in (text, text_pair, score) if c not in cols]
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; the file has: {', '.join(cols)}")
+    firsts, seconds, raw = cols[text], cols[text_pair], cols[score]
+    for column, values in ((text, firsts), (text_pair, seconds)):
+        for i, t in enumerate(values):
+            if not isinstance(t, str):
+                raise DataError(
+                    f"{path}: column {column!r} must hold text, row {i + 1} has {t!r} ({type(t).__name__}); "
+                    "check data.text and data.text_pair name the two text columns"
+                )
+    scores = np.empty(len(raw), dtype=np.float64)
+    for i, v in enumerate(raw):
+        ok = isinstance(v, int | float | np.number) and not isinstance(v, bool) and 0 <= float(v) <= score_max
+        if not ok:
+            raise DataError(
+                f"{path}: column {score!r} row {i + 1} has {v!r}, not a score in 0..{score_max:g}; fix the file, "
+                "data.label (the score column) or embedding.score_max"
+            )
+        scores[i] = float(v)
+    return Split(path, [t.strip() for t in firsts], scores, sha256_file(path), [t.strip() for t in seconds])
+
+
+def read_recipe_split(recipe: Recipe, path: Path) -> Split:
+    """A split as the recipe reads it: labelled texts, or scored pairs in an embedding recipe."""
+    d = recipe.data
+    if recipe.embedding is not None:
+        assert d.text_pair is not None  # the schema requires it
+        return read_scored_pairs(path, d.text, d.text_pair, d.label, recipe.embedding.score_max)
+    return read_split(path, d.text, d.label, d.labels)
+
+
 def read_columns(path: Path) -> dict[str, list[Any]]:
     """All columns of a data file (.tsv, .csv, .jsonl) as lists, cached per file version."""
     return _load_columns(path, path.stat().st_mtime_ns)
@@ -173,9 +219,16 @@ def load_splits(recipe: Recipe) -> tuple[Split, Split]:
     """(train, eval) as the recipe asks: train sampled to max_train_rows, eval cut to max_eval_rows."""
     d = recipe.data
     root = recipe.data_root()
-    train = read_split(root / d.train, d.text, d.label, d.labels).sample(d.max_train_rows, recipe.finetune.seed)
-    evl = read_split(root / d.eval, d.text, d.label, d.labels).head(d.max_eval_rows)
+    train = read_recipe_split(recipe, root / d.train).sample(d.max_train_rows, recipe.finetune.seed)
+    evl = read_recipe_split(recipe, root / d.eval).head(d.max_eval_rows)
     return train, evl
+
+
+def load_test(recipe: Recipe) -> Split | None:
+    """The recipe's second held-out split (data.test, reported beside eval), or None."""
+    if recipe.data.test is None:
+        return None
+    return read_recipe_split(recipe, recipe.data_root() / recipe.data.test).head(recipe.data.max_eval_rows)
 
 
 def check_data(recipe: Recipe) -> list[str]:
@@ -186,6 +239,8 @@ def check_data(recipe: Recipe) -> list[str]:
         return [f"data.root: folder {root} does not exist; set data.root or $TOOLCHAIN_DATA"]
     problems = []
     files = {"data.train": d.train, "data.eval": d.eval}
+    if d.test is not None:
+        files["data.test"] = d.test
     if recipe.finetune.validation is not None:
         files["finetune.validation.file"] = recipe.finetune.validation.file
     for i, q in enumerate(recipe.compile.quantize):
@@ -207,16 +262,37 @@ def check_data(recipe: Recipe) -> list[str]:
             )
             continue
         try:
-            hashes[field] = read_split(path, d.text, d.label, d.labels).sha256
+            hashes[field] = read_recipe_split(recipe, path).sha256
         except DataError as e:
             problems.append(f"{field}: {e}")
+    if recipe.embedding is not None and recipe.embedding.corpus is not None:
+        problems += check_corpus(root, recipe.embedding.corpus, recipe.embedding.corpus_text)
     for field, sha in hashes.items():  # the rows accuracy is reported on never train, select or decide anything
-        if field != "data.eval" and sha == hashes.get("data.eval"):
+        if field not in ("data.eval", "data.test") and sha in (hashes.get("data.eval"), hashes.get("data.test")):
             problems.append(
                 f"{field}: '{files[field]}' has the same rows as data.eval ('{d.eval}'), so the reported accuracy "
                 "would be measured on rows that trained or chose the model; use a held-out file (e.g. sst2/heldout.tsv)"
             )
     return problems
+
+
+def check_corpus(root: Path, rel: str, column: str) -> list[str]:
+    """Problems with an embedding recipe's neighbour corpus (embedding.corpus)."""
+    path = root / rel
+    if not path.is_file():
+        return [f"embedding.corpus: {path}: file not found; name a text file under the data root, or set it to null"]
+    try:
+        cols = read_columns(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return [f"embedding.corpus: {path}: cannot be read ({type(e).__name__}: {e})"]
+    if column not in cols:
+        return [f"embedding.corpus_text: {path} has no column {column!r}; it has: {', '.join(cols)}"]
+    return []
+
+
+def read_corpus(path: Path, column: str, rows: int) -> list[str]:
+    """The first `rows` texts of a corpus file's column."""
+    return [str(t).strip() for t in read_columns(path)[column][:rows]]
 
 
 def load_validation(recipe: Recipe) -> Split | None:

@@ -29,7 +29,11 @@ def taken_by(names: Iterable[str]) -> list[str]:
 
 
 def forward_inputs(model: Any) -> list[str]:
-    """The text inputs a transformers model's forward accepts."""
+    """The text inputs a transformers model's forward accepts (a wrapper that takes them positionally, such as the
+    embedder's pooling module, lists them as `input_names`)."""
+    declared = getattr(model, "input_names", None)
+    if isinstance(declared, list):
+        return taken_by(declared)
     return taken_by(inspect.signature(model.forward).parameters)
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 MANIFEST_VERSION = 2  # 2: each input names the tokenizer field it comes from (`from`)
 GENERATOR_MANIFEST_VERSION = 1  # bundles of decoder LMs (manifest kind "generator")
+EMBEDDER_MANIFEST_VERSION = 1  # bundles of sentence embedders (manifest kind "embedder")
 
 
 class BundleError(ValueError):
@@ -378,6 +379,8 @@ class Predictor:
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("kind") == "generator":
             raise BundleError(f"{manifest_path}: a generation bundle (a decoder LM): load it with Generator")
+        if manifest.get("kind") == "embedder":
+            raise BundleError(f"{manifest_path}: a sentence-embedding bundle: load it with Embedder")
         if manifest.get("format_version") != MANIFEST_VERSION:
             raise BundleError(
                 f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
@@ -430,6 +433,63 @@ class Predictor:
                 )
             )
         return out
+
+
+class Embedder:
+    """Loads a sentence-embedding bundle (verifying every file's sha256) and embeds texts: one L2-normalized float32
+    vector per text (pooling and normalization run inside the graph), so a dot product is the cosine similarity.
+
+        e = Embedder.load("runs/stsb-minilm/bundle")
+        v = e.embed(["A man is playing a guitar.", "Someone plays guitar."])  # (2, 384) float32
+        float(v[0] @ v[1])  # cosine similarity"""
+
+    def __init__(self, folder: Path, manifest: dict, model: OnnxClassifier):
+        self.folder = folder
+        self.manifest = manifest
+        self.model = model
+        self.dimension: int = manifest["dimension"]
+
+    @classmethod
+    def load(
+        cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
+    ) -> Embedder:
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") != "embedder":
+            raise BundleError(f"{manifest_path}: not a sentence-embedding bundle; load it with Predictor or Generator")
+        if manifest.get("format_version") != EMBEDDER_MANIFEST_VERSION:
+            raise BundleError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this runtime reads "
+                f"{EMBEDDER_MANIFEST_VERSION}"
+            )
+        if verify:
+            _verify_files(folder, manifest)
+        pre = manifest["preprocessing"]
+        model = OnnxClassifier(
+            folder / manifest["model"],
+            folder / pre["tokenizer"],
+            pre["max_length"],
+            threads,
+            providers,
+            fields=input_fields(manifest, manifest_path),
+        )
+        return cls(folder, manifest, model)
+
+    def embed(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        """(len(texts), dimension) float32, in order. `batch_size` defaults to the one the bundle was measured with
+        (a dynamically quantized graph's outputs depend slightly on what shares a batch). Texts longer than the
+        bundle's max_length tokens are embedded by their first max_length tokens. Safe to call from several threads
+        at once on one Embedder."""
+        texts = clean_texts(texts)
+        if batch_size is None:
+            batch_size = self.manifest["preprocessing"].get("batch_size", 1)
+        batch_size = _check_batch_size(batch_size)
+        if not texts:
+            return np.zeros((0, self.dimension), np.float32)
+        return self.model.logits(texts, batch_size)
 
 
 def parse_label(generated: str, labels: list[str]) -> int | None:

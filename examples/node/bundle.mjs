@@ -6,6 +6,8 @@
 //   import { loadBundle } from "./bundle.mjs";
 //   const bundle = await loadBundle("runs/sst2-minilm/bundle");
 //   const { label, score } = await bundle.predict("a gorgeous, witty film");  // also scores (per label), logits
+//   const embedder = await loadEmbedder("runs/stsb-minilm/bundle");     // a sentence-embedding bundle
+//   const vector = await embedder.embed("A man is playing a guitar.");  // Float32Array, unit length
 
 import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
@@ -15,6 +17,7 @@ import { Tokenizer } from "@huggingface/tokenizers";
 import ort from "onnxruntime-node";
 
 export const MANIFEST_VERSION = 2;
+export const EMBEDDER_MANIFEST_VERSION = 1;
 
 // manifest inputs' `from` (the Python `tokenizers` Encoding field) -> the key this tokenizer's encode() returns it under
 const ENCODING_KEY = { ids: "ids", attention_mask: "attention_mask", type_ids: "token_type_ids" };
@@ -63,13 +66,24 @@ export function encode(tokenizer, text, maxLength) {
   return { ids: pick(full.ids), attention_mask: pick(full.attention_mask), token_type_ids: pick(full.token_type_ids) };
 }
 
-export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
+async function readManifest(dir, kind, version) {
   const manifest = await readJson(path.join(dir, "manifest.json")).catch(() => {
     throw new BundleError(`${dir}: no readable manifest.json; this is not a bundle folder`);
   });
-  if (manifest.format_version !== MANIFEST_VERSION) {
-    throw new BundleError(`${dir}: format_version ${manifest.format_version}, this app reads ${MANIFEST_VERSION}`);
+  if ((manifest.kind ?? "classifier") !== kind) {
+    const loader = { embedder: "loadEmbedder", classifier: "loadBundle" }[manifest.kind ?? "classifier"];
+    if (!loader) throw new BundleError(`${dir}: a ${manifest.kind} bundle, which this app does not run`);
+    throw new BundleError(`${dir}: a ${manifest.kind ?? "classifier"} bundle: load it with ${loader}`);
   }
+  if (manifest.format_version !== version) {
+    throw new BundleError(`${dir}: format_version ${manifest.format_version}, this app reads ${version}`);
+  }
+  return manifest;
+}
+
+// The tokenizer, the onnxruntime session (set up as the bundle was measured) and a function text -> the session's
+// first output for that one text (batch 1), shared by classifiers and embedders.
+async function openModel(dir, manifest, threads, verifyHashes) {
   if (verifyHashes) await verify(dir, manifest);
   const pre = manifest.preprocessing;
   const tokenizer = new Tokenizer(
@@ -86,7 +100,6 @@ export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
   }
   if (Object.keys(extra).length) options.extra = extra;
   const session = await ort.InferenceSession.create(path.join(dir, manifest.model), options);
-  const labels = manifest.labels;
 
   // what the model takes, and the tokenizer field each comes from: the manifest's inputs
   const sources = Object.fromEntries(manifest.inputs.filter((i) => i.from).map((i) => [i.name, ENCODING_KEY[i.from]]));
@@ -94,7 +107,7 @@ export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
     if (!sources[name]) throw new BundleError(`${dir}: the model takes ${name}; manifest.json names no field for it`);
   }
 
-  async function logits(text) {
+  return async function run(text) {
     const enc = encode(tokenizer, text, pre.max_length);
     const feeds = {};
     for (const name of session.inputNames) {
@@ -102,7 +115,17 @@ export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
       feeds[name] = new ort.Tensor("int64", BigInt64Array.from(values, BigInt), [1, values.length]);
     }
     const result = await session.run(feeds);
-    return Array.from(result[session.outputNames[0]].data, Number);
+    return result[session.outputNames[0]].data;
+  };
+}
+
+export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
+  const manifest = await readManifest(dir, "classifier", MANIFEST_VERSION);
+  const run = await openModel(dir, manifest, threads, verifyHashes);
+  const labels = manifest.labels;
+
+  async function logits(text) {
+    return Array.from(await run(text), Number);
   }
 
   async function predict(text) {
@@ -114,4 +137,15 @@ export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
   }
 
   return { manifest, labels, logits, predict };
+}
+
+// A sentence-embedding bundle (manifest kind "embedder"): embed(text) -> Float32Array of manifest.dimension values,
+// mean-pooled and L2-normalized inside the graph (a dot product of two is their cosine similarity).
+export async function loadEmbedder(dir, { threads, verifyHashes = true } = {}) {
+  const manifest = await readManifest(dir, "embedder", EMBEDDER_MANIFEST_VERSION);
+  const run = await openModel(dir, manifest, threads, verifyHashes);
+  async function embed(text) {
+    return Float32Array.from(await run(text));
+  }
+  return { manifest, dimension: manifest.dimension, embed };
 }

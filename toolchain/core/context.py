@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from toolchain.core.provenance import cpu_flags, cpu_preset, native_bf16, resolve_precision
-from toolchain.data import Split, load_splits, load_validation
+from toolchain.data import Split, load_splits, load_test, load_validation
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.schema import NOT_IN_STAGE_ID, Recipe, TrainingSettings
 
@@ -91,6 +91,10 @@ class RunContext:
     def validation(self) -> Split | None:
         return load_validation(self.recipe)
 
+    @cached_property
+    def test(self) -> Split | None:
+        return load_test(self.recipe)
+
     @property
     def threads(self) -> int:
         return self.recipe.bench.threads or self._threads or default_threads()
@@ -124,7 +128,12 @@ def default_threads() -> int:
 
 
 # The identity key that must be in a stage's id for the stage to read each split.
-SPLIT_COVERED_BY = {"train": "train_sha256", "eval": "eval_sha256", "validation": "validation_sha256"}
+SPLIT_COVERED_BY = {
+    "train": "train_sha256",
+    "eval": "eval_sha256",
+    "validation": "validation_sha256",
+    "test": "test_sha256",
+}
 
 
 class StageContext:
@@ -165,6 +174,11 @@ class StageContext:
     def validation(self) -> Split | None:
         self._covered("the validation split", SPLIT_COVERED_BY["validation"])
         return self._run.validation
+
+    @property
+    def test(self) -> Split | None:
+        self._covered("the test split", SPLIT_COVERED_BY["test"])
+        return self._run.test
 
     def data_file(self, rel: str, sha256: str) -> Path:
         """A file under the data root whose content hash (`sha256`) the stage's id holds; it must still have it."""

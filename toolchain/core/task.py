@@ -33,8 +33,8 @@ class Row(TypedDict):
     name: str
     format: str  # pytorch | onnx
     precision: str
-    accuracy: float
-    correct: int
+    accuracy: float  # the task's primary metric on the 0-1 scale (embeddings: Spearman / 100)
+    correct: int | None  # None: the metric is not a count of right answers
     eval_rows: int
     accuracy_drop: float  # vs the PyTorch fp32 baseline, as a fraction
     size_bytes: int

@@ -68,10 +68,16 @@ def _pytorch_step(model_dir: Path, threads: int) -> Callable[[Feeds], Any]:
 
     model = load_pytorch(model_dir)
     takes = model_inputs.forward_inputs(model)
+    embedder = isinstance(getattr(model, "input_names", None), list)  # the pooling module takes its inputs in order
 
     def step(feeds: dict[str, Any]) -> Any:
         with torch.inference_mode():
-            return model(**model_inputs.select(feeds, takes)).logits
+            out = (
+                model(*model_inputs.select(feeds, takes).values())
+                if embedder
+                else model(**model_inputs.select(feeds, takes))
+            )
+            return out if embedder else out.logits
 
     return step
 

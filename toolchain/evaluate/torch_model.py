@@ -15,6 +15,11 @@ from toolchain.runtime import TextEncoder
 
 
 def load_pytorch(model_dir: Path) -> Any:
+    """The classifier saved in `model_dir`, or the embedder (encoder with its pooling) when the folder is one."""
+    from toolchain.embed.model import is_embedder, load_embedder
+
+    if is_embedder(model_dir):
+        return load_embedder(model_dir)
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
@@ -41,3 +46,28 @@ def pytorch_logits(
             if on_batch is not None:
                 on_batch(len(idx))
     return out
+
+
+def pytorch_embeddings(
+    model: Any,
+    encoder: TextEncoder,
+    texts: list[str],
+    batch_size: int = 1,
+    on_batch: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """Embeddings (N, d) of an embedder (toolchain.embed.model.Pooled), fed exactly the arrays the ONNX runtime is
+    fed, in batches of similar length."""
+    import torch
+
+    order = np.argsort(encoder.lengths(texts), kind="stable")
+    out: np.ndarray | None = None
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            got = model.embed(encoder.encode([texts[i] for i in idx])).numpy()
+            if out is None:
+                out = np.zeros((len(texts), got.shape[1]), dtype=np.float32)
+            out[idx] = got
+            if on_batch is not None:
+                on_batch(len(idx))
+    return out if out is not None else np.zeros((0, 0), np.float32)

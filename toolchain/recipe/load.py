@@ -159,7 +159,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     except ValidationError as e:
         raise RecipeError(file, problems + _format_validation_error(e)) from None
     recipe._path = path
-    if check_files and not recipe.data.labels:
+    if check_files and not recipe.data.labels and recipe.embedding is None:
         from toolchain.data import DataError, infer_labels
 
         d = recipe.data

@@ -55,8 +55,21 @@ class DataSection(Strict):
     )
     train: str = Field(description="Training split, relative to the data root (.tsv, .csv or .jsonl).")
     eval: str = Field(description="Evaluation split on which accuracy is reported (the whole file is used).")
-    text: str = Field(description="Name of the text column.")
-    label: str = Field(description="Name of the label column: label names, or integer indices into `labels`.")
+    test: str | None = Field(
+        None,
+        description="Embedding recipes: a second held-out split (e.g. stsb/test.tsv) reported beside `eval`; the "
+        "choice and any tuning use `eval` only.",
+    )
+    text: str = Field(description="Name of the text column (the first text of a pair).")
+    text_pair: str | None = Field(
+        None,
+        description="Name of the second text's column, for pairs (embedding recipes: the pair whose similarity is "
+        "scored). None: one text per row.",
+    )
+    label: str = Field(
+        description="Name of the label column: label names, or integer indices into `labels`; in embedding recipes "
+        "the gold similarity score (a number, 0..embedding.score_max)."
+    )
     labels: list[str] = Field(
         default_factory=list,
         description="Label names, in the order of the model's outputs. Left out: read from the training file "
@@ -182,9 +195,10 @@ NOT_IN_STAGE_ID = {"checkpoint_every"}
 
 
 class FinetuneSection(TrainingSettings):
-    method: Literal["full", "lora", "qlora", "qat"] = Field(
+    method: Literal["full", "lora", "qlora", "qat", "none"] = Field(
         description="'full' trains every weight; 'lora' trains adapters (peft); 'qlora' trains adapters over a "
-        "4-bit base (bitsandbytes); 'qat' trains every weight with int8 fake quantization for a Q/DQ export."
+        "4-bit base (bitsandbytes); 'qat' trains every weight with int8 fake quantization for a Q/DQ export; "
+        "'none' (embedding recipes) compresses the pretrained model as it is."
     )
     freeze: FreezeSection = Field(default_factory=FreezeSection, description="Parts kept fixed during training.")
     lora: LoraSection | None = Field(None, description="LoRA settings for methods 'lora' and 'qlora'.")
@@ -196,7 +210,7 @@ class FinetuneSection(TrainingSettings):
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> FinetuneSection:
-        wants = {"lora": ("lora",), "qlora": ("lora", "qlora"), "qat": ("qat",), "full": ()}[self.method]
+        wants = {"lora": ("lora",), "qlora": ("lora", "qlora"), "qat": ("qat",), "full": (), "none": ()}[self.method]
         defaults = {"lora": LoraSection, "qlora": QloraSection, "qat": QatSection}
         for section, make in defaults.items():
             if section in wants and getattr(self, section) is None:
@@ -496,6 +510,14 @@ class BudgetSection(Strict):
     max_accuracy_drop: float = Field(
         0.01, ge=0, le=1, description="Largest accuracy loss (0-1) a shipped variant may have against fp32 PyTorch."
     )
+    max_metric_drop: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Largest loss of the task's primary metric against fp32 PyTorch, on the 0-1 scale of "
+        "max_accuracy_drop (0.005 = half a point of accuracy, or of Spearman x 100); max_accuracy_drop is its alias "
+        "for classification. Set one of the two.",
+    )
     max_latency_ms: float | None = Field(None, gt=0, description="p50 latency limit on `latency_case`.")
     max_size_mb: float | None = Field(None, gt=0, description="Model file size limit.")
     min_speedup: float | None = Field(
@@ -512,12 +534,22 @@ class BudgetSection(Strict):
         "variants; openvino: the nncf-int8 variants, an OpenVINO IR). The report shows every variant either way.",
     )
 
-    @field_validator("max_accuracy_drop", "max_latency_ms", "max_size_mb", "min_speedup")
+    @field_validator("max_accuracy_drop", "max_metric_drop", "max_latency_ms", "max_size_mb", "min_speedup")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
+
+    @model_validator(mode="after")
+    def _one_drop(self) -> BudgetSection:
+        if self.max_metric_drop is not None:
+            if "max_accuracy_drop" in self.model_fields_set and self.max_accuracy_drop != self.max_metric_drop:
+                raise ValueError(
+                    "max_metric_drop and max_accuracy_drop are the same limit (aliases) and differ here; set one"
+                )
+            self.__dict__["max_accuracy_drop"] = self.max_metric_drop
+        return self
 
 
 class GenerationSection(Strict):
@@ -578,6 +610,27 @@ class GenerationSection(Strict):
         return v
 
 
+class EmbeddingSection(Strict):
+    """Sentence embeddings: the encoder's token states pooled into one unit vector per text, inside the exported
+    graph. Its presence makes the recipe an embedding recipe: pairs (data.text, data.text_pair) with a gold score
+    (data.label) fine-tune it (finetune.method full: cosine-similarity loss; none: the pretrained model as it is)
+    and measure it (Spearman x 100 of the cosine similarity against the gold scores)."""
+
+    pooling: Literal["mean"] = Field("mean", description="Token states averaged over the attention mask.")
+    normalize: bool = Field(True, description="L2-normalize the pooled vector (cosine similarity = dot product).")
+    score_max: float = Field(
+        5.0, gt=0, description="The gold scores' top (STS-B: 5); the cosine loss targets score / score_max."
+    )
+    corpus: str | None = Field(
+        "agnews/test.tsv",
+        description="Texts (relative to the data root) for the nearest-neighbour fidelity of each variant against "
+        "fp32: the share of each text's `neighbours` nearest corpus texts a variant keeps. None: not measured.",
+    )
+    corpus_text: str = Field("text", description="The corpus file's text column.")
+    corpus_rows: int = Field(2000, gt=0, le=20000, description="The first N corpus texts are embedded.")
+    neighbours: int = Field(10, gt=0, le=100, description="Nearest neighbours compared per corpus text.")
+
+
 class EvaluateSection(Strict):
     batch_size: int = Field(
         1,
@@ -622,6 +675,26 @@ class Recipe(Strict):
         description="Set for a decoder LM that classifies by generating a label word (see GenerationSection): the "
         "recipe then runs the generation pipeline (LoRA, ONNX with the KV cache, weight-only int4/int8, tokens/s).",
     )
+    embedding: EmbeddingSection | None = Field(
+        None,
+        description="Set for a sentence-embedding model (see EmbeddingSection): the recipe then exports the pooled, "
+        "normalized embedding and is measured by Spearman on scored pairs.",
+    )
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> Recipe:
+        problems = []
+        if self.embedding is not None:
+            problems = embedding_problems(self)
+        else:
+            if self.finetune.method == "none":
+                problems.append("finetune.method 'none': only embedding recipes run without fine-tuning")
+            for field in ("text_pair", "test"):
+                if getattr(self.data, field) is not None:
+                    problems.append(f"data.{field}: read by embedding recipes only (an `embedding` section); remove it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _generation_fits(self) -> Recipe:
@@ -730,6 +803,47 @@ class Recipe(Strict):
 
     def data_root(self) -> Path:
         return resolve_data_root(self.data.root)
+
+
+def embedding_problems(recipe: Recipe) -> list[str]:
+    """What an embedding recipe sets that its pipeline does not run, each with the fix."""
+    problems = []
+    if recipe.generation is not None:
+        problems.append("embedding and generation: a recipe is one task; remove one of the two sections")
+    if recipe.data.text_pair is None:
+        problems.append(
+            "data.text_pair: embedding recipes are measured on scored pairs; name the second text's column "
+            "(STS-B: sentence2)"
+        )
+    if recipe.data.labels:
+        problems.append("data.labels: embedding recipes read a numeric score from data.label, not label names")
+    if recipe.finetune.method not in ("full", "none"):
+        problems.append(
+            f"finetune.method '{recipe.finetune.method}': embedding recipes fine-tune with full (cosine-similarity "
+            "loss) or none (the pretrained model as it is)"
+        )
+    if recipe.finetune.validation is not None:
+        problems.append("finetune.validation: not supported for embedding recipes; remove it")
+    if recipe.compile.distill is not None:
+        problems.append("compile.distill: not yet supported for embedding recipes; remove it")
+    for q in recipe.compile.quantize:
+        if q.mode not in ("dynamic-int8", "fp16"):
+            problems.append(f"compile.quantize {q.variant_name}: embedding recipes take dynamic-int8 and fp16")
+        elif q.ranks_nodes:
+            problems.append(f"compile.quantize {q.variant_name}: sensitivity and exclude: auto rank classifier rows")
+    if recipe.bundle.tokenizer != "beside":
+        problems.append("bundle.tokenizer: embedding bundles ship tokenizer.json beside the model; remove it")
+    if recipe.budget.target != "onnxruntime":
+        problems.append("budget.target: embedding bundles run with onnxruntime; remove it")
+    if recipe.bench.optimum_baseline or recipe.bench.openvino_peers:
+        if "optimum_baseline" in recipe.bench.model_fields_set or "openvino_peers" in recipe.bench.model_fields_set:
+            problems.append(
+                "bench.optimum_baseline, bench.openvino_peers: no peer rows for embedding recipes yet; set them false"
+            )
+        else:
+            recipe.bench.__dict__["optimum_baseline"] = False
+            recipe.bench.__dict__["openvino_peers"] = False
+    return problems
 
 
 def bench_case_names(bench: BenchSection) -> list[str]:

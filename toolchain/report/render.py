@@ -7,12 +7,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from toolchain.report import classification, generation
+from toolchain.report import classification, embedding, generation
 from toolchain.report.common import update_readme_block
 
 
 def _kind(data: dict[str, Any]) -> ModuleType:
-    return generation if data.get("kind") == "generation" else classification
+    kinds = {"generation": generation, "embedding": embedding}
+    return kinds.get(data.get("kind", ""), classification)
 
 
 def render(report_json: Path) -> None:

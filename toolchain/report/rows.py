@@ -41,8 +41,21 @@ class ClassifierRow(Row):
     artifact: str  # the id of the artifact holding the model
     peer: bool  # what another tool makes of the same weights with its defaults: compared, never shipped
     changed_vs_fp32: NotRequired[dict[str, Any]]  # rows whose prediction differs from the baseline's
+    reference: NotRequired[bool]  # measured for comparison, never a candidate (an embedder before fine-tuning)
     latency_ratio_to_pytorch: dict[str, float]  # p50 / PyTorch's p50, per case
     latency_ratio_ci: dict[str, list[float]]  # range of the per-round ratios, per case
+
+
+@with_config(FORBID)
+class EmbedderRow(ClassifierRow):
+    """A sentence-embedding variant: `accuracy` is Spearman / 100 on the eval pairs (the metric the choice uses),
+    with both correlations on the eval and test pairs and the fidelity to the fp32 PyTorch embedder."""
+
+    metric: str  # "spearman": what `accuracy` holds
+    spearman: dict[str, float]  # split (eval, test) -> Spearman x 100 of the cosine similarity vs gold
+    pearson: dict[str, float]
+    fidelity: dict[str, Any] | None  # mean cosine to fp32, nearest neighbours kept (None: the reference itself)
+    moved_pairs: NotRequired[list[dict[str, Any]]]  # the eval pairs whose similarity moved most vs fp32
 
 
 @with_config(FORBID)
@@ -71,6 +84,11 @@ def problems(error: ValidationError, limit: int = 5) -> str:
 @cache
 def classifier_rows() -> TypeAdapter[list[ClassifierRow]]:
     return TypeAdapter(list[ClassifierRow])
+
+
+@cache
+def embedder_rows() -> TypeAdapter[list[EmbedderRow]]:
+    return TypeAdapter(list[EmbedderRow])
 
 
 @cache

@@ -336,7 +336,7 @@ class Classification:
     distributed_stage: str | None = "finetune"
 
     def matches(self, recipe: Recipe) -> bool:
-        return recipe.generation is None
+        return recipe.generation is None and recipe.embedding is None
 
     def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
         return expect_resources(ctx)
