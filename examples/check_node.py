@@ -1,6 +1,7 @@
 """Check that the Node.js app (examples/node) classifies like the Python runtime: same label on every row (a
 sentence-embedding bundle: the cosine between the Node and the Python embedding of every text, both texts of each
-eval pair, at least --min-cosine, default 0.9999).
+eval pair, at least --min-cosine, default 0.9999; a token-classification bundle: the same entities, type and
+character offsets, in every eval sentence joined by spaces).
 
     make node-example      # ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix examples/node
     python examples/check_node.py runs/sst2-minilm/bundle            # the bundle's eval split (SST-2 dev, 872 rows)
@@ -28,6 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 NODE_APP = HERE / "node" / "classify.mjs"
 NODE_EMBED = HERE / "node" / "embed.mjs"
+NODE_TAG = HERE / "node" / "tag.mjs"
 
 
 def read_texts(path: Path, column: str | None) -> list[str]:
@@ -89,6 +91,19 @@ def compare_embeddings(bundle: Path, texts: list[str], threads: int | None = 1) 
     return {"rows": len(texts), "cosines": cosines, "min_cosine": float(cosines.min()) if texts else 1.0}
 
 
+def compare_tags(bundle: Path, texts: list[str], threads: int | None = 1) -> dict:
+    """The entities (type, start, end) the Node app and the Python runtime find in each text."""
+    from toolchain.runtime import Tagger
+
+    py = [[(e.type, e.start, e.end) for e in spans] for spans in Tagger.load(bundle, threads=threads).tag(texts)]
+    js = [
+        [(e["type"], e["start"], e["end"]) for e in spans]
+        for spans in node_predictions(bundle, texts, threads, NODE_TAG)
+    ]
+    differ = [i for i, (a, b) in enumerate(zip(py, js, strict=True)) if a != b]
+    return {"rows": len(texts), "agree": len(texts) - len(differ), "differ_rows": differ, "python": py, "node": js}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -111,10 +126,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} does not exist; pass --texts or set TOOLCHAIN_DATA", file=sys.stderr)
         return 2
     columns = [args.column] if args.column else [recipe["data"]["text"], recipe["data"].get("text_pair")]
-    texts = [t for c in columns if c for t in read_texts(path, c) if t.strip()][: args.limit]
+    if path.suffix == ".jsonl":  # tagged words: the sentences joined by spaces
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [" ".join(r[recipe["data"]["text"]]) for r in rows if r[recipe["data"]["text"]]][: args.limit]
+    else:
+        texts = [t for c in columns if c for t in read_texts(path, c) if t.strip()][: args.limit]
     if not texts:
         print(f"error: no rows in {path}", file=sys.stderr)
         return 2
+    if manifest.get("kind") == "tagger":
+        try:
+            found = compare_tags(args.bundle, texts)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"{args.bundle}: Node.js (onnxruntime-node) finds the Python runtime's entities (type and character "
+            f"offsets) in {found['agree']}/{found['rows']} texts of {path}"
+        )
+        for i in found["differ_rows"][:20]:
+            print(f"  text {i}: python {found['python'][i]}, node {found['node'][i]}: {texts[i][:80]!r}")
+        return 0 if found["agree"] == found["rows"] else 1
     if manifest.get("kind") == "embedder":
         try:
             found = compare_embeddings(args.bundle, texts)

@@ -163,6 +163,8 @@ def test_one_module_defines_each_shared_piece() -> None:
         "toolchain.stages.bundle",
         "toolchain.stages.embed_bundle",
         "toolchain.stages.llm_bundle",
+        "toolchain.stages.pair_bundle",
+        "toolchain.stages.tag_bundle",
     ]
     assert _defines("write_manifest") == ["toolchain.core.manifest"]
     assert _defines("run_lock") == ["toolchain.core.lock"]
@@ -197,7 +199,7 @@ def test_stages_and_their_helpers_never_see_the_recipe_or_the_run() -> None:
     """A stage reads its typed config (validated from what its id hashes), its inputs and the splits its id covers,
     through a StageContext: no stage or helper module imports RunContext or reads `.recipe`, so a setting cannot reach a
     stage without being in its id."""
-    helpers = ("stages", "compile", "finetune", "evaluate", "llm", "embed", "bundle_files")
+    helpers = ("stages", "compile", "finetune", "evaluate", "llm", "embed", "tag", "pair", "bundle_files")
     offenders = []
     for m, path in MODULES.items():
         if not m.startswith(tuple(f"toolchain.{h}" for h in helpers)):

@@ -117,3 +117,23 @@ def test_peers_are_never_shipped() -> None:
     fast_peer = row("openvino-nncf-int8", "openvino", 0.90, 1.0, 10, base_acc=0.8773)
     c = choose_variant([*ROWS, fast_peer], BudgetSection(max_accuracy_drop=0.01))
     assert c.shipped == "onnx-int8" and c.verdicts["openvino-nncf-int8"].startswith("peer: ")
+
+
+def test_a_metric_that_is_no_count_ties_within_its_resolution() -> None:
+    """Spearman 89.32 vs 89.28 on the same pairs is noise: with overlapping latency ranges the smaller ships; a
+    difference beyond the resolution still ships the more accurate."""
+
+    def ranged(name: str, acc: float, p50: float, mb: float, rounds: list[float]) -> dict:
+        return row(name, "onnx", acc, p50, mb, base_acc=0.8931) | {"round_p50": {"b1_s128": rounds}, "correct": None}
+
+    base = row("pytorch-fp32", "pytorch", 0.8931, 20.0, 91, base_acc=0.8931)
+    big = ranged("int8-matmul", 0.8932, 0.74, 66.5, [0.6, 0.9])
+    small = ranged("int8", 0.8928, 0.43, 22.8, [0.4, 0.7])
+    c = choose_variant([base, big, small], BudgetSection(max_accuracy_drop=0.005), "Spearman", resolution=0.001)
+    assert c.shipped == "int8" and c.verdicts["int8"] == "shipped: fastest within budget at b1_s128"
+    c = choose_variant([base, big, small], BudgetSection(max_accuracy_drop=0.005), "Spearman", resolution=0.0)
+    assert c.shipped == "int8-matmul"
+    assert c.verdicts["int8-matmul"].startswith("shipped: as fast as int8 within the rounds' range, more accurate")
+    bigger = ranged("int8-far", 0.8950, 0.74, 66.5, [0.6, 0.9])
+    c = choose_variant([base, bigger, small], BudgetSection(max_accuracy_drop=0.005), "Spearman", resolution=0.001)
+    assert c.shipped == "int8-far"

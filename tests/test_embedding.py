@@ -137,16 +137,16 @@ def test_an_embedding_recipe_that_cannot_run_is_refused_with_the_field(
         load_recipe(write_recipe(tmp_path, recipe))
 
 
-def test_pairs_and_a_test_split_are_refused_in_a_classifier_recipe(tmp_path: Path, tiny_model: Path) -> None:
+def test_a_test_split_and_no_fine_tuning_are_refused_in_a_classifier_recipe(tmp_path: Path, tiny_model: Path) -> None:
     from tests.conftest import tiny_recipe_dict
 
     recipe = tiny_recipe_dict(tiny_model)
-    recipe["data"] |= {"text_pair": "sentence", "test": "sst2/heldout.tsv"}
+    recipe["data"] |= {"test": "sst2/heldout.tsv"}
     recipe["finetune"]["method"] = "none"
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe(tmp_path, recipe))
-    for text in ("data.text_pair: read by embedding recipes only", "data.test: read by embedding", "method 'none'"):
-        assert text in str(err.value)
+    assert "data.test: read by embedding, tagging and pair recipes only" in str(err.value)
+    assert "finetune.method 'none': only embedding recipes run without fine-tuning" in str(err.value)
 
 
 def test_max_metric_drop_is_the_alias_of_max_accuracy_drop(tmp_path: Path, tiny_model: Path) -> None:

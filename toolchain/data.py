@@ -1,8 +1,12 @@
 """Labelled text splits from local TSV/CSV/JSONL files, read through `datasets`.
 
 Labels come as names (AG News: "Sports") or as integer indices into the recipe's `labels` (SST-2: 0/1);
-either way a split holds integer class ids in the recipe's order.
+either way a split holds integer class ids in the recipe's order. Scored pairs (STS-B) hold float scores and each
+row's second text; tagged words (WNUT-17) hold each row's words and tag ids.
 """
+
+# long: one reader per kind of split (labelled texts, scored pairs, tagged words) beside the Split they all return and
+# the checks every recipe's data gets before any compute
 
 from __future__ import annotations
 
@@ -34,22 +38,41 @@ class Split:
     labels: np.ndarray  # (rows,) int64 class ids; float64 scores for scored pairs
     sha256: str
     pairs: list[str] | None = None  # the second text of each row (data.text_pair)
+    words: list[list[str]] | None = None  # tagging: each row's words (texts are them joined by spaces)
+    tags: list[list[int]] | None = None  # tagging: each word's tag id, indices into the recipe's labels
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    def _rows(self, idx: list[int]) -> Split:
+        def pick(xs: list[Any] | None) -> Any:
+            return [xs[i] for i in idx] if xs is not None else None
+
+        return Split(
+            self.path,
+            pick(self.texts),
+            self.labels[idx],
+            self.sha256,
+            pick(self.pairs),
+            pick(self.words),
+            pick(self.tags),
+        )
+
     def head(self, n: int | None) -> Split:
         if n is None or n >= len(self):
             return self
-        return Split(self.path, self.texts[:n], self.labels[:n], self.sha256, self.pairs[:n] if self.pairs else None)
+        return self._rows(list(range(n)))
 
     def sample(self, n: int | None, seed: int) -> Split:
         """A seeded random subset of n rows (the whole split when n is None or too large)."""
         if n is None or n >= len(self):
             return self
-        idx = sorted(random.Random(seed).sample(range(len(self)), n))
-        pairs = [self.pairs[i] for i in idx] if self.pairs else None
-        return Split(self.path, [self.texts[i] for i in idx], self.labels[idx], self.sha256, pairs)
+        return self._rows(sorted(random.Random(seed).sample(range(len(self)), n)))
+
+
+def text_items(split: Split) -> list[Any]:
+    """What a model reads of each row: its text, or (text, text_pair) for a pair recipe (a cross-encoder)."""
+    return list(zip(split.texts, split.pairs, strict=True)) if split.pairs is not None else list(split.texts)
 
 
 class DataError(ValueError):
@@ -153,13 +176,83 @@ def read_scored_pairs(path: Path, text: str, text_pair: str, score: str, score_m
     return Split(path, [t.strip() for t in firsts], scores, sha256_file(path), [t.strip() for t in seconds])
 
 
+def _tagged_columns(path: Path, words: str, tags: str) -> tuple[list[Any], list[Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set data.root or $TOOLCHAIN_DATA to the folder that holds it)")
+    try:
+        cols = _load_columns(path, path.stat().st_mtime_ns)
+    except DataError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read as {path.suffix} ({type(e).__name__}: {e})") from None
+    missing = [c for c in (words, tags) if c not in cols]
+    if missing:
+        raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; the file has: {', '.join(cols)}")
+    return cols[words], cols[tags]
+
+
+def read_tagged(path: Path, words: str, tags: str, tagset: list[str]) -> Split:
+    """A split of word lists with one tag per word (JSON Lines: {"tokens": [...], "tags": [...]}), tags mapped to
+    indices into `tagset`. Raises DataError naming the file, the row and the fix."""
+    all_words, all_tags = _tagged_columns(path, words, tags)
+    index = {t: i for i, t in enumerate(tagset)}
+    ids: list[list[int]] = []
+    for i, (ws, ts) in enumerate(zip(all_words, all_tags, strict=True)):
+        if not isinstance(ws, list) or not all(isinstance(w, str) for w in ws) or not isinstance(ts, list):
+            raise DataError(
+                f"{path}: row {i + 1}: {words!r} and {tags!r} must be lists (of words, of tags); check data.text "
+                "and data.label name them"
+            )
+        if len(ws) != len(ts):
+            raise DataError(
+                f"{path}: row {i + 1} has {len(ws)} words in {words!r} but {len(ts)} tags in {tags!r}; give each "
+                "word one tag"
+            )
+        unknown = [t for t in ts if t not in index]
+        if unknown:
+            raise DataError(
+                f"{path}: row {i + 1} has tag {unknown[0]!r}, which is not in the tag set {tagset}; fix the file or "
+                "data.labels (left out: the tags of the training file)"
+            )
+        ids.append([index[t] for t in ts])
+    clean = [[w.strip() or "_" for w in ws] for ws in all_words]  # a word of spaces would vanish in the tokenizer
+    return Split(
+        path, [" ".join(ws) for ws in clean], np.zeros(len(clean), np.int64), sha256_file(path), None, clean, ids
+    )
+
+
+def infer_tags(train: Path, words: str, tags: str) -> list[str]:
+    """The tag set of a tagging recipe that leaves data.labels out: O first, then B-/I- of each type in type order."""
+    _, all_tags = _tagged_columns(train, words, tags)
+    seen = {t for ts in all_tags if isinstance(ts, list) for t in ts if isinstance(t, str)}
+    bad = sorted(t for t in seen if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2))
+    if bad:
+        raise DataError(f"{train}: tags {bad[:5]} are not BIO tags (O, B-<type>, I-<type>)")
+    types = sorted({t[2:] for t in seen if t != "O"})
+    return ["O", *(f"{p}-{t}" for t in types for p in ("B", "I"))]
+
+
 def read_recipe_split(recipe: Recipe, path: Path) -> Split:
-    """A split as the recipe reads it: labelled texts, or scored pairs in an embedding recipe."""
+    """A split as the recipe reads it: labelled texts, scored pairs (embedding), or tagged words (tagging)."""
     d = recipe.data
-    if recipe.embedding is not None:
+    if recipe.tagging is not None:
+        return read_tagged(path, d.text, d.label, d.labels)
+    if recipe.embedding is not None or recipe.pair_regression:
         assert d.text_pair is not None  # the schema requires it
-        return read_scored_pairs(path, d.text, d.text_pair, d.label, recipe.embedding.score_max)
-    return read_split(path, d.text, d.label, d.labels)
+        top = recipe.embedding.score_max if recipe.embedding is not None else recipe.pairs.score_max  # type: ignore[union-attr]
+        return read_scored_pairs(path, d.text, d.text_pair, d.label, top)
+    split = read_split(path, d.text, d.label, d.labels)
+    if d.text_pair is None:
+        return split
+    seconds = read_columns(path).get(d.text_pair)
+    if seconds is None:
+        raise DataError(
+            f"{path}: no column {d.text_pair!r} (data.text_pair); the file has: {', '.join(read_columns(path))}"
+        )
+    bad = next((i for i, t in enumerate(seconds) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DataError(f"{path}: column {d.text_pair!r} must hold text, row {bad + 1} has {seconds[bad]!r}")
+    return Split(path, split.texts, split.labels, split.sha256, [t.strip() for t in seconds])
 
 
 def read_columns(path: Path) -> dict[str, list[Any]]:

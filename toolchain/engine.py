@@ -36,7 +36,7 @@ log = logging.getLogger("toolchain")
 
 def load_all() -> dict[str, Stage]:
     """Import every task, and so every stage, so that both registries are complete."""
-    from toolchain.tasks import classification, embedding, generation  # noqa: F401
+    from toolchain.tasks import classification, embedding, generation, pairs, tagging  # noqa: F401
 
     return STAGES
 

@@ -144,12 +144,14 @@ class TextEncoder:
                 return tid
         return 0
 
-    def lengths(self, texts: list[str]) -> list[int]:
+    def lengths(self, texts: list[Any]) -> list[int]:
         return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
 
-    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def encode(self, texts: list[Any]) -> dict[str, np.ndarray]:
         """One (B, T) int64 array per input in `fields`, T = the longest text in the batch; padding positions hold
-        the pad id in the ids and 0 elsewhere. A graph is fed the ones it declares."""
+        the pad id in the ids and 0 elsewhere. A graph is fed the ones it declares. An item may be a pair of texts,
+        (text, text_pair): the tokenizer joins them ([CLS] a [SEP] b [SEP], segment ids 0 then 1) and cuts the longer
+        first when they pass max_length together."""
         encs = self.tokenizer.encode_batch(texts)
         empty = [i for i, e in enumerate(encs) if not e.ids]
         if empty:  # a tokenizer without [CLS]/[SEP] and a text of nothing but spaces: no input for the graph
@@ -163,6 +165,75 @@ class TextEncoder:
                 arr[i, : len(values)] = values
             out[name] = arr
         return out
+
+
+def encode_words(encoder: TextEncoder, sentences: list[list[str]]) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+    """Arrays for sentences given as words (each word tokenized on its own, as `is_pretokenized`), and for each
+    sentence the position of each word's first sub-token (-1: the word was cut off at max_length)."""
+    encs = encoder.tokenizer.encode_batch(sentences, is_pretokenized=True)
+    width = max(len(e.ids) for e in encs)
+    out = {}
+    for name, field in encoder.fields.items():
+        arr = np.full((len(encs), width), encoder.pad_id if field == "ids" else 0, dtype=np.int64)
+        for i, e in enumerate(encs):
+            values = getattr(e, field)
+            arr[i, : len(values)] = values
+        out[name] = arr
+    firsts = []
+    for words, e in zip(sentences, encs, strict=True):
+        first = [-1] * len(words)
+        for pos, w in enumerate(e.word_ids):
+            if w is not None and first[w] < 0:
+                first[w] = pos
+        firsts.append(first)
+    return out, firsts
+
+
+def bio_entities(tags: list[str]) -> list[tuple[str, int, int]]:
+    """Entities (type, first word, last word) in a sequence of BIO tags, read as seqeval reads them by default: a
+    B- tag starts an entity, an I- tag continues one of its type and otherwise starts one (an I- with no B-)."""
+    found: list[tuple[str, int, int]] = []
+    current: list[Any] | None = None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, kind = (tag[0], tag[2:]) if tag != "O" and len(tag) > 2 else ("O", "")
+        if current is not None and (prefix in ("O", "B") or kind != current[0]):
+            found.append((current[0], current[1], i - 1))
+            current = None
+        if prefix in ("B", "I") and current is None:
+            current = [kind, i]
+    return found
+
+
+@dataclass
+class Entity:
+    """An entity found in a text: its type, the characters it spans (text[start:end]) and its score (the mean
+    probability of its words' tags)."""
+
+    type: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+def spans_from_tags(
+    text: str, words: list[tuple[str, int, int]], tags: list[str], probs: list[float] | None = None
+) -> list[Entity]:
+    """Entities with character offsets from one tag per word (`words` as split_words gives them); an entity's score is
+    the mean probability of its words' tags."""
+    spans = []
+    for kind, first, last in bio_entities(tags):
+        start, end = words[first][1], words[last][2]
+        score = float(np.mean(probs[first : last + 1])) if probs else 1.0
+        spans.append(Entity(kind, start, end, text[start:end], round(score, 6)))
+    return spans
+
+
+def split_words(text: str) -> list[tuple[str, int, int]]:
+    """The text's words (runs of non-space characters) with their character offsets: what a tagger tags."""
+    import re
+
+    return [(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
 
 
 class _Classifier:
@@ -186,9 +257,10 @@ class _Classifier:
         raise NotImplementedError
 
     def logits(
-        self, texts: list[str], batch_size: int = 1, on_batch: Callable[[int], object] | None = None
+        self, texts: list[Any], batch_size: int = 1, on_batch: Callable[[int], object] | None = None
     ) -> np.ndarray:
-        """Logits (N, labels) in the order of `texts`; batches of similar length to keep padding small.
+        """Logits (N, labels) in the order of `texts` (texts, or (text, text_pair) pairs); batches of similar length
+        to keep padding small.
 
         `on_batch(rows)` is called after each batch (for progress bars)."""
         order = np.argsort(self.encoder.lengths(texts), kind="stable")
@@ -381,6 +453,10 @@ class Predictor:
             raise BundleError(f"{manifest_path}: a generation bundle (a decoder LM): load it with Generator")
         if manifest.get("kind") == "embedder":
             raise BundleError(f"{manifest_path}: a sentence-embedding bundle: load it with Embedder")
+        if manifest.get("kind") == "tagger":
+            raise BundleError(f"{manifest_path}: a token-classification bundle: load it with Tagger")
+        if manifest.get("kind") == "cross-encoder":
+            raise BundleError(f"{manifest_path}: a text-pair bundle: load it with CrossEncoder")
         if manifest.get("format_version") != MANIFEST_VERSION:
             raise BundleError(
                 f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
@@ -490,6 +566,163 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), np.float32)
         return self.model.logits(texts, batch_size)
+
+
+CROSS_ENCODER_MANIFEST_VERSION = 1  # bundles of cross-encoders on text pairs (manifest kind "cross-encoder")
+
+
+def clean_pairs(pairs: object) -> list[tuple[str, str]]:
+    """`pairs` (a list of (text, text_pair)) as clean text pairs; anything else is a TypeError naming the item."""
+    if isinstance(pairs, str | bytes):
+        raise TypeError("pairs must be a list of (text, text_pair), got one text")
+    out = []
+    for i, p in enumerate(list(pairs)):  # type: ignore[call-overload]
+        if not isinstance(p, tuple | list) or len(p) != 2:
+            raise TypeError(f"pairs[{i}] must be a (text, text_pair) pair, got {type(p).__name__}")
+        out.append((clean_text(p[0], f"pairs[{i}][0]"), clean_text(p[1], f"pairs[{i}][1]")))
+    return out
+
+
+class CrossEncoder:
+    """Loads a cross-encoder bundle (two texts read together; every file's sha256 verified). A classifier:
+    `predict(pairs)` gives a Prediction per pair; a regressor: `score(pairs)` gives the predicted score per pair, on
+    the gold scores' scale (0..score_max).
+
+        ce = CrossEncoder.load("runs/stsb-minilm-cross/bundle")
+        ce.score([("A man plays a guitar.", "Someone plays guitar.")])  # array([4.3], dtype=float32)"""
+
+    def __init__(self, folder: Path, manifest: dict, model: OnnxClassifier):
+        self.folder = folder
+        self.manifest = manifest
+        self.model = model
+        self.objective: str = manifest["objective"]
+        self.labels: list[str] = manifest["labels"]
+
+    @classmethod
+    def load(
+        cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
+    ) -> CrossEncoder:
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") != "cross-encoder":
+            raise BundleError(f"{manifest_path}: not a cross-encoder (text pair) bundle")
+        if manifest.get("format_version") != CROSS_ENCODER_MANIFEST_VERSION:
+            raise BundleError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this runtime reads "
+                f"{CROSS_ENCODER_MANIFEST_VERSION}"
+            )
+        if verify:
+            _verify_files(folder, manifest)
+        pre = manifest["preprocessing"]
+        model = OnnxClassifier(
+            folder / manifest["model"],
+            folder / pre["tokenizer"],
+            pre["max_length"],
+            threads,
+            providers,
+            fields=input_fields(manifest, manifest_path),
+        )
+        return cls(folder, manifest, model)
+
+    def _logits(self, pairs: object, batch_size: int | None) -> np.ndarray:
+        items = clean_pairs(pairs)
+        if batch_size is None:
+            batch_size = self.manifest["preprocessing"].get("batch_size", 1)
+        batch_size = _check_batch_size(batch_size)
+        if not items:
+            return np.zeros((0, len(self.labels)), np.float32)
+        return self.model.logits(items, batch_size)
+
+    def score(self, pairs: list[tuple[str, str]], batch_size: int | None = None) -> np.ndarray:
+        """A regressor's predicted score per pair (n,), on the gold scale (the model's output x score_max)."""
+        if self.objective != "regression":
+            raise BundleError(f"{self.folder}: a pair classifier; use predict(pairs)")
+        return np.asarray(self._logits(pairs, batch_size)[:, 0] * self.manifest["score_max"], dtype=np.float32)
+
+    def predict(self, pairs: list[tuple[str, str]], batch_size: int | None = None) -> list[Prediction]:
+        """A pair classifier's label and probabilities per pair, in order."""
+        if self.objective != "classification":
+            raise BundleError(f"{self.folder}: a score regressor; use score(pairs)")
+        out = []
+        for row in softmax(self._logits(pairs, batch_size)):
+            k = int(row.argmax())
+            scores = {name: float(p) for name, p in zip(self.labels, row, strict=True)}
+            out.append(Prediction(self.labels[k], float(row[k]), scores))
+        return out
+
+
+TAGGER_MANIFEST_VERSION = 1  # bundles of token classifiers (manifest kind "tagger")
+
+
+class Tagger:
+    """Loads a token-classification bundle (verifying every file's sha256) and finds entities in raw text: the text
+    is split into words at white space (each word's character offsets kept), each word gets the tag predicted at its
+    first sub-token, and BIO tags are read into spans.
+
+        tagger = Tagger.load("runs/wnut17-minilm/bundle")
+        tagger.tag(["Empire State Building is in New York"])  # [[Entity('location', 0, 21, ...), ...]]"""
+
+    def __init__(self, folder: Path, manifest: dict, model: OnnxClassifier):
+        self.folder = folder
+        self.manifest = manifest
+        self.model = model
+        self.tags: list[str] = manifest["labels"]
+
+    @classmethod
+    def load(
+        cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
+    ) -> Tagger:
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") != "tagger":
+            raise BundleError(f"{manifest_path}: not a token-classification bundle")
+        if manifest.get("format_version") != TAGGER_MANIFEST_VERSION:
+            raise BundleError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this runtime reads "
+                f"{TAGGER_MANIFEST_VERSION}"
+            )
+        if verify:
+            _verify_files(folder, manifest)
+        pre = manifest["preprocessing"]
+        model = OnnxClassifier(
+            folder / manifest["model"],
+            folder / pre["tokenizer"],
+            pre["max_length"],
+            threads,
+            providers,
+            fields=input_fields(manifest, manifest_path),
+        )
+        return cls(folder, manifest, model)
+
+    def tag_words(self, sentences: list[list[str]]) -> tuple[list[list[int]], list[list[float]]]:
+        """Each word's tag id and its probability, one sentence at a time (a word cut off at max_length: O)."""
+        ids, probs = [], []
+        for words in sentences:
+            if not words:
+                ids.append([])
+                probs.append([])
+                continue
+            feeds, firsts = encode_words(self.model.encoder, [words])
+            p = softmax(self.model.run(feeds)[0])
+            ids.append([int(p[f].argmax()) if f >= 0 else 0 for f in firsts[0]])
+            probs.append([float(p[f].max()) if f >= 0 else 1.0 for f in firsts[0]])
+        return ids, probs
+
+    def tag(self, texts: list[str]) -> list[list[Entity]]:
+        """The entities of each text, in order of appearance. Safe to call from several threads at once."""
+        texts = clean_texts(texts)
+        words = [split_words(t) for t in texts]
+        ids, probs = self.tag_words([[w for w, _, _ in ws] for ws in words])
+        return [
+            spans_from_tags(text, ws, [self.tags[k] for k in tag_ids], p)
+            for text, ws, tag_ids, p in zip(texts, words, ids, probs, strict=True)
+        ]
 
 
 def parse_label(generated: str, labels: list[str]) -> int | None:

@@ -18,6 +18,7 @@ import ort from "onnxruntime-node";
 
 export const MANIFEST_VERSION = 2;
 export const EMBEDDER_MANIFEST_VERSION = 1;
+export const TAGGER_MANIFEST_VERSION = 1;
 
 // manifest inputs' `from` (the Python `tokenizers` Encoding field) -> the key this tokenizer's encode() returns it under
 const ENCODING_KEY = { ids: "ids", attention_mask: "attention_mask", type_ids: "token_type_ids" };
@@ -71,7 +72,8 @@ async function readManifest(dir, kind, version) {
     throw new BundleError(`${dir}: no readable manifest.json; this is not a bundle folder`);
   });
   if ((manifest.kind ?? "classifier") !== kind) {
-    const loader = { embedder: "loadEmbedder", classifier: "loadBundle" }[manifest.kind ?? "classifier"];
+    const loaders = { embedder: "loadEmbedder", tagger: "loadTagger", classifier: "loadBundle" };
+    const loader = loaders[manifest.kind ?? "classifier"];
     if (!loader) throw new BundleError(`${dir}: a ${manifest.kind} bundle, which this app does not run`);
     throw new BundleError(`${dir}: a ${manifest.kind ?? "classifier"} bundle: load it with ${loader}`);
   }
@@ -107,8 +109,8 @@ async function openModel(dir, manifest, threads, verifyHashes) {
     if (!sources[name]) throw new BundleError(`${dir}: the model takes ${name}; manifest.json names no field for it`);
   }
 
-  return async function run(text) {
-    const enc = encode(tokenizer, text, pre.max_length);
+  // one encoding ({ids, attention_mask, token_type_ids}) -> the session's first output, flat
+  async function runEncoding(enc) {
     const feeds = {};
     for (const name of session.inputNames) {
       const values = enc[sources[name]];
@@ -116,7 +118,9 @@ async function openModel(dir, manifest, threads, verifyHashes) {
     }
     const result = await session.run(feeds);
     return result[session.outputNames[0]].data;
-  };
+  }
+  const run = (text) => runEncoding(encode(tokenizer, text, pre.max_length));
+  return Object.assign(run, { runEncoding, tokenizer });
 }
 
 export async function loadBundle(dir, { threads, verifyHashes = true } = {}) {
@@ -148,4 +152,80 @@ export async function loadEmbedder(dir, { threads, verifyHashes = true } = {}) {
     return Float32Array.from(await run(text));
   }
   return { manifest, dimension: manifest.dimension, embed };
+}
+
+// The words of a text (runs of non-space characters) with their character offsets, as toolchain/runtime.py's
+// split_words: JS string indices count UTF-16 units, so offsets are converted to code points (Python's str indices).
+export function splitWords(text) {
+  const words = [];
+  for (const m of text.matchAll(/\S+/gu)) {
+    const start = [...text.slice(0, m.index)].length;
+    words.push({ word: m[0], start, end: start + [...m[0]].length });
+  }
+  return words;
+}
+
+// BIO tags -> [type, first word, last word], as toolchain/runtime.py's bio_entities (and seqeval) read them.
+export function bioEntities(tags) {
+  const found = [];
+  let current = null;
+  for (const [i, tag] of [...tags, "O"].entries()) {
+    const [prefix, kind] = tag !== "O" && tag.length > 2 ? [tag[0], tag.slice(2)] : ["O", ""];
+    if (current && (prefix === "O" || prefix === "B" || kind !== current[0])) {
+      found.push([current[0], current[1], i - 1]);
+      current = null;
+    }
+    if ((prefix === "B" || prefix === "I") && !current) current = [kind, i];
+  }
+  return found;
+}
+
+// A token-classification bundle (manifest kind "tagger"): tag(text) -> [{type, start, end, text, score}], offsets in
+// code points (Python's). Each word is tokenized on its own (the JS tokenizer has no pre-tokenized input): its pieces
+// without special tokens, joined between the [CLS]/[SEP] (or the model's) ids an empty text gets, cut at max_length;
+// a word's tag is read at its first piece, a word cut off is O. The same ids as Python's is_pretokenized encoding.
+export async function loadTagger(dir, { threads, verifyHashes = true } = {}) {
+  const manifest = await readManifest(dir, "tagger", TAGGER_MANIFEST_VERSION);
+  const run = await openModel(dir, manifest, threads, verifyHashes);
+  const tags = manifest.labels;
+  const maxLength = manifest.preprocessing.max_length;
+  const empty = run.tokenizer.encode("", { return_token_type_ids: true });
+  const [head, tail] = [empty.ids.slice(0, 1), empty.ids.slice(1)];
+
+  async function tag(text) {
+    const words = splitWords(text);
+    if (!words.length) return [];
+    const ids = [...head];
+    const firsts = [];
+    for (const { word } of words) {
+      firsts.push(ids.length);
+      ids.push(...run.tokenizer.encode(word, { add_special_tokens: false }).ids);
+    }
+    const body = ids.slice(0, maxLength - tail.length);
+    const all = [...body, ...tail];
+    const enc = { ids: all, attention_mask: all.map(() => 1), token_type_ids: all.map(() => 0) };
+    const logits = await run.runEncoding(enc);
+    const width = tags.length;
+    const wordTags = [];
+    const probs = [];
+    for (const f of firsts) {
+      if (f >= body.length) {
+        wordTags.push("O");
+        probs.push(1);
+        continue;
+      }
+      const p = softmax(Array.from(logits.slice(f * width, (f + 1) * width), Number));
+      const k = p.indexOf(Math.max(...p));
+      wordTags.push(tags[k]);
+      probs.push(p[k]);
+    }
+    const chars = [...text];
+    return bioEntities(wordTags).map(([type, a, b]) => {
+      const span = probs.slice(a, b + 1);
+      const score = span.reduce((x, y) => x + y, 0) / span.length;
+      const [start, end] = [words[a].start, words[b].end];
+      return { type, start, end, text: chars.slice(start, end).join(""), score };
+    });
+  }
+  return { manifest, tags, tag };
 }

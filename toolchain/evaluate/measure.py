@@ -43,12 +43,15 @@ def time_calls(
     return samples
 
 
-def case_inputs(tokenizer_file: Path, max_length: int, texts: list[str], batch: int, seq: int | str) -> list[Feeds]:
+def case_inputs(tokenizer_file: Path, max_length: int, texts: list[Any], batch: int, seq: int | str) -> list[Feeds]:
     """Encoded batches for one case.
 
-    'real': consecutive eval rows at their own lengths (padded to the longest in each batch), cycled.
+    'real': consecutive eval rows at their own lengths (padded to the longest in each batch), cycled; a row given as
+    [text, text_pair] is encoded as the pair.
     N: every row is N tokens of real eval text (sentences joined, then cut), no padding.
     """
+    if texts and isinstance(texts[0], list):  # pairs (a cross-encoder): tuples for the tokenizer, joined for N
+        texts = [tuple(t) for t in texts] if seq == "real" else [" ".join(t) for t in texts]
     if seq == "real":
         encoder = TextEncoder(tokenizer_file, max_length, fields=model_inputs.ENCODING_FIELD)
         return [encoder.encode(texts[i : i + batch]) for i in range(0, len(texts) - batch + 1, batch)][:256]

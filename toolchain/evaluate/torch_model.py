@@ -15,12 +15,19 @@ from toolchain.runtime import TextEncoder
 
 
 def load_pytorch(model_dir: Path) -> Any:
-    """The classifier saved in `model_dir`, or the embedder (encoder with its pooling) when the folder is one."""
+    """The classifier saved in `model_dir`: a sequence classifier, a token classifier, or the embedder (encoder with
+    its pooling) when the folder is one."""
     from toolchain.embed.model import is_embedder, load_embedder
 
     if is_embedder(model_dir):
         return load_embedder(model_dir)
-    from transformers import AutoModelForSequenceClassification
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return AutoModelForTokenClassification.from_pretrained(model_dir, use_safetensors=True).eval()
 
     return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).eval()
 

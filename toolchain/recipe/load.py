@@ -159,7 +159,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     except ValidationError as e:
         raise RecipeError(file, problems + _format_validation_error(e)) from None
     recipe._path = path
-    if check_files and not recipe.data.labels and recipe.embedding is None:
+    if check_files and not recipe.data.labels and recipe.tagging is not None:
+        from toolchain.data import DataError, infer_tags
+
+        d = recipe.data
+        try:
+            d.labels = infer_tags(recipe.data_root() / d.train, d.text, d.label)
+        except (DataError, OSError, ValueError) as e:
+            raise RecipeError(file, [*problems, f"data.labels (left out, so read from the data): {e}"]) from None
+        log.info("data.labels left out: %d tags read from %s", len(d.labels), d.train)
+        d._labels_read = f"read from {d.train}: O, then B-/I- of each type in alphabetical order"
+    if check_files and not recipe.data.labels and recipe.embedding is None and not recipe.pair_regression:
         from toolchain.data import DataError, infer_labels
 
         d = recipe.data

@@ -57,10 +57,12 @@ class DataSection(Strict):
     eval: str = Field(description="Evaluation split on which accuracy is reported (the whole file is used).")
     test: str | None = Field(
         None,
-        description="Embedding recipes: a second held-out split (e.g. stsb/test.tsv) reported beside `eval`; the "
-        "choice and any tuning use `eval` only.",
+        description="Embedding and tagging recipes: a second held-out split (e.g. stsb/test.tsv) reported beside "
+        "`eval`; the choice and any tuning use `eval` only.",
     )
-    text: str = Field(description="Name of the text column (the first text of a pair).")
+    text: str = Field(
+        description="Name of the text column (the first text of a pair; in tagging recipes, the column of word lists)."
+    )
     text_pair: str | None = Field(
         None,
         description="Name of the second text's column, for pairs (embedding recipes: the pair whose similarity is "
@@ -631,6 +633,31 @@ class EmbeddingSection(Strict):
     neighbours: int = Field(10, gt=0, le=100, description="Nearest neighbours compared per corpus text.")
 
 
+class PairsSection(Strict):
+    """A cross-encoder on two texts (data.text and data.text_pair read together, [CLS] a [SEP] b [SEP]): a classifier
+    over data.labels, or a regressor of a numeric score. A recipe with data.text_pair and no `embedding` section is a
+    pair recipe; this section says which objective (default: classification)."""
+
+    objective: Literal["classification", "regression"] = Field(
+        "classification",
+        description="classification: softmax over data.labels, measured by accuracy; regression: one output trained "
+        "with MSE on score / score_max (data.label holds the score), measured by Spearman (the choice) and Pearson.",
+    )
+    score_max: float = Field(5.0, gt=0, description="regression: the scores' top (STS-B: 5).")
+
+
+class TaggingSection(Strict):
+    """Token classification (named entities): one BIO tag per word. Its presence makes the recipe a tagging recipe:
+    data.text names the column of word lists and data.label the column of tag lists (JSON Lines), each word's tag
+    is learned and read at its first sub-token, and variants are measured by entity-level F1 (exact span and type,
+    as seqeval computes it) on the gold word split."""
+
+    scheme: Literal["BIO"] = Field("BIO", description="Tags are O, B-<type> and I-<type> (IOB2).")
+    example_sentences: int = Field(
+        3, ge=0, le=50, description="Test sentences whose entities the report shows for the shipped model."
+    )
+
+
 class EvaluateSection(Strict):
     batch_size: int = Field(
         1,
@@ -675,6 +702,15 @@ class Recipe(Strict):
         description="Set for a decoder LM that classifies by generating a label word (see GenerationSection): the "
         "recipe then runs the generation pipeline (LoRA, ONNX with the KV cache, weight-only int4/int8, tokens/s).",
     )
+    pairs: PairsSection | None = Field(
+        None,
+        description="How a pair recipe (data.text_pair set, no embedding section) is trained and measured: "
+        "classification (default) or regression of a score.",
+    )
+    tagging: TaggingSection | None = Field(
+        None,
+        description="Set for a token classifier (see TaggingSection): BIO tags per word, entity-level F1.",
+    )
     embedding: EmbeddingSection | None = Field(
         None,
         description="Set for a sentence-embedding model (see EmbeddingSection): the recipe then exports the pooled, "
@@ -684,14 +720,21 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _task_fits(self) -> Recipe:
         problems = []
-        if self.embedding is not None:
+        if self.embedding is not None and self.tagging is not None:
+            problems.append("embedding and tagging: a recipe is one task; remove one of the two sections")
+        elif self.embedding is not None:
             problems = embedding_problems(self)
+        elif self.tagging is not None:
+            problems = tagging_problems(self)
+        elif self.data.text_pair is not None:
+            problems = pair_problems(self)
         else:
             if self.finetune.method == "none":
                 problems.append("finetune.method 'none': only embedding recipes run without fine-tuning")
-            for field in ("text_pair", "test"):
-                if getattr(self.data, field) is not None:
-                    problems.append(f"data.{field}: read by embedding recipes only (an `embedding` section); remove it")
+            if self.pairs is not None:
+                problems.append("pairs: a pair recipe names its second text's column in data.text_pair; set it")
+            if self.data.test is not None:
+                problems.append("data.test: read by embedding, tagging and pair recipes only; remove it")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -804,6 +847,70 @@ class Recipe(Strict):
     def data_root(self) -> Path:
         return resolve_data_root(self.data.root)
 
+    @property
+    def is_pair(self) -> bool:
+        """A cross-encoder recipe: two texts per row, not an embedding recipe."""
+        return self.data.text_pair is not None and self.embedding is None and self.tagging is None
+
+    @property
+    def pair_regression(self) -> bool:
+        """A cross-encoder that regresses a numeric score."""
+        return self.is_pair and self.pairs is not None and self.pairs.objective == "regression"
+
+
+def pair_problems(recipe: Recipe) -> list[str]:
+    """What a pair recipe (a cross-encoder) sets that its pipeline does not run, each with the fix."""
+    problems = []
+    if recipe.generation is not None:
+        problems.append("data.text_pair and generation: generation recipes take one text; remove data.text_pair")
+    if recipe.pairs is not None and recipe.pairs.objective == "regression" and recipe.data.labels:
+        problems.append("data.labels: a regression pair recipe reads a numeric score from data.label, not label names")
+    return problems + _common_problems(recipe, "pair")
+
+
+def tagging_problems(recipe: Recipe) -> list[str]:
+    """What a tagging recipe sets that its pipeline does not run, each with the fix."""
+    problems = []
+    if recipe.generation is not None:
+        problems.append("tagging and generation: a recipe is one task; remove one of the two sections")
+    if recipe.data.text_pair is not None:
+        problems.append("data.text_pair: tagging recipes tag one word list per row; remove it")
+    problems += _common_problems(recipe, "tagging")
+    return problems
+
+
+def _common_problems(recipe: Recipe, task: str) -> list[str]:
+    """What the embedding and tagging tasks share: full fine-tuning (or none), dynamic int8 and fp16, an onnxruntime
+    bundle with its tokenizer beside, no distillation or peers yet."""
+    problems = []
+    methods = ("full", "none") if task == "embedding" else ("full",)
+    if recipe.finetune.method not in methods:
+        problems.append(
+            f"finetune.method '{recipe.finetune.method}': {task} recipes fine-tune with {' or '.join(methods)}"
+        )
+    if recipe.finetune.validation is not None:
+        problems.append(f"finetune.validation: not supported for {task} recipes; remove it")
+    if recipe.compile.distill is not None:
+        problems.append(f"compile.distill: not yet supported for {task} recipes; remove it")
+    for q in recipe.compile.quantize:
+        if q.mode not in ("dynamic-int8", "fp16"):
+            problems.append(f"compile.quantize {q.variant_name}: {task} recipes take dynamic-int8 and fp16")
+        elif q.ranks_nodes:
+            problems.append(f"compile.quantize {q.variant_name}: sensitivity and exclude: auto rank classifier rows")
+    if recipe.bundle.tokenizer != "beside":
+        problems.append(f"bundle.tokenizer: {task} bundles ship tokenizer.json beside the model; remove it")
+    if recipe.budget.target != "onnxruntime":
+        problems.append(f"budget.target: {task} bundles run with onnxruntime; remove it")
+    if recipe.bench.optimum_baseline or recipe.bench.openvino_peers:
+        if "optimum_baseline" in recipe.bench.model_fields_set or "openvino_peers" in recipe.bench.model_fields_set:
+            problems.append(
+                f"bench.optimum_baseline, bench.openvino_peers: no peer rows for {task} recipes yet; set them false"
+            )
+        else:
+            recipe.bench.__dict__["optimum_baseline"] = False
+            recipe.bench.__dict__["openvino_peers"] = False
+    return problems
+
 
 def embedding_problems(recipe: Recipe) -> list[str]:
     """What an embedding recipe sets that its pipeline does not run, each with the fix."""
@@ -817,33 +924,7 @@ def embedding_problems(recipe: Recipe) -> list[str]:
         )
     if recipe.data.labels:
         problems.append("data.labels: embedding recipes read a numeric score from data.label, not label names")
-    if recipe.finetune.method not in ("full", "none"):
-        problems.append(
-            f"finetune.method '{recipe.finetune.method}': embedding recipes fine-tune with full (cosine-similarity "
-            "loss) or none (the pretrained model as it is)"
-        )
-    if recipe.finetune.validation is not None:
-        problems.append("finetune.validation: not supported for embedding recipes; remove it")
-    if recipe.compile.distill is not None:
-        problems.append("compile.distill: not yet supported for embedding recipes; remove it")
-    for q in recipe.compile.quantize:
-        if q.mode not in ("dynamic-int8", "fp16"):
-            problems.append(f"compile.quantize {q.variant_name}: embedding recipes take dynamic-int8 and fp16")
-        elif q.ranks_nodes:
-            problems.append(f"compile.quantize {q.variant_name}: sensitivity and exclude: auto rank classifier rows")
-    if recipe.bundle.tokenizer != "beside":
-        problems.append("bundle.tokenizer: embedding bundles ship tokenizer.json beside the model; remove it")
-    if recipe.budget.target != "onnxruntime":
-        problems.append("budget.target: embedding bundles run with onnxruntime; remove it")
-    if recipe.bench.optimum_baseline or recipe.bench.openvino_peers:
-        if "optimum_baseline" in recipe.bench.model_fields_set or "openvino_peers" in recipe.bench.model_fields_set:
-            problems.append(
-                "bench.optimum_baseline, bench.openvino_peers: no peer rows for embedding recipes yet; set them false"
-            )
-        else:
-            recipe.bench.__dict__["optimum_baseline"] = False
-            recipe.bench.__dict__["openvino_peers"] = False
-    return problems
+    return problems + _common_problems(recipe, "embedding")
 
 
 def bench_case_names(bench: BenchSection) -> list[str]:

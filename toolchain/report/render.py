@@ -7,12 +7,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from toolchain.report import classification, embedding, generation
+from toolchain.report import classification, embedding, generation, pairs, tagging
 from toolchain.report.common import update_readme_block
 
 
 def _kind(data: dict[str, Any]) -> ModuleType:
-    kinds = {"generation": generation, "embedding": embedding}
+    kinds = {"generation": generation, "embedding": embedding, "tagging": tagging, "pairs": pairs}
     return kinds.get(data.get("kind", ""), classification)
 
 

@@ -59,6 +59,29 @@ class EmbedderRow(ClassifierRow):
 
 
 @with_config(FORBID)
+class TaggerRow(ClassifierRow):
+    """A token-classifier variant: `accuracy` is entity-level F1 / 100 on the eval sentences (the metric the choice
+    uses), with F1, precision, recall and per-type F1 on the eval and test sentences."""
+
+    metric: str  # "entity_f1": what `accuracy` holds
+    f1: dict[str, float]  # split (eval, test) -> entity-level F1 x 100 (exact span and type)
+    entity_precision: dict[str, float]
+    entity_recall: dict[str, float]
+    per_type: dict[str, dict[str, Any]]  # split -> entity type -> {f1, support}
+    entity_changes: NotRequired[dict[str, Any]]  # test entities lost and gained against fp32 PyTorch
+
+
+@with_config(FORBID)
+class PairRow(ClassifierRow):
+    """A cross-encoder variant: `accuracy` is the eval accuracy (classification) or Spearman / 100 on the eval pairs
+    (regression), the metric the choice uses; `by_split` holds every measure on the eval and test pairs."""
+
+    metric: str  # "accuracy" | "spearman": what `accuracy` holds
+    objective: str  # classification | regression
+    by_split: dict[str, dict[str, float]]  # split (eval, test) -> accuracy, or spearman and pearson (x 100)
+
+
+@with_config(FORBID)
 class GeneratorRow(Row):
     """A decoder variant: accuracy from greedy answers, agreement with the fp32 graph, decode speed."""
 
@@ -89,6 +112,16 @@ def classifier_rows() -> TypeAdapter[list[ClassifierRow]]:
 @cache
 def embedder_rows() -> TypeAdapter[list[EmbedderRow]]:
     return TypeAdapter(list[EmbedderRow])
+
+
+@cache
+def tagger_rows() -> TypeAdapter[list[TaggerRow]]:
+    return TypeAdapter(list[TaggerRow])
+
+
+@cache
+def pair_rows() -> TypeAdapter[list[PairRow]]:
+    return TypeAdapter(list[PairRow])
 
 
 @cache

@@ -22,6 +22,7 @@ from toolchain.core.launcher import MeasureProcess, rotation
 from toolchain.core.provenance import git_commit
 from toolchain.core.registry import register
 from toolchain.core.task import Variant
+from toolchain.data import text_items
 from toolchain.evaluate.latency import PROVIDERS, available_targets
 from toolchain.evaluate.measure import case_name
 from toolchain.evaluate.stats import latency_stats
@@ -38,6 +39,7 @@ class BenchConfig(BenchSection):
     threads: int  # resolved: the recipe's, else this machine's cores
     max_length: int
     variants: list[Variant]
+    pairs: bool = False  # the variants read (text, text_pair) pairs: timed on the eval pairs
 
 
 # long: one measurement protocol (jobs, interleaved rounds, statistics) in one read
@@ -58,7 +60,8 @@ def bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: 
     cases = [(b, s) for s in cfg.seq_lens for b in cfg.batch_sizes]
     names = [case_name(b, s) for b, s in cases]
     texts = out / "texts.json"
-    texts.write_text(json.dumps(ctx.eval.texts[:2048]))
+    # a cross-encoder is timed on its eval pairs, (text, text_pair) read together
+    texts.write_text(json.dumps(text_items(ctx.eval)[:2048] if cfg.pairs else ctx.eval.texts[:2048]))
     measured_targets, skipped = available_targets(list(cfg.targets))
     for target, why in skipped.items():
         log.info("bench: %s skipped: %s", target, why)

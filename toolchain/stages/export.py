@@ -18,6 +18,7 @@ from toolchain.compile.parity import REFERENCE
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import register
+from toolchain.data import text_items
 from toolchain.evaluate.torch_model import load_pytorch
 from toolchain.recipe.schema import ExportSection
 from toolchain.runtime import TextEncoder
@@ -58,7 +59,7 @@ def export(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
     shutil.rmtree(work)
 
     # Reference logits from PyTorch on the parity rows, fed the very arrays the ONNX runtime gets.
-    texts = ctx.eval.texts[: cfg.parity_rows]
+    texts = text_items(ctx.eval)[: cfg.parity_rows]
     feeds = TextEncoder(src / "tokenizer.json", max_length, fields=model_inputs.ENCODING_FIELD).encode(texts)
     model = load_pytorch(src)
     with torch.inference_mode():

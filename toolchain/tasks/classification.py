@@ -336,7 +336,7 @@ class Classification:
     distributed_stage: str | None = "finetune"
 
     def matches(self, recipe: Recipe) -> bool:
-        return recipe.generation is None and recipe.embedding is None
+        return recipe.generation is None and recipe.embedding is None and recipe.tagging is None and not recipe.is_pair
 
     def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
         return expect_resources(ctx)

@@ -1,0 +1,1 @@
+"""Cross-encoder helpers: training on (text, text_pair) rows, classification or regression."""

@@ -1,0 +1,1 @@
+"""Token classification helpers: training on word-aligned tags, entity-level metrics."""
