@@ -146,6 +146,25 @@ def _rename(old: str, new: str) -> Callable[[dict, Path], None]:
     return change
 
 
+def _task(section: str, fields: dict, files: dict | None = None) -> Callable[[Path, Path], list[str]]:
+    """A case that makes the tiny recipe an embedding or tagging recipe over `fields` (data files written into the
+    case's folder when `files` gives them) and validates it."""
+
+    def make(tmp: Path, model: Path) -> list[str]:
+        data = tiny_recipe_dict(model)
+        data["data"] = dict(fields)
+        for name, content in (files or {}).items():
+            (tmp / name).write_text(content)
+            data["data"]["root"] = str(tmp)
+        data[section] = {}
+        return ["validate", str(write_recipe(tmp, data))]
+
+    return make
+
+
+_WORDS = json.dumps({"tokens": ["Paris", "is", "big"], "tags": ["B-location", "O", "O"]}) + "\n"
+_TAGGED = {"text": "tokens", "label": "tags", "train": "train.jsonl", "eval": "dev.jsonl"}
+
 CASES = [
     Case("recipe file that does not exist", lambda tmp, m: ["validate", str(tmp / "nope.yaml")], "no such recipe file"),
     Case("malformed YAML", _text("name: bad\nmodel:\n  source: [unclosed\n"), "malformed YAML at line 4, column 1"),
@@ -220,6 +239,32 @@ CASES = [
     Case("override of an unknown key", _with_override("finetune.lrate=1e-4"), "finetune.lrate: unknown key"),
     Case("override value of the wrong type", _with_override("bench.batch_sizes=[one]"), "bench.batch_sizes"),
     Case("a key set twice", _duplicate_key, "finetune.lr: set twice, on lines"),
+    Case(
+        "an embedding recipe without the pair's second text",
+        _task("embedding", {"train": "stsb/train.tsv", "eval": "stsb/dev.tsv", "text": "sentence1", "label": "score"}),
+        "data.text_pair: embedding recipes are measured on scored pairs",
+    ),
+    Case(
+        "a pair score outside 0..score_max",
+        _task(
+            "embedding",
+            {"train": "p.tsv", "eval": "p.tsv", "text": "a", "text_pair": "b", "label": "s"},
+            {"p.tsv": "a\tb\ts\nx\ty\t3.5\nx\tz\t9\n"},
+        ),
+        "row 2 has 9.0, not a score in 0..5",
+    ),
+    Case(
+        "a tagged row whose words and tags differ in length",
+        _task(
+            "tagging", _TAGGED, {"train.jsonl": _WORDS, "dev.jsonl": _WORDS + '{"tokens": ["a", "b"], "tags": ["O"]}\n'}
+        ),
+        "row 2 has 2 words in 'tokens' but 1 tags in 'tags'",
+    ),
+    Case(
+        "a tag outside the training file's tag set",
+        _task("tagging", _TAGGED, {"train.jsonl": _WORDS, "dev.jsonl": '{"tokens": ["Rome"], "tags": ["B-city"]}\n'}),
+        "row 1 has tag 'B-city', which is not in the tag set",
+    ),
     Case("a recipe copied to a new file, its name left as it was", _copied_under_another_name, "differs from"),
 ]
 
