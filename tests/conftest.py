@@ -176,6 +176,102 @@ def tiny_recipe_dict(model_dir: Path, name: str = "tiny") -> dict:
     }
 
 
+def tiny_embedding_recipe(model: Path, name: str = "tiny-emb") -> dict:
+    return {
+        "name": name,
+        "model": {"source": str(model)},
+        "data": {
+            "train": "stsb/train.tsv",
+            "eval": "stsb/dev.tsv",
+            "test": "stsb/test.tsv",
+            "text": "sentence1",
+            "text_pair": "sentence2",
+            "label": "score",
+            "max_train_rows": 96,
+            "max_eval_rows": 40,
+        },
+        "embedding": {"corpus": "agnews/test.tsv", "corpus_rows": 30, "neighbours": 5},
+        "finetune": {
+            "method": "full",
+            "epochs": 1,
+            "lr": 1.0e-3,
+            "batch_size": 16,
+            "max_length": 32,
+            "precision": "fp32",
+        },
+        "compile": {"export": {"parity_rows": 16}, "optimize": True, "quantize": ["dynamic-int8"]},
+        "bench": {
+            "batch_sizes": [1],
+            "seq_lens": ["real"],
+            "warmup": 1,
+            "min_iters": 3,
+            "min_seconds": 0.0,
+            "threads": 1,
+            "rounds": 1,
+        },
+        "budget": {"max_metric_drop": 1.0, "latency_case": "b1_real"},
+    }
+
+
+def tiny_tagging_recipe(model: Path, name: str = "tiny-tag") -> dict:
+    return {
+        "name": name,
+        "model": {"source": str(model)},
+        "data": {
+            "train": "wnut17/train.jsonl",
+            "eval": "wnut17/dev.jsonl",
+            "test": "wnut17/test.jsonl",
+            "text": "tokens",
+            "label": "tags",
+            "max_train_rows": 64,
+            "max_eval_rows": 30,
+        },
+        "tagging": {},
+        "finetune": {"method": "full", "epochs": 1, "lr": 1.0e-3, "batch_size": 16, "max_length": 64},
+        "compile": {"export": {"parity_rows": 8}, "optimize": True, "quantize": ["dynamic-int8"]},
+        "bench": {
+            "batch_sizes": [1],
+            "seq_lens": ["real"],
+            "warmup": 1,
+            "min_iters": 3,
+            "min_seconds": 0.0,
+            "threads": 1,
+            "rounds": 1,
+        },
+        "budget": {"max_metric_drop": 1.0, "latency_case": "b1_real"},
+    }
+
+
+def tiny_pair_recipe(model: Path, name: str = "tiny-cross") -> dict:
+    return {
+        "name": name,
+        "model": {"source": str(model)},
+        "data": {
+            "train": "stsb/train.tsv",
+            "eval": "stsb/dev.tsv",
+            "test": "stsb/test.tsv",
+            "text": "sentence1",
+            "text_pair": "sentence2",
+            "label": "score",
+            "max_train_rows": 96,
+            "max_eval_rows": 40,
+        },
+        "pairs": {"objective": "regression"},
+        "finetune": {"method": "full", "epochs": 1, "lr": 1.0e-3, "batch_size": 16, "max_length": 64},
+        "compile": {"export": {"parity_rows": 16}, "optimize": True, "quantize": ["dynamic-int8"]},
+        "bench": {
+            "batch_sizes": [1],
+            "seq_lens": ["real", 32],
+            "warmup": 1,
+            "min_iters": 3,
+            "min_seconds": 0.0,
+            "threads": 1,
+            "rounds": 1,
+        },
+        "budget": {"max_metric_drop": 1.0, "latency_case": "b1_real"},
+    }
+
+
 def write_recipe(folder: Path, data: dict, name: str | None = None) -> Path:
     path = folder / f"{name or data.get('name', 'recipe')}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

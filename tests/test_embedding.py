@@ -14,50 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import write_recipe
+from tests.conftest import tiny_embedding_recipe, write_recipe
 from toolchain.data import DataError, read_scored_pairs
 from toolchain.embed.metrics import correlations, moved_pairs, neighbours_kept, pair_cosines
 from toolchain.errors import RecipeError
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.load import load_recipe
-
-
-def tiny_embedding_recipe(model: Path, name: str = "tiny-emb") -> dict:
-    return {
-        "name": name,
-        "model": {"source": str(model)},
-        "data": {
-            "train": "stsb/train.tsv",
-            "eval": "stsb/dev.tsv",
-            "test": "stsb/test.tsv",
-            "text": "sentence1",
-            "text_pair": "sentence2",
-            "label": "score",
-            "max_train_rows": 96,
-            "max_eval_rows": 40,
-        },
-        "embedding": {"corpus": "agnews/test.tsv", "corpus_rows": 30, "neighbours": 5},
-        "finetune": {
-            "method": "full",
-            "epochs": 1,
-            "lr": 1.0e-3,
-            "batch_size": 16,
-            "max_length": 32,
-            "precision": "fp32",
-        },
-        "compile": {"export": {"parity_rows": 16}, "optimize": True, "quantize": ["dynamic-int8"]},
-        "bench": {
-            "batch_sizes": [1],
-            "seq_lens": ["real"],
-            "warmup": 1,
-            "min_iters": 3,
-            "min_seconds": 0.0,
-            "threads": 1,
-            "rounds": 1,
-        },
-        "budget": {"max_metric_drop": 1.0, "latency_case": "b1_real"},
-    }
-
 
 # --- metrics ------------------------------------------------------------------------------------------------------
 

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_generation_recipe, tiny_recipe_dict, write_recipe
+from conftest import (
+    tiny_embedding_recipe,
+    tiny_generation_recipe,
+    tiny_pair_recipe,
+    tiny_recipe_dict,
+    tiny_tagging_recipe,
+    write_recipe,
+)
 
 from toolchain.cli import main
 from toolchain.core.faults import ENV
@@ -53,6 +60,19 @@ def _generation_recipe(model: Path, folder: Path) -> Path:
     data = tiny_generation_recipe(model)
     data["compile"]["quantize"] = [{"mode": "int4", "block_size": 32}]
     data["budget"]["max_size_mb"] = 12.85  # only int4 fits (12.7 MB; fp32 13.0), whatever decodes faster
+    return write_recipe(folder, data)
+
+
+TASK_RECIPES = {"embedding": tiny_embedding_recipe, "tagging": tiny_tagging_recipe, "pairs": tiny_pair_recipe}
+
+
+def _task_recipe(kind: str, model: Path, folder: Path) -> Path:
+    """The embedding, tagging or pair recipe on the tiny model, where only the int8 variant fits the budget (1.0 MB
+    against fp32's 4 MB), so which one ships never depends on times."""
+    data = TASK_RECIPES[kind](model, f"tiny-{kind}")
+    data["budget"]["max_size_mb"] = 2.0
+    data["bundle"] = {"ort_format": False}
+    folder.mkdir(parents=True, exist_ok=True)
     return write_recipe(folder, data)
 
 
@@ -178,18 +198,32 @@ def test_every_generation_stage_stopped_at_each_point_resumes_to_the_same_files(
     assert walked[0] == "llm-base" and walked[-1] == "llm-bundle"
 
 
+@pytest.mark.parametrize("kind", sorted(TASK_RECIPES))
+def test_every_stage_of_the_other_tasks_stopped_at_each_point_resumes_to_the_same_files(
+    kind: str, tiny_model: Path, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    folder = tmp_path / "reference"
+    recipe = _task_recipe(kind, tiny_model, folder)
+    assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
+    want = artifacts(folder / "runs" / f"tiny-{kind}")
+    walked = _walk((recipe, want), f"tiny-{kind}", tmp_path / "walk", monkeypatch, capsys)
+    bundles = {"embedding": "embed-bundle", "tagging": "tag-bundle", "pairs": "pair-bundle"}
+    assert walked[-1] == bundles[kind] and "quantize" in walked
+
+
 def test_the_walks_cover_every_registered_stage(tiny_model: Path, tiny_chat_llama: Path, tmp_path: Path) -> None:
     from toolchain.core.context import RunContext
     from toolchain.core.task import task_for
     from toolchain.recipe.load import load_recipe
 
     recipes = [_classifier_recipe(tiny_model, tmp_path), _generation_recipe(tiny_chat_llama, tmp_path)]
+    recipes += [_task_recipe(kind, tiny_model, tmp_path) for kind in TASK_RECIPES]
     planned = set()
     for path in recipes:
         recipe = load_recipe(path)
         calls, _ = task_for(recipe).plan(RunContext(recipe, tmp_path / "runs"))
         planned |= {c.stage for c in calls}
-    planned |= {"bundle", "llm-bundle"}  # planned after the choice
+    planned |= {"bundle", "llm-bundle", "embed-bundle", "tag-bundle", "pair-bundle"}  # planned after the choice
     assert planned == set(load_all()), f"registered but not walked: {set(load_all()) - planned}"
 
 

@@ -13,40 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import write_recipe
+from tests.conftest import tiny_pair_recipe, write_recipe
 from toolchain.errors import RecipeError
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.load import load_recipe
-
-
-def tiny_pair_recipe(model: Path, name: str = "tiny-cross") -> dict:
-    return {
-        "name": name,
-        "model": {"source": str(model)},
-        "data": {
-            "train": "stsb/train.tsv",
-            "eval": "stsb/dev.tsv",
-            "test": "stsb/test.tsv",
-            "text": "sentence1",
-            "text_pair": "sentence2",
-            "label": "score",
-            "max_train_rows": 96,
-            "max_eval_rows": 40,
-        },
-        "pairs": {"objective": "regression"},
-        "finetune": {"method": "full", "epochs": 1, "lr": 1.0e-3, "batch_size": 16, "max_length": 64},
-        "compile": {"export": {"parity_rows": 16}, "optimize": True, "quantize": ["dynamic-int8"]},
-        "bench": {
-            "batch_sizes": [1],
-            "seq_lens": ["real", 32],
-            "warmup": 1,
-            "min_iters": 3,
-            "min_seconds": 0.0,
-            "threads": 1,
-            "rounds": 1,
-        },
-        "budget": {"max_metric_drop": 1.0, "latency_case": "b1_real"},
-    }
 
 
 def _run(folder: Path, recipe: dict):

@@ -13,41 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import write_recipe
+from tests.conftest import tiny_tagging_recipe, write_recipe
 from toolchain.errors import RecipeError
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.load import load_recipe
 from toolchain.runtime import bio_entities, spans_from_tags, split_words
-
-
-def tiny_tagging_recipe(model: Path, name: str = "tiny-tag") -> dict:
-    return {
-        "name": name,
-        "model": {"source": str(model)},
-        "data": {
-            "train": "wnut17/train.jsonl",
-            "eval": "wnut17/dev.jsonl",
-            "test": "wnut17/test.jsonl",
-            "text": "tokens",
-            "label": "tags",
-            "max_train_rows": 64,
-            "max_eval_rows": 30,
-        },
-        "tagging": {},
-        "finetune": {"method": "full", "epochs": 1, "lr": 1.0e-3, "batch_size": 16, "max_length": 64},
-        "compile": {"export": {"parity_rows": 8}, "optimize": True, "quantize": ["dynamic-int8"]},
-        "bench": {
-            "batch_sizes": [1],
-            "seq_lens": ["real"],
-            "warmup": 1,
-            "min_iters": 3,
-            "min_seconds": 0.0,
-            "threads": 1,
-            "rounds": 1,
-        },
-        "budget": {"max_metric_drop": 1.0, "latency_case": "b1_real"},
-    }
-
 
 # --- spans from fixed tags ------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ConfigDict
 from transformers import AutoModel
 
@@ -47,6 +48,7 @@ class EmbedFinetuneConfig(FinetuneSection):
 def embed_finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
     cfg = ctx.config(EmbedFinetuneConfig)
     src = resolve_source(cfg.model["source"], cfg.access)
+    torch.manual_seed(cfg.seed)  # weights the checkpoint lacks (an unused pooler) start the same on every run
     encoder = AutoModel.from_pretrained(src, **trust_kwargs(src, cfg.access))
     model = Pooled(encoder, normalize=cfg.embedding.normalize)
     copy_tokenizer(src, out)
