@@ -128,3 +128,13 @@ def announce(facts: dict[str, Any]) -> None:
             facts["memory_bytes"] / GB,
             facts["memory_total_bytes"] / GB,
         )
+
+
+def expect(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """What a task's `expect_resources` does: check the recipe's disk and memory needs against this machine (a
+    ResourceError before any compute when they do not fit) and say them in the log."""
+    from toolchain.models import resolve_source
+
+    facts = check(recipe, resolve_source(recipe.model.source, recipe.model), run_dir)
+    announce(facts)
+    return facts

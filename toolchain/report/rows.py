@@ -98,6 +98,48 @@ class GeneratorRow(Row):
     decode_speedup: NotRequired[float]  # vs PyTorch fp32
 
 
+def latency_case(r: dict[str, Any]) -> LatencyCase:
+    """One bench case's statistics as a row holds them (bench.json keeps the raw samples beside them)."""
+    return {
+        "p50": r["p50"],
+        "p90": r["p90"],
+        "p99": r["p99"],
+        "mean": r["mean"],
+        "cv": r["cv"],
+        "n": r["n"],
+        "p50_ci95": r["p50_ci95"],
+        "items_per_second": r["items_per_second"],
+    }
+
+
+def measured_fields(
+    bench_variant: dict[str, Any], base_cases: dict[str, Any], meta: dict[str, Any], artifact: str
+) -> dict[str, Any]:
+    """The keys every non-generation row takes from the bench and the variant's artifact: size, memory, cold start,
+    latency per case with its rounds and ratios to PyTorch, parity, compression, the artifact id."""
+    from toolchain.evaluate.stats import ratio_interval
+
+    cases = bench_variant["cases"]
+    return {
+        "size_bytes": bench_variant["size_bytes"],
+        "peak_rss_bytes": bench_variant.get("peak_rss_bytes"),
+        "cold_start_seconds": bench_variant.get("cold_start_seconds"),
+        "latency_ms": {c: latency_case(r) for c, r in cases.items()},
+        "latency_samples_ms": {c: r["samples_ms"] for c, r in cases.items()},
+        "round_p50": {c: r["round_p50"] for c, r in cases.items() if "round_p50" in r},
+        "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
+        "peer": False,
+        "compression": {k: meta[k] for k in ("mode", "fusions") if k in meta},
+        "artifact": artifact,
+        "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},
+        "latency_ratio_ci": {
+            c: ratio_interval(cases[c]["round_p50"], base_cases[c]["round_p50"])
+            for c in cases
+            if cases[c].get("round_p50") and base_cases[c].get("round_p50")
+        },
+    }
+
+
 def problems(error: ValidationError, limit: int = 5) -> str:
     """A validation error in one line: where and what, for the first few problems."""
     found = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].lower()}" for e in error.errors()]

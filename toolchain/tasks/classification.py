@@ -35,10 +35,10 @@ from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
 from toolchain.evaluate.stats import ratio_interval
-from toolchain.models import resolve_source, source_identity
+from toolchain.models import source_identity
 from toolchain.recipe.schema import Recipe
 from toolchain.report import classification as report
-from toolchain.report.rows import ClassifierRow, LatencyCase
+from toolchain.report.rows import ClassifierRow, latency_case
 from toolchain.runtime import sha256_file
 from toolchain.stages.optimize import no_fusions_for
 
@@ -282,19 +282,6 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[ClassifierRow
     return rows
 
 
-def latency_case(r: dict[str, Any]) -> LatencyCase:
-    return {
-        "p50": r["p50"],
-        "p90": r["p90"],
-        "p99": r["p99"],
-        "mean": r["mean"],
-        "cv": r["cv"],
-        "n": r["n"],
-        "p50_ci95": r["p50_ci95"],
-        "items_per_second": r["items_per_second"],
-    }
-
-
 def changed_predictions(
     base: dict[str, Any], other: dict[str, Any], texts: list[str], labels: list[int], names: list[str], keep: int = 50
 ) -> dict[str, Any]:
@@ -324,13 +311,6 @@ def changed_predictions(
     return {**counts, "changed": sum(counts.values()), "rows": rows}
 
 
-def expect_resources(ctx: RunContext) -> dict[str, Any]:
-    """State the disk and memory the recipe expects; fail before any compute when the disk cannot hold it."""
-    facts = resources.check(ctx.recipe, resolve_source(ctx.recipe.model.source, ctx.recipe.model), ctx.run_dir)
-    resources.announce(facts)
-    return facts
-
-
 class Classification:
     name = "classification"
     distributed_stage: str | None = "finetune"
@@ -339,7 +319,7 @@ class Classification:
         return recipe.generation is None and recipe.embedding is None and recipe.tagging is None and not recipe.is_pair
 
     def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
-        return expect_resources(ctx)
+        return resources.expect(ctx.recipe, ctx.run_dir)
 
     def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         return plan(ctx)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -25,11 +25,10 @@ from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
 from toolchain.embed.metrics import moved_pairs
-from toolchain.evaluate.stats import ratio_interval
-from toolchain.models import resolve_source, source_identity
+from toolchain.models import source_identity
 from toolchain.recipe.schema import Recipe
 from toolchain.report import embedding as report
-from toolchain.report.rows import EmbedderRow, LatencyCase
+from toolchain.report.rows import EmbedderRow, measured_fields
 from toolchain.runtime import sha256_file
 from toolchain.stages.optimize import no_fusions_for
 
@@ -126,11 +125,6 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     return calls, variants
 
 
-def latency_case(r: dict[str, Any]) -> LatencyCase:
-    keys = ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")
-    return {k: r[k] for k in keys}  # type: ignore[return-value]
-
-
 def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[EmbedderRow]:
     """One row per variant: Spearman on the eval pairs (the choice's metric) and the test pairs, the fidelity to fp32,
     size and latency as for classifiers, and the eval pairs whose similarity moved most."""
@@ -144,37 +138,24 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[EmbedderRow]:
     rows = []
     for v in variants:
         m, b, meta = metrics[v.name], bench["variants"][v.name], ctx.artifacts[v.source].meta
-        cases = b["cases"]
         splits = [s for s in ("eval", "test") if s in m]
-        row: EmbedderRow = {
-            "name": v.name,
-            "format": v.format,
-            "precision": v.precision,
-            "metric": "spearman",
-            "accuracy": m["eval"]["spearman"] / 100,
-            "correct": None,
-            "eval_rows": m["eval"]["pairs"],
-            "accuracy_drop": (base["eval"]["spearman"] - m["eval"]["spearman"]) / 100,
-            "spearman": {s: m[s]["spearman"] for s in splits},
-            "pearson": {s: m[s]["pearson"] for s in splits},
-            "fidelity": m.get("fidelity"),
-            "size_bytes": b["size_bytes"],
-            "peak_rss_bytes": b.get("peak_rss_bytes"),
-            "cold_start_seconds": b.get("cold_start_seconds"),
-            "latency_ms": {c: latency_case(r) for c, r in cases.items()},
-            "latency_samples_ms": {c: r["samples_ms"] for c, r in cases.items()},
-            "round_p50": {c: r["round_p50"] for c, r in cases.items() if "round_p50" in r},
-            "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
-            "peer": False,
-            "compression": {k: meta[k] for k in ("mode", "fusions") if k in meta},
-            "artifact": ctx.artifacts[v.source].id,
-            "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},
-            "latency_ratio_ci": {
-                c: ratio_interval(cases[c]["round_p50"], base_cases[c]["round_p50"])
-                for c in cases
-                if cases[c].get("round_p50") and base_cases[c].get("round_p50")
+        row = cast(
+            EmbedderRow,
+            {
+                "name": v.name,
+                "format": v.format,
+                "precision": v.precision,
+                "metric": "spearman",
+                "accuracy": m["eval"]["spearman"] / 100,
+                "correct": None,
+                "eval_rows": m["eval"]["pairs"],
+                "accuracy_drop": (base["eval"]["spearman"] - m["eval"]["spearman"]) / 100,
+                "spearman": {s: m[s]["spearman"] for s in splits},
+                "pearson": {s: m[s]["pearson"] for s in splits},
+                "fidelity": m.get("fidelity"),
+                **measured_fields(b, base_cases, meta, ctx.artifacts[v.source].id),
             },
-        }
+        )
         if v.name == UNTUNED:
             row["reference"] = True
         elif v.name != BASELINE:
@@ -198,9 +179,7 @@ class Embedding:
         return recipe.embedding is not None
 
     def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
-        facts = resources.check(ctx.recipe, resolve_source(ctx.recipe.model.source, ctx.recipe.model), ctx.run_dir)
-        resources.announce(facts)
-        return facts
+        return resources.expect(ctx.recipe, ctx.run_dir)
 
     def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         return plan(ctx)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # the stages this task plans: importing them registers them
 import toolchain.stages.bench
@@ -22,11 +22,10 @@ from toolchain.choose import BASELINE, choice_table, choose_variant
 from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
-from toolchain.evaluate.stats import ratio_interval
-from toolchain.models import resolve_source, source_identity
+from toolchain.models import source_identity
 from toolchain.recipe.schema import PairsSection, Recipe
 from toolchain.report import pairs as report
-from toolchain.report.rows import LatencyCase, PairRow
+from toolchain.report.rows import PairRow, measured_fields
 from toolchain.stages.optimize import no_fusions_for
 
 log = logging.getLogger("toolchain")
@@ -115,11 +114,6 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     return calls, variants
 
 
-def latency_case(r: dict[str, Any]) -> LatencyCase:
-    keys = ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")
-    return {k: r[k] for k in keys}  # type: ignore[return-value]
-
-
 def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[PairRow]:
     """One row per variant: the metric on the eval pairs (the choice's) and on the test pairs, size and latency as
     for classifiers."""
@@ -135,37 +129,24 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[PairRow]:
     rows = []
     for v in variants:
         m, b, meta = metrics[v.name], bench["variants"][v.name], ctx.artifacts[v.source].meta
-        cases = b["cases"]
         splits = [s for s in ("eval", "test") if s in m]
         measures = ("spearman", "pearson") if regression else ("accuracy",)
-        row: PairRow = {
-            "name": v.name,
-            "format": v.format,
-            "precision": v.precision,
-            "metric": key,
-            "objective": "regression" if regression else "classification",
-            "accuracy": m["eval"][key] / scale,
-            "correct": None if regression else m["eval"]["correct"],
-            "eval_rows": m["eval"]["pairs"],
-            "accuracy_drop": (base["eval"][key] - m["eval"][key]) / scale,
-            "by_split": {s: {k: m[s][k] for k in measures} for s in splits},
-            "size_bytes": b["size_bytes"],
-            "peak_rss_bytes": b.get("peak_rss_bytes"),
-            "cold_start_seconds": b.get("cold_start_seconds"),
-            "latency_ms": {c: latency_case(r) for c, r in cases.items()},
-            "latency_samples_ms": {c: r["samples_ms"] for c, r in cases.items()},
-            "round_p50": {c: r["round_p50"] for c, r in cases.items() if "round_p50" in r},
-            "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
-            "peer": False,
-            "compression": {k: meta[k] for k in ("mode", "fusions") if k in meta},
-            "artifact": ctx.artifacts[v.source].id,
-            "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},
-            "latency_ratio_ci": {
-                c: ratio_interval(cases[c]["round_p50"], base_cases[c]["round_p50"])
-                for c in cases
-                if cases[c].get("round_p50") and base_cases[c].get("round_p50")
+        row = cast(
+            PairRow,
+            {
+                "name": v.name,
+                "format": v.format,
+                "precision": v.precision,
+                "metric": key,
+                "objective": "regression" if regression else "classification",
+                "accuracy": m["eval"][key] / scale,
+                "correct": None if regression else m["eval"]["correct"],
+                "eval_rows": m["eval"]["pairs"],
+                "accuracy_drop": (base["eval"][key] - m["eval"][key]) / scale,
+                "by_split": {s: {k: m[s][k] for k in measures} for s in splits},
+                **measured_fields(b, base_cases, meta, ctx.artifacts[v.source].id),
             },
-        }
+        )
         rows.append(row)
     return rows
 
@@ -178,9 +159,7 @@ class Pairs:
         return recipe.is_pair
 
     def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
-        facts = resources.check(ctx.recipe, resolve_source(ctx.recipe.model.source, ctx.recipe.model), ctx.run_dir)
-        resources.announce(facts)
-        return facts
+        return resources.expect(ctx.recipe, ctx.run_dir)
 
     def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         return plan(ctx)

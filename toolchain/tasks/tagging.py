@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # the stages this task plans: importing them registers them
 import toolchain.stages.bench
@@ -22,11 +22,10 @@ from toolchain.choose import BASELINE, choice_table, choose_variant
 from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
-from toolchain.evaluate.stats import ratio_interval
-from toolchain.models import resolve_source, source_identity
+from toolchain.models import source_identity
 from toolchain.recipe.schema import Recipe
 from toolchain.report import tagging as report
-from toolchain.report.rows import LatencyCase, TaggerRow
+from toolchain.report.rows import TaggerRow, measured_fields
 from toolchain.stages.optimize import no_fusions_for
 from toolchain.tag.metrics import entity_changes
 
@@ -111,11 +110,6 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
     return calls, variants
 
 
-def latency_case(r: dict[str, Any]) -> LatencyCase:
-    keys = ("p50", "p90", "p99", "mean", "cv", "n", "p50_ci95", "items_per_second")
-    return {k: r[k] for k in keys}  # type: ignore[return-value]
-
-
 def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[TaggerRow]:
     """One row per variant: entity F1 on the eval sentences (the choice's metric) and the test sentences, per type,
     size and latency as for classifiers, and the test entities lost and gained against fp32 PyTorch."""
@@ -131,38 +125,25 @@ def variant_rows(ctx: RunContext, variants: list[Variant]) -> list[TaggerRow]:
     rows = []
     for v in variants:
         m, b, meta = metrics[v.name], bench["variants"][v.name], ctx.artifacts[v.source].meta
-        cases = b["cases"]
         splits = [s for s in ("eval", "test") if s in m]
-        row: TaggerRow = {
-            "name": v.name,
-            "format": v.format,
-            "precision": v.precision,
-            "metric": "entity_f1",
-            "accuracy": m["eval"]["f1"] / 100,
-            "correct": None,
-            "eval_rows": m["eval"]["sentences"],
-            "accuracy_drop": (base["eval"]["f1"] - m["eval"]["f1"]) / 100,
-            "f1": {s: m[s]["f1"] for s in splits},
-            "entity_precision": {s: m[s]["precision"] for s in splits},
-            "entity_recall": {s: m[s]["recall"] for s in splits},
-            "per_type": {s: m[s]["per_type"] for s in splits},
-            "size_bytes": b["size_bytes"],
-            "peak_rss_bytes": b.get("peak_rss_bytes"),
-            "cold_start_seconds": b.get("cold_start_seconds"),
-            "latency_ms": {c: latency_case(r) for c, r in cases.items()},
-            "latency_samples_ms": {c: r["samples_ms"] for c, r in cases.items()},
-            "round_p50": {c: r["round_p50"] for c, r in cases.items() if "round_p50" in r},
-            "parity": meta.get("parity") or meta.get("drift_vs_pytorch"),
-            "peer": False,
-            "compression": {k: meta[k] for k in ("mode", "fusions") if k in meta},
-            "artifact": ctx.artifacts[v.source].id,
-            "latency_ratio_to_pytorch": {c: cases[c]["p50"] / base_cases[c]["p50"] for c in cases},
-            "latency_ratio_ci": {
-                c: ratio_interval(cases[c]["round_p50"], base_cases[c]["round_p50"])
-                for c in cases
-                if cases[c].get("round_p50") and base_cases[c].get("round_p50")
+        row = cast(
+            TaggerRow,
+            {
+                "name": v.name,
+                "format": v.format,
+                "precision": v.precision,
+                "metric": "entity_f1",
+                "accuracy": m["eval"]["f1"] / 100,
+                "correct": None,
+                "eval_rows": m["eval"]["sentences"],
+                "accuracy_drop": (base["eval"]["f1"] - m["eval"]["f1"]) / 100,
+                "f1": {s: m[s]["f1"] for s in splits},
+                "entity_precision": {s: m[s]["precision"] for s in splits},
+                "entity_recall": {s: m[s]["recall"] for s in splits},
+                "per_type": {s: m[s]["per_type"] for s in splits},
+                **measured_fields(b, base_cases, meta, ctx.artifacts[v.source].id),
             },
-        }
+        )
         if v.name != BASELINE:
             names = [[[tags[t] for t in ts] for ts in x[split]["predicted"]] for x in (base, m)]
             row["entity_changes"] = {"split": split, **entity_changes(words, names[0], names[1])}
@@ -178,9 +159,7 @@ class Tagging:
         return recipe.tagging is not None
 
     def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
-        facts = resources.check(ctx.recipe, resolve_source(ctx.recipe.model.source, ctx.recipe.model), ctx.run_dir)
-        resources.announce(facts)
-        return facts
+        return resources.expect(ctx.recipe, ctx.run_dir)
 
     def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         return plan(ctx)
