@@ -261,3 +261,33 @@ def test_node_embeds_like_python(embedding_run) -> None:
     texts = ctx.eval.texts[:20] + (ctx.eval.pairs or [])[:20]
     found = compare_embeddings(run / "bundle", texts)
     assert found["rows"] == 40 and found["min_cosine"] >= 0.9999
+
+
+def onnx_layers(path: Path) -> int:
+    """Transformer layers in an exported graph: its Softmax nodes (one per attention)."""
+    import onnx
+
+    return sum(n.op_type == "Softmax" for n in onnx.load(str(path)).graph.node)
+
+
+def test_a_distilled_student_embedder_is_built_measured_and_shipped(tmp_path: Path, tiny_model: Path) -> None:
+    from toolchain import engine
+
+    recipe = tiny_embedding_recipe(tiny_model, "tiny-emb-student")
+    recipe["compile"]["distill"] = {"num_layers": 1, "epochs": 1, "lr": 1.0e-3, "batch_size": 16, "max_length": 32}
+    ctx = engine.run(load_recipe(write_recipe(tmp_path, recipe)), tmp_path / "runs")
+    report = json.loads((tmp_path / "runs" / "tiny-emb-student" / "report.json").read_text())
+    by = {r["name"]: r for r in report["variants"]}
+    # the student is compiled beside the fine-tuned embedder: both branches are candidates
+    student = {"pytorch-fp32-student", "onnx-fp32-student", "onnx-fp32-optimized-student", "onnx-int8-dynamic-student"}
+    assert student | {"pytorch-fp32", "onnx-fp32", "onnx-int8-dynamic"} <= set(by)
+    assert ctx.artifacts["distill"].meta["kept_layers"] == [1]
+    assert by["onnx-fp32-student"]["spearman"] == pytest.approx(by["pytorch-fp32-student"]["spearman"], abs=0.05)
+    assert by["pytorch-fp32-student"]["fidelity"]["eval_texts"] == 80
+    assert by["onnx-fp32-student"]["size_bytes"] < by["onnx-fp32"]["size_bytes"]
+    graph = onnx_layers(ctx.artifacts["export.student"].file("model.onnx"))
+    assert graph == 1 and onnx_layers(ctx.artifacts["export"].file("model.onnx")) == 2
+    bad = tiny_embedding_recipe(tiny_model, "bad")
+    bad["compile"]["distill"] = {"num_layers": 1, "temperature": 2.0}
+    with pytest.raises(RecipeError, match=r"compile\.distill\.temperature: an embedder's student learns"):
+        load_recipe(write_recipe(tmp_path, bad))

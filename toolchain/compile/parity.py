@@ -17,6 +17,12 @@ REFERENCE = "parity_reference.npz"
 IR_MODEL = "model.xml"  # an OpenVINO IR's graph; its weights are model.bin beside it
 
 
+def export_key(inputs: tuple[str, ...]) -> str:
+    """Which of a stage's inputs is the export whose PyTorch reference it compares against: `export`, or a second
+    export (`export.student`, `export.teacher`) of a recipe that exports two models."""
+    return next(k for k in inputs if k == "export" or k.startswith("export."))
+
+
 def graph_file(folder: Path) -> Path:
     """The model file of a graph artifact: its OpenVINO IR when it has one, else its model.onnx."""
     return folder / IR_MODEL if (folder / IR_MODEL).is_file() else folder / "model.onnx"

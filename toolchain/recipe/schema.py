@@ -441,7 +441,10 @@ def _quantize_shorthand(v: Any) -> Any:
 class CompileSection(Strict):
     export: ExportSection = Field(default_factory=ExportSection, description="ONNX export settings.")
     distill: DistillSection | None = Field(
-        None, description="Distil the fine-tuned model into a smaller student before export (None: export the teacher)."
+        None,
+        description="Distil the fine-tuned model into a smaller student before export (None: export the teacher). In "
+        "embedding recipes the student learns the teacher's embeddings (MSE) and is compiled beside the teacher, both "
+        "candidates (rows *-student).",
     )
     optimize: bool = Field(True, description="Apply onnxruntime's transformer graph fusions.")
     quantize: list[QuantizeSpec] = Field(default_factory=list, description="Quantized variants to build.")
@@ -890,8 +893,17 @@ def _common_problems(recipe: Recipe, task: str) -> list[str]:
         )
     if recipe.finetune.validation is not None:
         problems.append(f"finetune.validation: not supported for {task} recipes; remove it")
-    if recipe.compile.distill is not None:
+    distill = recipe.compile.distill
+    if distill is not None and task != "embedding":
         problems.append(f"compile.distill: not yet supported for {task} recipes; remove it")
+    elif distill is not None:
+        logit_only = {"temperature", "alpha", "hidden_weight", "attention_weight", "intermediate_size"}
+        extra = sorted(logit_only & distill.model_fields_set)
+        if extra:
+            problems.append(
+                f"compile.distill.{extra[0]}: an embedder's student learns the teacher's embeddings (MSE), with no "
+                f"logits, layer or attention transfer, or pruning; remove {', '.join(extra)}"
+            )
     for q in recipe.compile.quantize:
         if q.mode not in ("dynamic-int8", "fp16"):
             problems.append(f"compile.quantize {q.variant_name}: {task} recipes take dynamic-int8 and fp16")

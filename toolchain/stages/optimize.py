@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from toolchain.compile.export import check_parity
-from toolchain.compile.parity import REFERENCE
+from toolchain.compile.parity import REFERENCE, export_key
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
@@ -67,9 +67,10 @@ def optimize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    exported = inputs["export"]
+    export = export_key(call.inputs)
+    exported = inputs[export]
     # the model the export was made from: its config names the fusions' model type, heads and hidden size
-    hf_dir = inputs[next(k for k in call.inputs if k != "export")].path
+    hf_dir = inputs[next(k for k in call.inputs if k != export)].path
     config = json.loads((hf_dir / "config.json").read_text())
     unfused = no_fusions(config["model_type"])
     if unfused:  # the plan leaves this stage out for such a model

@@ -10,7 +10,7 @@ from typing import Any
 
 from toolchain.compile.graph import qdq_coverage
 from toolchain.compile.openvino import nncf_int8
-from toolchain.compile.parity import REFERENCE, compare, graph_file
+from toolchain.compile.parity import REFERENCE, compare, export_key, graph_file
 from toolchain.compile.quantize import QuantizeConfig, build_variant, qat_variant
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
@@ -41,6 +41,7 @@ def quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
         meta = build_variant(ctx, spec, src.file("model.onnx"), out, tokenizer)
     # drift against the PyTorch reference logits the export computed, through the runtime that runs the variant
     graph = graph_file(out)
-    drift = compare(graph, tokenizer, inputs["export"].file(REFERENCE), ctx.threads, runtime=runtime)
+    reference = inputs[export_key(call.inputs)].file(REFERENCE)
+    drift = compare(graph, tokenizer, reference, ctx.threads, runtime=runtime)
     coverage = qdq_coverage(graph) if graph.suffix == ".onnx" else None
     return {"mode": spec.mode, **meta, "drift_vs_pytorch": drift, "qdq": coverage}

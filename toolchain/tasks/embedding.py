@@ -14,6 +14,7 @@ import numpy as np
 # the stages this task plans: importing them registers them
 import toolchain.stages.bench
 import toolchain.stages.embed_bundle
+import toolchain.stages.embed_distill
 import toolchain.stages.embed_evaluate
 import toolchain.stages.embed_export
 import toolchain.stages.embed_finetune
@@ -38,6 +39,7 @@ log = logging.getLogger("toolchain")
 # within it, variants whose latency ranges overlap are as accurate and the smaller ships
 SPEARMAN_RESOLUTION = 0.001
 UNTUNED = "onnx-fp32-untuned"  # the pretrained embedder exported as it is: checks the pooling against published scores
+STUDENT = "pytorch-fp32-student"  # the distilled student in PyTorch (compile.distill)
 
 
 # long: the task's whole plan, stage by stage in run order, each id's inputs beside it
@@ -66,33 +68,41 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             settings=settings,
         )
     ]
+    variants = [Variant(BASELINE, "finetune", "pytorch", "fp32")]
     export_cfg = {**comp.export.model_dump(mode="json"), "max_length": recipe.bundle.max_length}
-    calls.append(StageCall("export", "embed-export", export_cfg, ("finetune",), eval_identity))
-    variants = [Variant(BASELINE, "finetune", "pytorch", "fp32"), Variant("onnx-fp32", "export", "onnx", "fp32")]
-    if trains:  # the pretrained embedder, exported with its pooling: the published score checks the graph
-        calls.append(StageCall("pretrained", "embed-finetune", finetune_cfg | {"method": "none"}, (), model, settings))
-        calls.append(StageCall("export.untuned", "embed-export", export_cfg, ("pretrained",), eval_identity))
-        variants.append(Variant(UNTUNED, "export.untuned", "onnx", "fp32"))
-    fp32 = "export"
+    compiled = {**eval_identity, "export": comp.export.model_dump(mode="json"), "max_length": recipe.bundle.max_length}
     unfused = no_fusions_for(recipe)
     if unfused:
         log.info("optimize: skipped, %s", unfused.removeprefix("none: "))
-    elif comp.optimize:
-        calls.append(
-            StageCall("optimize", "optimize", {"atol": comp.export.atol}, ("export", "finetune"), eval_identity)
-        )
-        variants.append(Variant("onnx-fp32-optimized", "optimize", "onnx", "fp32"))
-        fp32 = "optimize"
-    for q in comp.quantize:
-        identity = {
-            **eval_identity,
-            "export": comp.export.model_dump(mode="json"),
-            "max_length": recipe.bundle.max_length,
-            "seed": ft.seed,
-        }
-        key = f"quantize.{q.variant_name}"
-        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (fp32, "export", "finetune"), identity))
-        variants.append(Variant(q.variant_name, key, "onnx", q.precision))
+
+    def compile_branch(model_key: str, suffix: str) -> None:
+        """Export, fuse and quantize one embedder: the fine-tuned one (suffix "") or the student ("-student")."""
+        tag = suffix.replace("-", ".")  # stage keys: export, export.student, ...
+        export = f"export{tag}"
+        calls.append(StageCall(export, "embed-export", export_cfg, (model_key,), eval_identity))
+        variants.append(Variant(f"onnx-fp32{suffix}", export, "onnx", "fp32"))
+        fp32 = export
+        if comp.optimize and not unfused:
+            fp32 = f"optimize{tag}"
+            calls.append(StageCall(fp32, "optimize", {"atol": comp.export.atol}, (export, model_key), eval_identity))
+            variants.append(Variant(f"onnx-fp32-optimized{suffix}", fp32, "onnx", "fp32"))
+        for q in comp.quantize:
+            key = f"quantize.{q.variant_name}{tag}"
+            inputs = (fp32, export, "finetune")  # the graph, its PyTorch reference, the tokenizer
+            calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), inputs, compiled | {"seed": ft.seed}))
+            variants.append(Variant(f"{q.variant_name}{suffix}", key, "onnx", q.precision))
+
+    compile_branch("finetune", "")
+    if trains:  # the pretrained embedder, exported with its pooling: the published score checks the graph
+        calls.append(StageCall("pretrained", "embed-finetune", finetune_cfg | {"method": "none"}, (), model, settings))
+        calls.append(StageCall("export.untuned", "embed-export", export_cfg, ("pretrained",), eval_identity))
+        variants.insert(2, Variant(UNTUNED, "export.untuned", "onnx", "fp32"))  # beside the fine-tuned export
+    if comp.distill is not None:  # a student beside the fine-tuned embedder: both compiled, both candidates
+        train_identity = {**columns, "train_sha256": ctx.train.sha256, "max_train_rows": d.max_train_rows}
+        distill_cfg = ctx.training_config(comp.distill)
+        calls.append(StageCall("distill", "embed-distill", distill_cfg, ("finetune",), train_identity))
+        variants.append(Variant(STUDENT, "distill", "pytorch", "fp32"))
+        compile_branch("distill", "-student")
     corpus_sha = sha256_file(recipe.data_root() / emb.corpus) if emb.corpus else None
     measured = eval_identity | {
         "test_sha256": test.sha256 if test is not None else None,
