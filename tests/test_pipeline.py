@@ -321,6 +321,19 @@ EXERCISED_ELSEWHERE = {
             "llm-bundle",
         )
     },
+    **{
+        stage: "test_embedding.py::test_the_embedder_runs_end_to_end_with_pooling_in_the_graph"
+        for stage in ("embed-finetune", "embed-export", "embed-evaluate", "embed-bundle")
+    },
+    "embed-distill": "test_embedding.py::test_a_distilled_student_embedder_is_built_measured_and_shipped",
+    **{
+        stage: "test_tagging.py::test_the_tagger_runs_end_to_end"
+        for stage in ("tag-finetune", "tag-export", "tag-evaluate", "tag-bundle")
+    },
+    **{
+        stage: "test_pairs.py::test_a_cross_encoder_regressor_runs_end_to_end"
+        for stage in ("pair-finetune", "pair-evaluate", "pair-bundle")
+    },
 }
 
 
