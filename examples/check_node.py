@@ -1,7 +1,8 @@
 """Check that the Node.js app (examples/node) classifies like the Python runtime: same label on every row (a
 sentence-embedding bundle: the cosine between the Node and the Python embedding of every text, both texts of each
 eval pair, at least --min-cosine, default 0.9999; a token-classification bundle: the same entities, type and
-character offsets, in every eval sentence joined by spaces).
+character offsets, in every eval sentence joined by spaces; a cross-encoder: the same label, or a score within 1e-3,
+on every eval pair).
 
     make node-example      # ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix examples/node
     python examples/check_node.py runs/sst2-minilm/bundle            # the bundle's eval split (SST-2 dev, 872 rows)
@@ -30,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 NODE_APP = HERE / "node" / "classify.mjs"
 NODE_EMBED = HERE / "node" / "embed.mjs"
 NODE_TAG = HERE / "node" / "tag.mjs"
+NODE_PAIRS = HERE / "node" / "pairs.mjs"
 
 
 def read_texts(path: Path, column: str | None) -> list[str]:
@@ -104,6 +106,22 @@ def compare_tags(bundle: Path, texts: list[str], threads: int | None = 1) -> dic
     return {"rows": len(texts), "agree": len(texts) - len(differ), "differ_rows": differ, "python": py, "node": js}
 
 
+def compare_pairs(bundle: Path, pairs: list[tuple[str, str]], threads: int | None = 1) -> dict:
+    """A cross-encoder's output per pair from the Node app and the Python runtime: the score (regression; the largest
+    difference) or the label (classification; the pairs where they differ)."""
+    from toolchain.runtime import CrossEncoder
+
+    encoder = CrossEncoder.load(bundle, threads=threads)
+    js = node_predictions(bundle, [f"{a}\t{b}" for a, b in pairs], threads, NODE_PAIRS)
+    if encoder.objective == "regression":
+        py = encoder.score(pairs, batch_size=1).astype(np.float64)
+        diff = np.abs(py - np.array(js, dtype=np.float64))
+        return {"rows": len(pairs), "max_abs_score_diff": float(diff.max()) if pairs else 0.0, "differ_rows": []}
+    labels = [p.label for p in encoder.predict(pairs, batch_size=1)]
+    differ = [i for i, (a, r) in enumerate(zip(labels, js, strict=True)) if a != r["label"]]
+    return {"rows": len(pairs), "max_abs_score_diff": 0.0, "differ_rows": differ}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -134,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     if not texts:
         print(f"error: no rows in {path}", file=sys.stderr)
         return 2
+    if manifest.get("kind") == "cross-encoder":
+        pair_column = recipe["data"]["text_pair"]
+        firsts = read_texts(path, recipe["data"]["text"])
+        pairs = [(a, b) for a, b in zip(firsts, read_texts(path, pair_column), strict=True)][: args.limit]
+        try:
+            found = compare_pairs(args.bundle, pairs)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"{args.bundle}: Node.js (onnxruntime-node) against the Python runtime on {found['rows']} pairs of {path}: "
+            f"largest score difference {found['max_abs_score_diff']:.2e}, labels differ on {len(found['differ_rows'])}"
+        )
+        return 0 if found["max_abs_score_diff"] < 1e-3 and not found["differ_rows"] else 1
     if manifest.get("kind") == "tagger":
         try:
             found = compare_tags(args.bundle, texts)

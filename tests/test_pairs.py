@@ -138,3 +138,19 @@ def test_a_pair_recipe_that_cannot_run_is_refused_with_the_field(tmp_path: Path,
     single["data"].pop("text_pair")
     with pytest.raises(RecipeError, match=r"pairs: a pair recipe names its second text's column in data\.text_pair"):
         load_recipe(write_recipe(tmp_path, single))
+
+
+def test_node_scores_and_classifies_pairs_like_python(regression_run, classification_run) -> None:
+    from tests.conftest import node_app_compare
+
+    node_app_compare()  # installs the Node packages, or skips where node is missing (fails under .ci/run)
+    sys.path.insert(0, str(PROJECT_ROOT / "examples"))
+    try:
+        from check_node import compare_pairs
+    finally:
+        sys.path.pop(0)
+    for ctx, run in (regression_run, classification_run):
+        pairs = list(zip(ctx.test.texts, ctx.test.pairs, strict=True))
+        long = (" ".join(ctx.test.texts[:12]), " ".join(ctx.test.pairs[:30]))  # past max_length together: cut
+        found = compare_pairs(run / "bundle", [*pairs, long, (long[1], long[0])])
+        assert found["max_abs_score_diff"] < 1e-4 and found["differ_rows"] == [], found

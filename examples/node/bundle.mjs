@@ -19,6 +19,7 @@ import ort from "onnxruntime-node";
 export const MANIFEST_VERSION = 2;
 export const EMBEDDER_MANIFEST_VERSION = 1;
 export const TAGGER_MANIFEST_VERSION = 1;
+export const CROSS_ENCODER_MANIFEST_VERSION = 1;
 
 // manifest inputs' `from` (the Python `tokenizers` Encoding field) -> the key this tokenizer's encode() returns it under
 const ENCODING_KEY = { ids: "ids", attention_mask: "attention_mask", type_ids: "token_type_ids" };
@@ -72,7 +73,12 @@ async function readManifest(dir, kind, version) {
     throw new BundleError(`${dir}: no readable manifest.json; this is not a bundle folder`);
   });
   if ((manifest.kind ?? "classifier") !== kind) {
-    const loaders = { embedder: "loadEmbedder", tagger: "loadTagger", classifier: "loadBundle" };
+    const loaders = {
+      embedder: "loadEmbedder",
+      tagger: "loadTagger",
+      "cross-encoder": "loadCrossEncoder",
+      classifier: "loadBundle",
+    };
     const loader = loaders[manifest.kind ?? "classifier"];
     if (!loader) throw new BundleError(`${dir}: a ${manifest.kind} bundle, which this app does not run`);
     throw new BundleError(`${dir}: a ${manifest.kind ?? "classifier"} bundle: load it with ${loader}`);
@@ -228,4 +234,55 @@ export async function loadTagger(dir, { threads, verifyHashes = true } = {}) {
     });
   }
   return { manifest, tags, tag };
+}
+
+// A pair of texts encoded together ([CLS] a [SEP] b [SEP], segment ids 0 then 1), cut at maxLength as `tokenizers`
+// cuts a pair (longest_first: the shorter keeps what it can, up to half, the longer gets the rest).
+export function encodePair(tokenizer, a, b, maxLength) {
+  const full = tokenizer.encode(a, { text_pair: b, return_token_type_ids: true });
+  if (full.ids.length <= maxLength) return full;
+  const ia = tokenizer.encode(a, { add_special_tokens: false }).ids;
+  const ib = tokenizer.encode(b, { add_special_tokens: false }).ids;
+  const at = (body, from) => {
+    for (let s = from; s + body.length <= full.ids.length; s += 1) {
+      if (body.every((id, i) => full.ids[s + i] === id)) return s;
+    }
+    throw new BundleError("cannot locate the pair's tokens between the special tokens");
+  };
+  const sa = at(ia, 0);
+  const sb = at(ib, sa + ia.length);
+  const total = maxLength - (full.ids.length - ia.length - ib.length);
+  let [n1, n2] = ia.length > ib.length ? [ib.length, ia.length] : [ia.length, ib.length];
+  n2 = n1 > total ? n1 : Math.max(n1, total - n1);
+  if (n1 + n2 > total) {
+    n1 = Math.floor(total / 2);
+    n2 = n1 + (total % 2);
+  }
+  const [ka, kb] = ia.length > ib.length ? [n2, n1] : [n1, n2];
+  const pick = (xs) => [
+    ...xs.slice(0, sa + ka),
+    ...xs.slice(sa + ia.length, sb + kb),
+    ...xs.slice(sb + ib.length),
+  ];
+  return { ids: pick(full.ids), attention_mask: pick(full.attention_mask), token_type_ids: pick(full.token_type_ids) };
+}
+
+// A cross-encoder bundle (manifest kind "cross-encoder"): score(a, b) -> the regressor's score on the gold scale
+// (0..score_max); predict(a, b) -> {label, score, scores} for a pair classifier.
+export async function loadCrossEncoder(dir, { threads, verifyHashes = true } = {}) {
+  const manifest = await readManifest(dir, "cross-encoder", CROSS_ENCODER_MANIFEST_VERSION);
+  const run = await openModel(dir, manifest, threads, verifyHashes);
+  const logits = async (a, b) =>
+    Array.from(await run.runEncoding(encodePair(run.tokenizer, a, b, manifest.preprocessing.max_length)), Number);
+  async function score(a, b) {
+    if (manifest.objective !== "regression") throw new BundleError(`${dir}: a pair classifier; use predict`);
+    return (await logits(a, b))[0] * manifest.score_max;
+  }
+  async function predict(a, b) {
+    if (manifest.objective !== "classification") throw new BundleError(`${dir}: a score regressor; use score`);
+    const probs = softmax(await logits(a, b));
+    const k = probs.indexOf(Math.max(...probs));
+    return { label: manifest.labels[k], score: probs[k], scores: Object.fromEntries(manifest.labels.map((l, i) => [l, probs[i]])) };
+  }
+  return { manifest, score, predict };
 }
