@@ -126,6 +126,18 @@ def test_the_tagger_runs_end_to_end(tagging_run) -> None:
     assert report["raw_text_agreement"] == {"split": "test", "sentences": 30, "same_entities": 30}
 
 
+def test_a_tagger_bundle_is_refused_by_the_other_runtimes_with_the_class_to_use(tagging_run) -> None:
+    from toolchain.runtime import BundleError, CrossEncoder, Embedder, Predictor
+
+    _, run = tagging_run
+    with pytest.raises(BundleError, match="a tagger bundle; this class loads embedder bundles"):
+        Embedder.load(run / "bundle")
+    with pytest.raises(BundleError, match="a tagger bundle; this class loads cross-encoder bundles"):
+        CrossEncoder.load(run / "bundle")
+    with pytest.raises(BundleError, match="load it with Tagger"):
+        Predictor.load(run / "bundle")
+
+
 def test_the_bundle_tags_raw_text_without_torch_as_measured(tagging_run) -> None:
     ctx, run = tagging_run
     report = json.loads((run / "report.json").read_text())

@@ -511,6 +511,38 @@ class Predictor:
         return out
 
 
+def _open_bundle(
+    folder: Path | str, kind: str, version: int, threads: int | None, providers: list[str] | None, verify: bool
+) -> tuple[Path, dict, OnnxClassifier]:
+    """A bundle of a task other than classification (manifest `kind`): its manifest checked (kind, format version,
+    every file's sha256 unless `verify` is off) and its ONNX graph opened with the tokenizer beside it."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("kind") != kind:
+        raise BundleError(
+            f"{manifest_path}: a {manifest.get('kind', 'classifier')} bundle; this class loads {kind} bundles"
+        )
+    if manifest.get("format_version") != version:
+        raise BundleError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}, this runtime reads {version}"
+        )
+    if verify:
+        _verify_files(folder, manifest)
+    pre = manifest["preprocessing"]
+    model = OnnxClassifier(
+        folder / manifest["model"],
+        folder / pre["tokenizer"],
+        pre["max_length"],
+        threads,
+        providers,
+        fields=input_fields(manifest, manifest_path),
+    )
+    return folder, manifest, model
+
+
 class Embedder:
     """Loads a sentence-embedding bundle (verifying every file's sha256) and embeds texts: one L2-normalized float32
     vector per text (pooling and normalization run inside the graph), so a dot product is the cosine similarity.
@@ -529,30 +561,7 @@ class Embedder:
     def load(
         cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
     ) -> Embedder:
-        folder = Path(folder)
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("kind") != "embedder":
-            raise BundleError(f"{manifest_path}: not a sentence-embedding bundle; load it with Predictor or Generator")
-        if manifest.get("format_version") != EMBEDDER_MANIFEST_VERSION:
-            raise BundleError(
-                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this runtime reads "
-                f"{EMBEDDER_MANIFEST_VERSION}"
-            )
-        if verify:
-            _verify_files(folder, manifest)
-        pre = manifest["preprocessing"]
-        model = OnnxClassifier(
-            folder / manifest["model"],
-            folder / pre["tokenizer"],
-            pre["max_length"],
-            threads,
-            providers,
-            fields=input_fields(manifest, manifest_path),
-        )
-        return cls(folder, manifest, model)
+        return cls(*_open_bundle(folder, "embedder", EMBEDDER_MANIFEST_VERSION, threads, providers, verify))
 
     def embed(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """(len(texts), dimension) float32, in order. `batch_size` defaults to the one the bundle was measured with
@@ -602,30 +611,7 @@ class CrossEncoder:
     def load(
         cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
     ) -> CrossEncoder:
-        folder = Path(folder)
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("kind") != "cross-encoder":
-            raise BundleError(f"{manifest_path}: not a cross-encoder (text pair) bundle")
-        if manifest.get("format_version") != CROSS_ENCODER_MANIFEST_VERSION:
-            raise BundleError(
-                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this runtime reads "
-                f"{CROSS_ENCODER_MANIFEST_VERSION}"
-            )
-        if verify:
-            _verify_files(folder, manifest)
-        pre = manifest["preprocessing"]
-        model = OnnxClassifier(
-            folder / manifest["model"],
-            folder / pre["tokenizer"],
-            pre["max_length"],
-            threads,
-            providers,
-            fields=input_fields(manifest, manifest_path),
-        )
-        return cls(folder, manifest, model)
+        return cls(*_open_bundle(folder, "cross-encoder", CROSS_ENCODER_MANIFEST_VERSION, threads, providers, verify))
 
     def _logits(self, pairs: object, batch_size: int | None) -> np.ndarray:
         items = clean_pairs(pairs)
@@ -675,30 +661,7 @@ class Tagger:
     def load(
         cls, folder: Path | str, threads: int | None = None, providers: list[str] | None = None, verify: bool = True
     ) -> Tagger:
-        folder = Path(folder)
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise BundleError(f"{folder}: no manifest.json; this is not a bundle folder")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("kind") != "tagger":
-            raise BundleError(f"{manifest_path}: not a token-classification bundle")
-        if manifest.get("format_version") != TAGGER_MANIFEST_VERSION:
-            raise BundleError(
-                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this runtime reads "
-                f"{TAGGER_MANIFEST_VERSION}"
-            )
-        if verify:
-            _verify_files(folder, manifest)
-        pre = manifest["preprocessing"]
-        model = OnnxClassifier(
-            folder / manifest["model"],
-            folder / pre["tokenizer"],
-            pre["max_length"],
-            threads,
-            providers,
-            fields=input_fields(manifest, manifest_path),
-        )
-        return cls(folder, manifest, model)
+        return cls(*_open_bundle(folder, "tagger", TAGGER_MANIFEST_VERSION, threads, providers, verify))
 
     def tag_words(self, sentences: list[list[str]]) -> tuple[list[list[int]], list[list[float]]]:
         """Each word's tag id and its probability, one sentence at a time (a word cut off at max_length: O)."""
