@@ -127,7 +127,7 @@ def tiny_generation_recipe(model: Path) -> dict:
                     "auto_file": "sst2/heldout.tsv",
                     "sensitivity_rows": 4,
                 },
-                {"mode": "int4", "block_size": 32, "int8_nodes": ["/v_proj/"]},
+                {"mode": "int4", "block_size": 32, "int8_nodes": ["/qkv_proj/"]},
                 {"mode": "int8-weight", "block_size": 32},
             ],
         },

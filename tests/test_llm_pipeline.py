@@ -55,13 +55,15 @@ def test_quantized_variants_use_matmulnbits_with_their_bits(tiny_run: Path) -> N
     assert q["llm-quantize.onnx-int4-b32"]["bits"] == 4 and q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] > 0
     assert q["llm-quantize.onnx-int8-weight-b32"]["bits"] == 8
     mixed = q["llm-quantize.onnx-int4-b32-mixed8"]
-    assert mixed["int8_weight_nodes"] == 2 and all("/v_proj/" in n for n in mixed["int8_nodes"])  # 2 layers
-    assert mixed["matmulnbits_nodes"] == q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] == 2 * 7
-    # the ranking: 7 projections over both layers, then each layer; at most 4 held-out rows each
+    assert mixed["int8_weight_nodes"] == 2 and all("/qkv_proj/" in n for n in mixed["int8_nodes"])  # 2 layers
+    # the fused graph: q/k/v, o, gate/up and down per layer, and the LM head (its weights the embedding's too)
+    assert mixed["matmulnbits_nodes"] == q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] == 2 * 4 + 1
+    assert all(v["embedding_shared_with_lm_head"] for v in q.values())
+    # the ranking: 4 fused projections over both layers, then each layer; at most 4 held-out rows each
     ranking = q["llm-quantize.onnx-int4-b32"]["sensitivity"]
     groups = {r["group"] for r in ranking}
-    assert "/model/layers.*/self_attn/v_proj/MatMul" in groups and "/layers.1/*_proj" in groups
-    assert len(ranking) == 9 and all(r["rows"] == 4 for r in ranking)
+    assert "/model/layers.*/attn/qkv_proj/MatMul" in groups and "/layers.1/*_proj" in groups
+    assert len(ranking) == 6 and all(r["rows"] == 4 for r in ranking)
     assert [r["margin_mse"] for r in ranking] == sorted((r["margin_mse"] for r in ranking), reverse=True)
     assert "Projection sensitivity" in (tiny_run / "report.md").read_text()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -717,6 +717,77 @@ class Generation:
         return (len(self.token_ids) - 1) / self.decode_seconds if len(self.token_ids) > 1 and self.decode_seconds else 0
 
 
+class KvCache:
+    """The key/value cache of a GroupQueryAttention decoder graph (toolchain.llm.fused) for one sequence: one
+    preallocated buffer per layer's keys and values, bound with onnxruntime's IOBinding to both the graph's past input
+    and its present output, so a run writes its new key/values in place and no step copies the cache. The logits
+    output and the decode step's inputs are bound once too; a step changes three numbers and runs.
+
+    `run(ids, start)` feeds `ids` at positions start.. (the cache keeps what is before `start`) and returns the last
+    position's logits (a view, overwritten by the next run). The buffers grow by copying when a sequence outgrows
+    them (in steps of `block` positions); `run_seconds` adds up the time spent inside onnxruntime."""
+
+    def __init__(self, session: ort.InferenceSession, past_names: list[str], shape: tuple[int, int], dtype: Any):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = session
+        self.past_names = past_names
+        self.kv_heads, self.head_dim = shape
+        self.dtype = dtype
+        self.block = 256
+        self.capacity = 0
+        self.binding = session.io_binding()
+        self._buffers: dict[str, np.ndarray] = {}
+        vocab = session.get_outputs()[0].shape[-1]
+        self._logits = np.zeros((1, 1, int(vocab)), np.float32)
+        self._seqlens = np.zeros((1,), np.int32)
+        self._total = np.zeros((), np.int32)
+        self._token = np.zeros((1, 1), np.int64)
+        self._token_bound = False
+        self.run_seconds = 0.0
+        for name, array in (("logits", self._logits),):
+            self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self._seqlens))
+        self.binding.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self._total))
+        self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
+
+    def reserve(self, length: int, keep: int) -> None:
+        """Room for `length` positions, the first `keep` kept."""
+        if length <= self.capacity:
+            return
+        capacity = -(-length // self.block) * self.block
+        for name in self.past_names:
+            buffer = np.zeros((1, self.kv_heads, capacity, self.head_dim), self.dtype)
+            if keep and name in self._buffers:
+                buffer[:, :, :keep] = self._buffers[name][:, :, :keep]
+            self._buffers[name] = buffer
+            value = self._ort.OrtValue.ortvalue_from_numpy(buffer)
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(name.replace("past_key_values.", "present.", 1), value)
+        self.capacity = capacity
+
+    def run(self, ids: np.ndarray, start: int) -> np.ndarray:
+        import time
+
+        total = start + ids.shape[1]
+        self.reserve(total, start)
+        self._seqlens[0] = total - 1
+        self._total[...] = total
+        if ids.shape[1] == 1:
+            self._token[0, 0] = ids[0, 0]
+            if not self._token_bound:
+                self.binding.bind_ortvalue_input("input_ids", self._token_value)
+                self._token_bound = True
+        else:
+            self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+            self._token_bound = False
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(self.binding)
+        self.run_seconds += time.perf_counter() - t0
+        return self._logits[0, 0]
+
+
 class DecoderGenerator:
     """Greedy generation from a decoder ONNX graph with past key/values inputs and present outputs (optimum's
     text-generation-with-past export), numpy + onnxruntime (+ tokenizers for text): no torch.
@@ -728,7 +799,15 @@ class DecoderGenerator:
     `set_prefix(ids)`: its key/values are computed once and every prompt that starts with exactly those ids starts
     from them. `generate_batch_ids` runs several prompts at once: each prompt's own tokens are left-padded after the
     shared prefix, the pads masked out, positions given explicitly, so a row's result does not depend on its padding
-    (up to float rounding in the kernels)."""
+    (up to float rounding in the kernels).
+
+    The toolchain's fused graph (GroupQueryAttention; `toolchain.llm.fused`) runs through a `KvCache`: no cache is
+    copied, the prefix's key/values stay at the start of the buffers and each prompt that extends the prefix writes
+    after them. It runs one prompt at a time (`can_pad` is False: batches run their prompts in turn), and one
+    generation at a time per DecoderGenerator (use one per thread)."""
+
+    fused = False
+    kv: KvCache | None = None
 
     def __init__(
         self,
@@ -751,6 +830,9 @@ class DecoderGenerator:
         self.past_dtype = np.float16 if "float16" in first.type else np.float32
         # padding inside a batch needs explicit positions; a graph without them runs one prompt at a time
         self.can_pad = "position_ids" in self.input_names and "attention_mask" in self.input_names
+        self.fused = "seqlens_k" in self.input_names
+        if self.fused:
+            self.kv = KvCache(self.session, self.past_names, (self.kv_heads, self.head_dim), self.past_dtype)
         self._setup_text(tokenizer_file, eos_token_ids)
 
     def _setup_text(self, tokenizer_file: Path | str | None, eos_token_ids: list[int] | None) -> None:
@@ -767,13 +849,20 @@ class DecoderGenerator:
         self.context_length: int | None = None  # prompt + answer tokens the model takes (None: not known)
         self.prefix_ids: list[int] = []
         self.prefix_past: Any = None
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._cached: list[int] = []  # the ids whose key/values are at the start of the KvCache's buffers
 
     # -- the model ----------------------------------------------------------------------------------------------
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
         """One forward pass: the last position's logits (B, V) and the new cache. `ids` and `positions` (B, T),
-        `mask` (B, past + T) with 0 on padding."""
+        `mask` (B, past + T) with 0 on padding (the fused graph takes no mask and no padding)."""
         feeds = {"input_ids": ids.astype(np.int64), **past}
+        if self.fused:
+            total = mask.shape[1]
+            feeds["seqlens_k"] = np.full((ids.shape[0],), total - 1, np.int32)
+            feeds["total_sequence_length"] = np.array(total, np.int32)
         if "attention_mask" in self.input_names:
             feeds["attention_mask"] = mask.astype(np.int64)
         if "position_ids" in self.input_names:
@@ -802,9 +891,41 @@ class DecoderGenerator:
     def set_prefix(self, ids: list[int]) -> None:
         """Compute the key/values of `ids` once; prompts that start with them (and go on) start from there."""
         self.prefix_ids, self.prefix_past = [], None
-        if ids:
+        if ids and self.kv is not None:
+            self.prefix_ids = list(ids)
+            with self._generating():
+                self._prefix_in_cache()
+        elif ids:
             _, self.prefix_past = self.step(np.array([ids]), self.empty_past(), len(ids))
             self.prefix_ids = list(ids)
+
+    def _prefix_in_cache(self) -> None:
+        """Put the prefix's key/values at the start of the KvCache (after a prompt without it overwrote them)."""
+        assert self.kv is not None
+        if self._cached != self.prefix_ids:
+            self._cached = []
+            self.kv.run(np.array([self.prefix_ids]), 0)
+            self._cached = list(self.prefix_ids)
+
+    def _generating(self) -> Any:
+        """The KvCache serves one generation at a time: other threads wait; the same thread with a stream still
+        open gets an error instead of a deadlock."""
+        import contextlib
+
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("a stream of this DecoderGenerator is still open in this thread: finish or close it")
+
+        @contextlib.contextmanager
+        def held() -> Iterator[None]:
+            with self._lock:
+                self._owner = me
+                try:
+                    yield
+                finally:
+                    self._owner = None
+
+        return held()
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, Any, np.ndarray, np.ndarray]:
         """The prompts' forward pass, from the prefix's cache when every prompt extends it: (last logits, cache,
@@ -854,35 +975,79 @@ class DecoderGenerator:
             logits, past = self.forward(tokens[:, None], mask, nxt[:, None], past)
             nxt = nxt + 1
 
+    def stream_ids(
+        self, prompt_ids: list[int], max_new_tokens: int = 8, stop: Callable[[list[int]], bool] | None = None
+    ) -> Iterator[int]:
+        """Greedy continuation of `prompt_ids`, each new id yielded as soon as it is decoded; ends after EOS, when
+        `stop(ids so far)` is true, or at `max_new_tokens`."""
+        _check_new_tokens(max_new_tokens)
+        if not prompt_ids:
+            raise ValueError("every prompt needs at least one token (an empty text encodes to none)")
+        if self.kv is not None:
+            with self._generating():
+                yield from self._stream(prompt_ids, max_new_tokens, stop)
+        else:
+            yield from self._stream(prompt_ids, max_new_tokens, stop)
+
+    def _stream(
+        self, prompt: list[int], max_new_tokens: int, stop: Callable[[list[int]], bool] | None
+    ) -> Iterator[int]:
+        if self.kv is not None:
+            kv = self.kv
+            n = len(self.prefix_ids)
+            start = 0
+            if n and len(prompt) > n and prompt[:n] == self.prefix_ids:
+                self._prefix_in_cache()
+                start = n
+            else:
+                self._cached = []  # this prompt overwrites the prefix's key/values
+            logits = kv.run(np.array([prompt[start:]]), start)
+            position = len(prompt)
+
+            def advance(token: int) -> np.ndarray:
+                nonlocal position
+                position += 1
+                return kv.run(np.array([[token]]), position - 1)
+
+        else:
+            first, past, mask, nxt = self._prefill([prompt])
+            logits = first[0]
+
+            def advance(token: int) -> np.ndarray:
+                nonlocal past, mask, nxt
+                mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+                out, past = self.forward(np.array([[token]]), mask, nxt[:, None], past)
+                nxt = nxt + 1
+                return out[0]
+
+        out: list[int] = []
+        while True:
+            token = int(logits.argmax())
+            out.append(token)
+            yield token
+            if token in self.eos or (stop is not None and stop(out)) or len(out) >= max_new_tokens:
+                return
+            logits = advance(token)
+
     def generate_ids(
         self, prompt_ids: list[int], max_new_tokens: int = 8, stop: Callable[[list[int]], bool] | None = None
     ) -> tuple[list[int], float, float, str]:
         """Greedy continuation of `prompt_ids`: (new ids, first-token seconds, decode seconds, why it stopped)."""
         import time
 
-        _check_new_tokens(max_new_tokens)
         t0 = time.perf_counter()
-        logits, past, mask, nxt = self._prefill([prompt_ids])
-        token = int(logits[0].argmax())
-        first = time.perf_counter() - t0
-        out = [token]
+        tokens = self.stream_ids(prompt_ids, max_new_tokens, stop)
+        out = [next(tokens)]
         t1 = time.perf_counter()
-        while True:
-            if token in self.eos:
-                why = "eos"
-                break
-            if stop is not None and stop(out):
-                why = "stop string"
-                break
-            if len(out) >= max_new_tokens:
-                why = "max_new_tokens"
-                break
-            mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-            logits, past = self.forward(np.array([[token]]), mask, nxt[:, None], past)
-            nxt = nxt + 1
-            token = int(logits[0].argmax())
-            out.append(token)
-        return out, first, time.perf_counter() - t1, why
+        out.extend(tokens)
+        decode = time.perf_counter() - t1
+        if out[-1] in self.eos:
+            why = "eos"
+        elif stop is not None and stop(out):
+            why = "stop string"
+        else:
+            why = "max_new_tokens"
+        return out, t1 - t0, decode, why
 
     def _stop_check(self, stop_strings: list[str] | None) -> Callable[[list[int]], bool] | None:
         if not stop_strings:

@@ -228,6 +228,13 @@ class ExportSection(Strict):
     opset: int = Field(17, ge=14, le=21, description="ONNX opset for the export.")
     atol: float = Field(1e-4, gt=0, description="Largest allowed |ONNX - PyTorch| logit difference on the parity rows.")
     parity_rows: int = Field(64, gt=0, description="Eval rows used for the parity check.")
+    graph: Literal["auto", "fused", "optimum"] = Field(
+        "auto",
+        description="Generation recipes: the decoder graph. 'fused' is the toolchain's own (GroupQueryAttention with "
+        "rotary, fused residual + RMSNorm, merged projections, the embedding shared with a quantized LM head: "
+        "Llama-family models), 'optimum' is optimum's text-generation-with-past export, 'auto' the fused graph where "
+        "the model type is covered, else optimum's.",
+    )
 
 
 class DistillSection(TrainingSettings):
@@ -745,6 +752,8 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _generation_fits(self) -> Recipe:
         if self.generation is None:
+            if self.compile.export.graph != "auto":
+                raise ValueError("compile.export.graph is for generation recipes (the decoder graph); remove it")
             if any(q.mode == "int8-weight" for q in self.compile.quantize):
                 raise ValueError("compile.quantize mode 'int8-weight' is for generation recipes; use dynamic-int8")
             if any(q.int8_nodes for q in self.compile.quantize):

@@ -1,9 +1,11 @@
-"""The `llm-quantize` stage. Weight-only MatMulNBits (4 or 8 bits, blocks) of the decoder's MatMuls.
+"""The `llm-quantize` stage. Weight-only MatMulNBits (4 or 8 bits, blocks) of the decoder's MatMuls; in the fused
+graph the embedding then reads the quantized LM head's weights (GatherBlockQuantized).
 
 Helpers: `toolchain.llm.helpers`."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
 from toolchain.data import read_split
 from toolchain.errors import StageError
+from toolchain.llm import fused
 from toolchain.llm.helpers import PromptConfig, prompt_task, rank_projections
 
 
@@ -50,11 +53,20 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
         names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
         eight = [n for n in names if any(p in n for p in c.int8_nodes) and n not in exclude]
         if not eight:
-            raise StageError("llm-quantize", f"int8_nodes {c.int8_nodes} match no MatMul of the exported graph")
+            kinds = sorted({re.sub(r"layers\.\d+", "layers.N", n) for n in names})
+            raise StageError(
+                "llm-quantize",
+                f"compile.quantize int8_nodes {c.int8_nodes} match no MatMul of the exported graph; its MatMuls: "
+                f"{', '.join(kinds)}",
+            )
         matmul_nbits(src, out / "mixed.onnx", *args, only=eight, bits=8)
         src = out / "mixed.onnx"
     matmul_nbits(src, out / "model.onnx", *args, None, exclude, bits=c.bits)
     (out / "mixed.onnx").unlink(missing_ok=True)
+    shared = False
+    if fused.is_fused(out / "model.onnx"):  # the embedding read from the quantized LM head: one table
+        shared = fused.share_embedding(out / "model.onnx", out / "shared.onnx")
+        (out / "shared.onnx").replace(out / "model.onnx")
     ranking = None
     if c.sensitivity:
         assert c.auto_file and c.auto_file_sha256 and c.sensitivity_rows and c.text and c.label
@@ -72,6 +84,7 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
         "int8_nodes": eight,
         "float_matmul_nodes": sum(n.op_type == "MatMul" for n in graph.node),
         "excluded": exclude,
+        "embedding_shared_with_lm_head": shared,
         "size_bytes": (out / "model.onnx").stat().st_size,
         **({"sensitivity": ranking} if ranking is not None else {}),
     }

@@ -62,7 +62,12 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         StageCall(
             "llm-export",
             "llm-export",
-            {"opset": recipe.compile.export.opset, "atol": recipe.compile.export.atol, "parity_steps": 8},
+            {
+                "opset": recipe.compile.export.opset,
+                "atol": recipe.compile.export.atol,
+                "parity_steps": 8,
+                "graph": recipe.compile.export.graph,
+            },
             ("llm-finetune",),
             eval_identity,
         ),
