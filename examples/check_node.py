@@ -2,7 +2,9 @@
 sentence-embedding bundle: the cosine between the Node and the Python embedding of every text, both texts of each
 eval pair, at least --min-cosine, default 0.9999; a token-classification bundle: the same entities, type and
 character offsets, in every eval sentence joined by spaces; a cross-encoder: the same label, or a score within 1e-3,
-on every eval pair).
+on every eval pair; a generation bundle: the same greedy tokens for the first 32 eval texts, both the bundle's
+answers and 24-token continuations with the end of turn ignored, a difference allowed only at a step where Python's
+two best logits are within 1e-3, on at most 2 texts).
 
     make node-example      # ONNXRUNTIME_NODE_INSTALL=skip npm ci --prefix examples/node
     python examples/check_node.py runs/sst2-minilm/bundle            # the bundle's eval split (SST-2 dev, 872 rows)
@@ -32,6 +34,8 @@ NODE_APP = HERE / "node" / "classify.mjs"
 NODE_EMBED = HERE / "node" / "embed.mjs"
 NODE_TAG = HERE / "node" / "tag.mjs"
 NODE_PAIRS = HERE / "node" / "pairs.mjs"
+NODE_GENERATE = HERE / "node" / "generate.mjs"
+TIE = 1e-3  # Python's two best logits closer than this: either token is the greedy one up to float rounding
 
 
 def read_texts(path: Path, column: str | None) -> list[str]:
@@ -44,7 +48,9 @@ def read_texts(path: Path, column: str | None) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def node_predictions(bundle: Path, texts: list[str], threads: int | None = None, app: Path = NODE_APP) -> list[dict]:
+def node_predictions(
+    bundle: Path, texts: list[str], threads: int | None = None, app: Path = NODE_APP, extra: tuple[str, ...] = ()
+) -> list[dict]:
     """The Node app's JSON output, one object (an embedding app: one array) per text."""
     node = shutil.which("node")
     if node is None:
@@ -52,7 +58,7 @@ def node_predictions(bundle: Path, texts: list[str], threads: int | None = None,
     if not (HERE / "node" / "node_modules" / "onnxruntime-node").is_dir():
         raise RuntimeError("the Node packages are not installed: make node-example")
     flags = ["--json"] if app == NODE_APP else []
-    cmd = [node, str(app), str(bundle), *flags] + (["--threads", str(threads)] if threads else [])
+    cmd = [node, str(app), str(bundle), *flags, *extra] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, input="\n".join(texts) + "\n", capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"the Node app failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
@@ -122,6 +128,46 @@ def compare_pairs(bundle: Path, pairs: list[tuple[str, str]], threads: int | Non
     return {"rows": len(pairs), "max_abs_score_diff": 0.0, "differ_rows": differ}
 
 
+def compare_generation(bundle: Path, texts: list[str], threads: int | None = 1, tokens: int = 24) -> dict:
+    """Greedy token ids of the Node app and the Python runtime for each text's prompt: the bundle's answers
+    (end of turn, stop strings, max_new_tokens) and `tokens`-token continuations (end of turn ignored). Where the ids
+    differ, Python's gap between its two best logits at the first differing step: a gap under TIE is a near tie."""
+    from toolchain.runtime import Generator
+
+    gen = Generator.load(bundle, threads=threads)
+    d = gen.decoder
+    answers = [gen.classify(t).generation.token_ids for t in texts]
+    eos, d.eos = d.eos, set()
+    try:
+        long = [d.generate_ids(d.encode(gen.prompt(t)), tokens)[0] for t in texts]
+    finally:
+        d.eos = eos
+    js_answers = [r["ids"] for r in node_predictions(bundle, texts, threads, NODE_GENERATE)]
+    flags = ("--tokens", str(tokens), "--ignore-eos")
+    js_long = [r["ids"] for r in node_predictions(bundle, texts, threads, NODE_GENERATE, flags)]
+    ties, differ, gaps = [], [], {}
+    for i, text in enumerate(texts):
+        pairs = [(answers[i], js_answers[i]), (long[i], js_long[i])]
+        first = [next((k for k, (a, b) in enumerate(zip(py, js, strict=False)) if a != b), None) for py, js in pairs]
+        where = [(py, k) for (py, js), k in zip(pairs, first, strict=True) if k is not None or len(py) != len(js)]
+        if not where:
+            continue
+        py, k = where[0]
+        k = min(len(py) - 1, len(py) if k is None else k)
+        ids = d.encode(gen.prompt(text)) + py[:k]
+        logits = np.sort(d.step(np.array([ids]), d.empty_past(), len(ids))[0])
+        gaps[i] = float(logits[-1] - logits[-2])
+        (ties if gaps[i] < TIE else differ).append(i)
+    return {
+        "prompts": len(texts),
+        "identical": len(texts) - len(ties) - len(differ),
+        "near_ties": ties,
+        "differ_rows": differ,
+        "gaps": gaps,
+        "tokens_compared": sum(len(a) + len(b) for a, b in zip(answers, long, strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -152,6 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     if not texts:
         print(f"error: no rows in {path}", file=sys.stderr)
         return 2
+    if manifest.get("kind") == "generator":
+        try:
+            found = compare_generation(args.bundle, texts[: args.limit or 32])
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"{args.bundle}: Node.js (onnxruntime-node) generates the Python runtime's greedy tokens for "
+            f"{found['identical']}/{found['prompts']} prompts of {path} ({found['tokens_compared']} tokens: answers "
+            f"and 24-token continuations); near ties (two best logits within {TIE}): {len(found['near_ties'])}; "
+            f"other differences: {len(found['differ_rows'])}"
+        )
+        for i in found["near_ties"] + found["differ_rows"]:
+            print(f"  prompt {i}: gap {found['gaps'][i]:.2e}: {texts[i][:80]!r}")
+        return 0 if not found["differ_rows"] and len(found["near_ties"]) <= 2 else 1
     if manifest.get("kind") == "cross-encoder":
         pair_column = recipe["data"]["text_pair"]
         firsts = read_texts(path, recipe["data"]["text"])

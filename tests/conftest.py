@@ -83,9 +83,9 @@ def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def tiny_generation_recipe(model: Path) -> dict:
+def tiny_generation_recipe(model: Path, name: str = "tiny-gen") -> dict:
     return {
-        "name": "tiny-gen",
+        "name": name,
         "model": {"source": str(model)},
         "data": {
             "train": "sst2/train.tsv",
@@ -116,6 +116,7 @@ def tiny_generation_recipe(model: Path) -> dict:
             "bench_prompts": 2,
             "bench_new_tokens": 6,
             "bench_rounds": 1,
+            "peers": [],  # the peers' environments are never built by the tests (tests/test_llm_peers.py fakes them)
         },
         "compile": {
             "export": {"opset": 17, "atol": 1.0e-3},

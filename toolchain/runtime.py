@@ -1223,6 +1223,31 @@ class Generator:
             s["stop_strings"] if stop_strings is None else stop_strings,
         )
 
+    def stream(
+        self, prompt: str, max_new_tokens: int | None = None, stop_strings: list[str] | None = None
+    ) -> Iterator[str]:
+        """`generate`, the text yielded piece by piece as tokens are decoded (a piece waits for the rest of a
+        character split over tokens); the pieces join to `generate(...).text`.
+
+            for piece in gen.stream(gen.prompt("a gorgeous film")):
+                print(piece, end="", flush=True)"""
+        s, d = self.settings, self.decoder
+        limit = s["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        stops = s["stop_strings"] if stop_strings is None else stop_strings
+        prompt_ids = d.encode(prompt)
+        d.check_length(prompt_ids, limit)
+        ids: list[int] = []
+        sent = ""
+        for token in d.stream_ids(prompt_ids, limit, d._stop_check(stops)):
+            ids.append(token)
+            text = d._text(ids, stops)
+            if len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent) :]
+                sent = text
+        text = d._text(ids, stops)
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+
     def classify(self, text: str) -> Answer:
         """The label the model answers for `text` (None when the answer names no label). A text too long for the
         model's context is classified by its first tokens (see fit); lone surrogates are read as U+FFFD; not a

@@ -26,11 +26,11 @@ const ENCODING_KEY = { ids: "ids", attention_mask: "attention_mask", type_ids: "
 
 export class BundleError extends Error {}
 
-async function readJson(file) {
+export async function readJson(file) {
   return JSON.parse(await readFile(file, "utf8"));
 }
 
-async function verify(dir, manifest) {
+export async function verify(dir, manifest) {
   for (const [name, info] of Object.entries(manifest.files)) {
     let bytes;
     try {
@@ -68,7 +68,7 @@ export function encode(tokenizer, text, maxLength) {
   return { ids: pick(full.ids), attention_mask: pick(full.attention_mask), token_type_ids: pick(full.token_type_ids) };
 }
 
-async function readManifest(dir, kind, version) {
+export async function readManifest(dir, kind, version) {
   const manifest = await readJson(path.join(dir, "manifest.json")).catch(() => {
     throw new BundleError(`${dir}: no readable manifest.json; this is not a bundle folder`);
   });
@@ -77,6 +77,7 @@ async function readManifest(dir, kind, version) {
       embedder: "loadEmbedder",
       tagger: "loadTagger",
       "cross-encoder": "loadCrossEncoder",
+      generator: "loadGenerator (generator.mjs)",
       classifier: "loadBundle",
     };
     const loader = loaders[manifest.kind ?? "classifier"];
@@ -89,6 +90,20 @@ async function readManifest(dir, kind, version) {
   return manifest;
 }
 
+// onnxruntime's session options as the bundle was measured: sequential, all graph optimizations, `threads` intra-op
+// threads, and the manifest's session config entries ("optimization.x": "y" -> extra.optimization.x = "y").
+export function sessionOptions(manifest, threads) {
+  const options = { executionMode: "sequential", graphOptimizationLevel: "all", interOpNumThreads: 1 };
+  if (threads) options.intraOpNumThreads = threads;
+  const extra = {};
+  for (const [key, value] of Object.entries(manifest.runtime?.cpu_session_config ?? {})) {
+    const dot = key.indexOf(".");
+    (extra[key.slice(0, dot)] ??= {})[key.slice(dot + 1)] = value;
+  }
+  if (Object.keys(extra).length) options.extra = extra;
+  return options;
+}
+
 // The tokenizer, the onnxruntime session (set up as the bundle was measured) and a function text -> the session's
 // first output for that one text (batch 1), shared by classifiers and embedders.
 async function openModel(dir, manifest, threads, verifyHashes) {
@@ -98,16 +113,7 @@ async function openModel(dir, manifest, threads, verifyHashes) {
     await readJson(path.join(dir, pre.tokenizer)),
     await readJson(path.join(dir, "tokenizer_config.json")),
   );
-  const options = { executionMode: "sequential", graphOptimizationLevel: "all", interOpNumThreads: 1 };
-  if (threads) options.intraOpNumThreads = threads;
-  // the session config entries the bundle was measured with ("optimization.x": "y" -> extra.optimization.x = "y")
-  const extra = {};
-  for (const [key, value] of Object.entries(manifest.runtime?.cpu_session_config ?? {})) {
-    const dot = key.indexOf(".");
-    (extra[key.slice(0, dot)] ??= {})[key.slice(dot + 1)] = value;
-  }
-  if (Object.keys(extra).length) options.extra = extra;
-  const session = await ort.InferenceSession.create(path.join(dir, manifest.model), options);
+  const session = await ort.InferenceSession.create(path.join(dir, manifest.model), sessionOptions(manifest, threads));
 
   // what the model takes, and the tokenizer field each comes from: the manifest's inputs
   const sources = Object.fromEntries(manifest.inputs.filter((i) => i.from).map((i) => [i.name, ENCODING_KEY[i.from]]));

@@ -74,6 +74,7 @@ class RunContext:
         self.artifacts: dict[str, Artifact] = {}
         self.checkpoint_dir: Path | None = None  # the running stage's folder for resumable checkpoints
         self.resources: dict[str, Any] = {}  # expected disk/memory and what this machine has (resources.check)
+        self.skipped: dict[str, str] = {}  # rows the plan leaves out, with why (a peer whose tool cannot be built)
 
     @cached_property
     def splits(self) -> tuple[Split, Split]:

@@ -32,14 +32,24 @@ def rotation(names: list[str], rounds: int) -> Iterator[tuple[int, str]]:
 class MeasureProcess:
     """A running measure process for one variant: `ask` sends a JSON request (or none) and reads its answer."""
 
-    def __init__(self, stage: str, name: str, module: str, job_file: Path, threads: int):
+    def __init__(
+        self,
+        stage: str,
+        name: str,
+        module: str,
+        job_file: Path,
+        threads: int,
+        python: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        """`python`: another interpreter (a peer's own environment), `env`: variables added for it."""
         self.stage, self.name = stage, name
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
         self.log = job_file.with_suffix(".log")
         self.started = time.time()
         with self.log.open("w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, str(job_file)],
+                [python or sys.executable, "-m", module, str(job_file)],
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -72,9 +82,17 @@ class MeasureProcess:
                 f.close()
 
 
-def measure_once(stage: str, name: str, module: str, job_file: Path, threads: int) -> dict[str, Any]:
+def measure_once(
+    stage: str,
+    name: str,
+    module: str,
+    job_file: Path,
+    threads: int,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Start a measure process that answers once, unasked, as the last line it prints, and exits; return the answer."""
-    proc = MeasureProcess(stage, name, module, job_file, threads)
+    proc = MeasureProcess(stage, name, module, job_file, threads, python, env)
     try:
         out, _ = proc.proc.communicate()
     finally:

@@ -607,6 +607,13 @@ class GenerationSection(Strict):
     bench_rounds: int = Field(
         3, ge=1, le=20, description="Each variant is timed in a fresh process per round, rounds in rotating order."
     )
+    peers: list[Literal["ort-genai-int4", "llama.cpp-q4_0", "llama.cpp-q4_k_m"]] = Field(
+        ["ort-genai-int4", "llama.cpp-q4_0", "llama.cpp-q4_k_m"],
+        description="Peer rows, built from the tuned weights by each tool with its defaults and measured like every "
+        "variant (accuracy, and in the same timing rounds, fed the same prompt ids); never shipped. ort-genai-int4: "
+        "onnxruntime-genai's model builder, -p int4 -e cpu; llama.cpp-q4_0 / -q4_k_m: llama.cpp's converter and "
+        "quantizer. Their environments live outside .venv (`make peers`; built on first use). [] for none.",
+    )
 
     @field_validator("template")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,11 +32,61 @@ def write(ctx: RunContext, rows: list[GeneratorRow], choice: Choice[GeneratorRow
         "export": ctx.artifacts["llm-export"].meta,
         "quantize": {k: a.meta for k, a in ctx.artifacts.items() if k.startswith("llm-quantize.")},
         "bench": {"threads": bench["threads"], "rounds": bench["rounds"]},
+        "peers": peer_comparison(rows, choice.shipped),
+        "skipped": dict(ctx.skipped),
         "training": {"loss_curve": json.loads(train_log.read_text()).get("loss_curve", [])}
         if train_log.is_file()
         else {},
     }
     return save_report(ctx, data, render)
+
+
+def peer_comparison(rows: Sequence[Mapping[str, Any]], shipped: str | None) -> dict[str, dict[str, Any]]:
+    """The shipped decoder against each peer row: decode tokens/s shipped / peer in each round (each round times every
+    variant once, in a fresh process, so round i of both ran side by side), their median and lowest; accuracy and
+    time to first token beside."""
+    ship = next((r for r in rows if r["name"] == shipped), None)
+    if ship is None or "decode_tokens_per_second_rounds" not in ship:
+        return {}
+    out = {}
+    for r in rows:
+        if not r.get("peer") or "decode_tokens_per_second_rounds" not in r:
+            continue
+        pairs = zip(ship["decode_tokens_per_second_rounds"], r["decode_tokens_per_second_rounds"], strict=True)
+        ratios = [a / b for a, b in pairs]
+        out[r["name"]] = {
+            "decode_ratio_rounds": ratios,
+            "decode_ratio_median": float(statistics.median(ratios)),
+            "decode_ratio_lowest": min(ratios),
+            "accuracy_diff_points": 100 * (ship["accuracy"] - r["accuracy"]),
+            "ttft_ms_p50": {"shipped": ship["ttft_ms"]["p50"], "peer": r["ttft_ms"]["p50"]},
+            "size_bytes": {"shipped": ship["size_bytes"], "peer": r["size_bytes"]},
+        }
+    return out
+
+
+def peers_section(data: dict[str, Any]) -> list[str]:
+    peers, skipped = data.get("peers") or {}, data.get("skipped") or {}
+    if not peers and not skipped:
+        return []
+    out = [
+        "## Against the peers",
+        "",
+        f"The shipped decoder ({data['shipped']}) against what each tool builds from the same tuned weights with its "
+        "defaults, fed the same prompt ids, timed in the same rounds:",
+        "",
+        "| peer | shipped / peer decode tokens/s, median (lowest) round | accuracy Δ (pts, shipped − peer) | "
+        "TTFT p50 ms shipped / peer | MB shipped / peer |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, p in peers.items():
+        out.append(
+            f"| {name} | {p['decode_ratio_median']:.2f}x ({p['decode_ratio_lowest']:.2f}x) | "
+            f"{p['accuracy_diff_points']:+.2f} | {p['ttft_ms_p50']['shipped']:.0f} / {p['ttft_ms_p50']['peer']:.0f} | "
+            f"{p['size_bytes']['shipped'] / 1e6:.1f} / {p['size_bytes']['peer'] / 1e6:.1f} |"
+        )
+    out += [f"- {name}: skipped: {why}" for name, why in skipped.items()]
+    return [*out, ""]
 
 
 def render(report_json: Path) -> None:
@@ -79,12 +130,22 @@ def table(rows: Sequence[Mapping[str, Any]], verdicts: dict[str, str] | None = N
 
 def answer_method(rows: Sequence[Mapping[str, Any]]) -> str:
     """How the answers were generated (older reports lack the fields)."""
-    batch = {r.get("eval_batch_size") for r in rows}
-    prefix = {r.get("prefix_tokens") or 0 for r in rows}
-    if None in batch or len(batch) != 1:
+    groups: dict[str, set[Any]] = {}
+    for r in rows:
+        kind = "peers" if r.get("peer") else "PyTorch" if r["format"] == "pytorch" else "ONNX"
+        groups.setdefault(kind, set()).add(r.get("eval_batch_size"))
+    if any(None in b or len(b) != 1 for b in groups.values()):
         return ""
-    shared = f", the {max(prefix)} tokens every prompt starts with run once and reused" if max(prefix) else ""
-    return f"PyTorch and ONNX through the runtime's greedy loop, {batch.pop()} prompts per batch{shared}."
+    prefix = max((r.get("prefix_tokens") or 0 for r in rows), default=0)
+    ways = []
+    for kind, batch in groups.items():
+        size = batch.pop()
+        how = f"{size} prompts per batch" if size > 1 else "one prompt at a time"
+        if kind == "peers":
+            how += ", each whole, through the peer's own runtime"
+        ways.append(f"{kind}: {how}")
+    shared = f"; the {prefix} tokens every prompt starts with run once and reused (not by peers)" if prefix else ""
+    return f"Answers through the runtime's greedy loop ({'; '.join(ways)}){shared}."
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -121,13 +182,14 @@ def markdown(data: dict[str, Any]) -> str:
         "of the rounds (range in brackets); TTFT is the prompt's forward pass. PyTorch is eager fp32 with its KV "
         "cache, the same greedy loop.",
         "",
+        *peers_section(data),
         "## Verdicts",
         "",
         *[f"- {name}: {why}" for name, why in data["verdicts"].items()],
         "",
         "## Export and quantization",
         "",
-        f"- Export (optimum text-generation-with-past): parity with PyTorch over the prompt and "
+        f"- Export ({_graph(data['export'])}): parity with PyTorch over the prompt and "
         f"{data['export']['parity']['steps']} decode steps: max |diff| {data['export']['parity']['max_abs_diff']:.2e}, "
         f"greedy tokens agree: {data['export']['parity']['greedy_agree']}.",
         *[
@@ -138,8 +200,13 @@ def markdown(data: dict[str, Any]) -> str:
                 else ""
             )
             + ", "
-            f"{m['float_matmul_nodes']} left in float (MatMuls without a constant weight: attention's scores and "
-            "context, and a tied lm_head, which reads the embedding through a Transpose)"
+            f"{m['float_matmul_nodes']} left in float"
+            + (
+                ", the embedding read from the quantized LM head (GatherBlockQuantized: one table)"
+                if m.get("embedding_shared_with_lm_head")
+                else " (MatMuls without a constant weight: attention's scores and context, and a tied lm_head, which "
+                "reads the embedding through a Transpose)"
+            )
             + (f", excluded: {m['excluded']}" if m["excluded"] else "")
             + f"; {m['size_bytes'] / 1e6:.1f} MB."
             for key, m in data["quantize"].items()
@@ -204,3 +271,16 @@ def _sensitivity(data: dict[str, Any]) -> list[str]:
             ],
         ]
     return out
+
+
+def _graph(export: Mapping[str, Any]) -> str:
+    graph = export.get("graph") or {"graph": "optimum"}
+    if graph["graph"] == "fused":
+        ops = graph["ops"]
+        return (
+            f"the toolchain's fused graph: {ops.get('GroupQueryAttention', 0)} GroupQueryAttention with rotary, "
+            f"{ops.get('SkipSimplifiedLayerNormalization', 0)} fused residual + RMSNorm, merged q/k/v and gate/up "
+            f"MatMuls ({ops.get('MatMul', 0)} in all), the last position's logits only"
+        )
+    why = f"; {graph['why']}" if graph.get("why") else ""
+    return f"optimum text-generation-with-past{why}"

@@ -96,6 +96,8 @@ class GeneratorRow(Row):
     peak_rss_bytes: NotRequired[int]
     load_seconds: NotRequired[float]
     decode_speedup: NotRequired[float]  # vs PyTorch fp32
+    decode_outside_run_share: NotRequired[float | None]  # the decode loop's time outside onnxruntime's run (KvCache)
+    peer: NotRequired[bool]  # another tool's build of the same tuned weights: compared, never shipped
 
 
 def latency_case(r: dict[str, Any]) -> LatencyCase:

@@ -18,7 +18,10 @@ from toolchain.core.launcher import measure_once, rotation
 from toolchain.core.provenance import git_commit
 from toolchain.core.registry import register
 from toolchain.core.task import Variant
+from toolchain.llm import peers
 from toolchain.llm.helpers import PromptConfig, load_tokenizer, prompt_task
+from toolchain.paths import PROJECT_ROOT
+from toolchain.stages.llm_peer import model_path
 
 log = logging.getLogger("toolchain")
 
@@ -36,7 +39,7 @@ class LlmBenchConfig(PromptConfig):
     kind="bench",
     help="Time to first token, decode tokens/s, peak memory and load time per variant, a fresh process per variant "
     "and round.",
-    version=2,
+    version=3,  # 3: peer rows run by the peer's own runtime; the decode loop's time outside onnxruntime's run
     config=LlmBenchConfig,
 )
 def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
@@ -47,10 +50,19 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
         tokenizer(task.prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in ctx.eval.texts[: c.prompts]
     ]
     jobs = []
+    runner: dict[str, tuple[str, str | None, dict[str, str] | None]] = {}  # name -> (module, python, env)
     for v in c.variants:
-        path = inputs[v.source].path if v.format == "pytorch" else inputs[v.source].file("model.onnx")
+        if v.format in (peers.GENAI, peers.LLAMA):  # the peer's own runtime, in its own environment
+            path = model_path(inputs[v.source], v.name)
+            env = {"PYTHONPATH": str(PROJECT_ROOT)}
+            runner[v.name] = ("toolchain.llm.peer_child", str(peers.python(v.format)), env)
+        else:
+            path = inputs[v.source].path if v.format == "pytorch" else inputs[v.source].file("model.onnx")
+            runner[v.name] = ("toolchain.llm.measure", None, None)
         job = {
             "format": v.format,
+            "peer": v.format,
+            "mode": "time",
             "model": str(path),
             "threads": c.threads,
             "prompts": prompts,
@@ -65,7 +77,8 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
     try:
         for _, name in rotation(jobs, c.rounds):
             job_file = out / f"job-{name}.json"
-            results[name].append(measure_once("llm-bench", name, "toolchain.llm.measure", job_file, c.threads))
+            module, python, extra = runner[name]
+            results[name].append(measure_once("llm-bench", name, module, job_file, c.threads, python, extra))
             bar.update(1)
     finally:
         bar.close()
@@ -85,6 +98,7 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
             "decode_tokens_per_second_rounds": per_round_tps,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
             "load_seconds": float(np.median([r["load_seconds"] for r in rounds])),
+            "decode_outside_run_share": _median_or_none([r.get("decode_outside_run_share") for r in rounds]),
             "prompt_tokens": [len(p) for p in prompts],
             "new_tokens": c.new_tokens,
         }
@@ -99,3 +113,8 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
     data = {"threads": c.threads, "rounds": c.rounds, "git_commit": git_commit(), "variants": variants}
     (out / "bench.json").write_text(json.dumps(data, indent=2))
     return {"threads": c.threads, "rounds": c.rounds, "variants": list(variants)}
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None

@@ -16,8 +16,21 @@ from toolchain.core.context import StageContext
 from toolchain.core.manifest import file_table, lineage, target, write_manifest
 from toolchain.core.registry import register
 from toolchain.errors import StageError
+from toolchain.llm.fused import is_fused
 from toolchain.llm.helpers import PromptConfig, context_length, load_tokenizer, prompt_task, stop_token_ids
-from toolchain.runtime import GENERATOR_MANIFEST_VERSION
+from toolchain.runtime import CPU_SESSION_CONFIG, GENERATOR_MANIFEST_VERSION
+
+KV_OPTIMUM = (
+    "past_key_values.N.key/value in (batch, kv_heads, past, head_dim), present.N.* out; the first run takes the "
+    "prompt and empty past tensors, each later run one token and the previous run's present"
+)
+KV_FUSED = (
+    "GroupQueryAttention: past_key_values.N.key/value in (batch, kv_heads, past or capacity, head_dim), present.N.* "
+    "out; seqlens_k = tokens in the cache after the run - 1, total_sequence_length = the same + 1; the first run "
+    "takes the prompt and empty past tensors (or the cache of a prefix), each later run one token; bind each "
+    "layer's past and present to one buffer of `capacity` positions and the run writes in place (no copy); "
+    "logits (batch, 1, vocab) of the last position; no padding inside a prompt"
+)
 
 
 class LlmBundleConfig(PromptConfig):
@@ -33,7 +46,9 @@ class LlmBundleConfig(PromptConfig):
     "llm-bundle",
     kind="bundle",
     help="The chosen decoder with its tokenizer, generation settings and manifest (toolchain.runtime.Generator).",
-    version=3,  # 2: generation.json records the model's context length; 3: the manifest names the runtime
+    # 2: generation.json records the model's context length; 3: the manifest names the runtime; 4: tokenizer_config.json
+    # (the Node app's tokenizer reads it) and the fused graph's KV-cache contract
+    version=4,
     config=LlmBundleConfig,
 )
 def llm_bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
@@ -43,6 +58,8 @@ def llm_bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], 
     shutil.copy2(inputs[source].file("model.onnx"), out / "model.onnx")
     tok_dir = inputs["llm-finetune"].path
     shutil.copy2(tok_dir / "tokenizer.json", out / "tokenizer.json")
+    if (tok_dir / "tokenizer_config.json").is_file():  # the Node app's tokenizer reads it beside tokenizer.json
+        shutil.copy2(tok_dir / "tokenizer_config.json", out / "tokenizer_config.json")
     tokenizer = load_tokenizer(tok_dir)
     task = prompt_task(g, g.max_new_tokens)
     prefix, suffix = task.affixes(tokenizer)
@@ -76,12 +93,11 @@ def llm_bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], 
         "name": g.name,
         "variant": shipped,
         "model": "model.onnx",
-        "runtime": {"name": "onnxruntime"},
+        "runtime": {"name": "onnxruntime", "cpu_session_config": dict(CPU_SESSION_CONFIG)},
         "tokenizer": "tokenizer.json",
         "generation": "generation.json",
         **io_spec(out / "model.onnx"),
-        "kv_cache": "past_key_values.N.key/value in (batch, kv_heads, past, head_dim), present.N.* out; the first "
-        "run takes the prompt and empty past tensors, each later run one token and the previous run's present",
+        "kv_cache": KV_FUSED if is_fused(out / "model.onnx") else KV_OPTIMUM,
         "metrics": {
             "accuracy": metrics["accuracy"],
             "eval_rows": metrics["eval_rows"],

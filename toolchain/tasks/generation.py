@@ -17,21 +17,26 @@ import toolchain.stages.llm_bundle
 import toolchain.stages.llm_evaluate
 import toolchain.stages.llm_export
 import toolchain.stages.llm_finetune
+import toolchain.stages.llm_peer
 import toolchain.stages.llm_quantize  # noqa: F401
 from toolchain.choose import BASELINE
 from toolchain.core.artifact import StageCall
 from toolchain.core.context import RunContext
 from toolchain.core.task import Choice, Variant, register_task
+from toolchain.llm import peers
 from toolchain.models import gguf_file, resolve_source, source_identity
 from toolchain.recipe.schema import Recipe
 from toolchain.report import generation as report
 from toolchain.report.rows import GeneratorRow
 from toolchain.resources import GB, ResourceError
 from toolchain.runtime import sha256_file
+from toolchain.stages.llm_peer import model_bytes
 
 log = logging.getLogger("toolchain")
 
 UNTUNED = "pytorch-untuned"
+PEERS_FORMATS = (peers.GENAI, peers.LLAMA)
+PEER_KIND = {"ort-genai-int4": peers.GENAI, "llama.cpp-q4_0": peers.LLAMA, "llama.cpp-q4_k_m": peers.LLAMA}
 
 
 # long: the task's whole plan, stage by stage in run order, each id's inputs beside it
@@ -96,6 +101,15 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             identity = {**task_identity, "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file)}
         calls.append(StageCall(key, "llm-quantize", config, inputs, identity))
         variants.append(Variant(q.variant_name, key, "onnx", q.precision))
+    for name in g.peers:  # built by the peer's tool from the tuned weights (a peer that cannot be built: skipped)
+        kind = PEER_KIND[name]
+        if name in ctx.skipped:
+            continue
+        key = f"llm-peer.{kind}"
+        if key not in {c.key for c in calls}:
+            config = {"peer": kind, "environment": peers.SPECS[kind]}
+            calls.append(StageCall(key, "llm-peer", config, ("llm-finetune",)))
+        variants.append(Variant(name, key, kind, "int4"))
     for v in variants:
         calls.append(
             StageCall(
@@ -107,7 +121,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
                     "source": v.source,
                     "tokenizer_from": "llm-finetune" if v.name != UNTUNED else "llm-base",
                     "max_new_tokens": g.untuned_max_new_tokens if v.name == UNTUNED else g.max_new_tokens,
-                    "agreement": v.name != UNTUNED,
+                    "agreement": v.format in ("pytorch", "onnx") and v.name != UNTUNED,
                     "eval_batch_size": g.eval_batch_size,
                     "agreement_prompts": g.agreement_prompts,
                     "agreement_tokens": g.agreement_tokens,
@@ -144,11 +158,12 @@ def rows(ctx: RunContext, variants: list[Variant]) -> list[GeneratorRow]:
     for v in variants:
         metrics = json.loads(ctx.artifacts[f"llm-evaluate.{v.name}"].file("metrics.json").read_text())
         art = ctx.artifacts[v.source]
-        size = (
-            sum(p.stat().st_size for p in art.path.glob("*.safetensors"))
-            if v.format == "pytorch"
-            else art.file("model.onnx").stat().st_size
-        )
+        if v.format == "pytorch":
+            size = sum(p.stat().st_size for p in art.path.glob("*.safetensors"))
+        elif v.format == "onnx":
+            size = art.file("model.onnx").stat().st_size
+        else:
+            size = model_bytes(art, v.name)
         row: GeneratorRow = {
             "name": v.name,
             "format": v.format,
@@ -163,6 +178,8 @@ def rows(ctx: RunContext, variants: list[Variant]) -> list[GeneratorRow]:
             "accuracy_drop": base["accuracy"] - metrics["accuracy"],
             "size_bytes": size,
         }
+        if v.format in PEERS_FORMATS:
+            row["peer"] = True
         ids = _agreement_ids(ctx, v.name)
         if ids is not None and reference is not None:
             row["agreement_with_onnx_fp32"] = agreement(ids, reference)
@@ -173,6 +190,7 @@ def rows(ctx: RunContext, variants: list[Variant]) -> list[GeneratorRow]:
             row["decode_tokens_per_second_rounds"] = b["decode_tokens_per_second_rounds"]
             row["peak_rss_bytes"] = b["peak_rss_bytes"]
             row["load_seconds"] = b["load_seconds"]
+            row["decode_outside_run_share"] = b.get("decode_outside_run_share")
         out.append(row)
     pt = next(r for r in out if r["name"] == BASELINE)
     for r in out:
@@ -214,6 +232,9 @@ def choose(rows: list[GeneratorRow], recipe: Recipe) -> Choice[GeneratorRow]:
     verdicts: dict[str, str] = {}
     qualified: list[GeneratorRow] = []
     for r in rows:
+        if r.get("peer"):
+            verdicts[r["name"]] = "peer (what a user of that tool gets from the same tuned weights; never shipped)"
+            continue
         if r["format"] != "onnx":
             verdicts[r["name"]] = "baseline (not shippable: the bundle is ONNX)"
             continue
@@ -264,6 +285,21 @@ def _fp32_bytes(folder: Path) -> int:
     return 4 * sum(int(t.n_elements) for t in GGUFReader(str(folder / name)).tensors)
 
 
+def prepare_peers(ctx: RunContext) -> None:
+    """Build the environments of the recipe's peers that are not ready (`make peers` builds them ahead); a peer
+    whose environment cannot be built is left out of the plan, the reason in the report."""
+    g = ctx.recipe.generation
+    assert g is not None
+    failed: dict[str, str] = {}
+    for kind in dict.fromkeys(PEER_KIND[name] for name in g.peers):
+        try:
+            peers.build(kind)
+        except (RuntimeError, OSError) as e:
+            failed[kind] = f"its environment could not be built: {e}"
+            log.warning("peers: %s skipped: %s", kind, failed[kind])
+    ctx.skipped |= {name: failed[PEER_KIND[name]] for name in g.peers if PEER_KIND[name] in failed}
+
+
 class Generation:
     name = "generation"
     distributed_stage: str | None = None  # LoRA on a decoder trains in one process
@@ -273,6 +309,7 @@ class Generation:
 
     def expect_resources(self, ctx: RunContext) -> dict[str, Any]:
         check_disk(ctx)
+        prepare_peers(ctx)
         return ctx.resources
 
     def plan(self, ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
