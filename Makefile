@@ -5,6 +5,8 @@
 # make node-example     install the Node.js example's packages (examples/node, from the npm registry)
 # make node-check       check the Node.js app against the Python runtime on a bundle's eval rows (BUNDLE=...)
 # make new NAME=... TRAIN=... EVAL=... [MODEL=...]   write recipes/NAME.yaml from a data file (docs/models.md)
+# make peers      build the generation recipes' peers' own environments (onnxruntime-genai; llama.cpp from source)
+#                 under ~/.cache/toolchain/peers ($TOOLCHAIN_CACHE/peers), outside .venv; a generation recipe builds them on first use
 # Every target creates or reuses the virtual environment .venv first.
 
 SHELL := /bin/bash
@@ -29,10 +31,10 @@ NODE_APP := examples/node
 NODE_STAMP := $(NODE_APP)/node_modules/.installed
 BUNDLE ?= runs/sst2-minilm/bundle
 
-.PHONY: help venv test lint list new clean-runs bench-ci bench-baseline node-example node-check $(RECIPES)
+.PHONY: help venv test lint list new clean-runs bench-ci bench-baseline node-example node-check peers $(RECIPES)
 
 help:
-	@echo "targets: $(RECIPES) test lint list new clean-runs bench-ci bench-baseline node-example node-check"
+	@echo "targets: $(RECIPES) test lint list new clean-runs bench-ci bench-baseline node-example node-check peers"
 
 $(STAMP): pyproject.toml requirements/models.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +71,9 @@ $(NODE_STAMP): $(NODE_APP)/package.json $(NODE_APP)/package-lock.json
 	@touch $@
 
 node-example: $(NODE_STAMP)
+
+peers: $(STAMP)
+	$(PY) -m toolchain.llm.peers
 
 node-check: $(STAMP) $(NODE_STAMP)
 	$(PY) examples/check_node.py $(BUNDLE)

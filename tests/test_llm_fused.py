@@ -92,6 +92,7 @@ def test_the_prefix_stays_in_the_cache_and_other_prompts_do_not_corrupt_it(tiny)
     assert [gen.generate_ids(p, max_new_tokens=8)[0] for p in prompts] == alone
     assert gen._cached == PREFIX and gen.kv.run_seconds > runs
     assert gen.generate_batch_ids(prompts, max_new_tokens=8) == alone  # no padding: one prompt at a time
+    assert gen.generate_batch_ids(prompts[:1], max_new_tokens=8) == alone[:1]  # a batch of one too
 
 
 def test_buffers_grow_and_keep_what_they_hold(tiny) -> None:

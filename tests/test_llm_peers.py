@@ -8,7 +8,6 @@ whose environment cannot be built is a skip line, not a failed run."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from conftest import tiny_generation_recipe, write_recipe
 from toolchain.llm import peers
 
 # The stand-ins answer every prompt with the label word of their model file ("answer" ids), then repeat its last id.
-FAKE_OG = '''
+FAKE_OG = """
 import json, pathlib
 class Config:
     def __init__(self, path): self.path = path; self.overlays = []
@@ -40,45 +39,49 @@ class Generator:
         self.ids.append(self.answer[min(k, len(self.answer) - 1)])
     def get_next_tokens(self): return [self.ids[-1]]
     def is_done(self): return len(self.ids) >= self.params.max_length
-'''
-FAKE_BUILDER = '''
+"""
+FAKE_BUILDER = """
 import json, pathlib, sys
 from tokenizers import Tokenizer
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 assert args["-p"] == "int4" and args["-e"] == "cpu"
 out = pathlib.Path(args["-o"]); out.mkdir(parents=True)
 tok = Tokenizer.from_file(str(pathlib.Path(args["-i"]) / "tokenizer.json"))
-(out / "genai_config.json").write_text(json.dumps({"answer": tok.encode("positive", add_special_tokens=False).ids + [2]}))
+answer = tok.encode("positive", add_special_tokens=False).ids + [2]
+(out / "genai_config.json").write_text(json.dumps({"answer": answer}))
 (out / "model.onnx").write_bytes(b"x" * 1000)
-'''
-FAKE_CONVERTER = '''
+"""
+FAKE_CONVERTER = """
 import json, pathlib, sys
 from tokenizers import Tokenizer
 assert "--outtype" in sys.argv
 tok = Tokenizer.from_file(str(pathlib.Path(sys.argv[1]) / "tokenizer.json"))
 out = pathlib.Path(sys.argv[sys.argv.index("--outfile") + 1])
 out.write_text(json.dumps({"answer": tok.encode("negative", add_special_tokens=False).ids + [2]}))
-'''
-FAKE_LLAMA = '''
-import json, shutil
-import numpy as np
+"""
+FAKE_LLAMA = """
+import ctypes, json, shutil
 LLAMA_FTYPE_MOSTLY_Q4_0, LLAMA_FTYPE_MOSTLY_Q4_K_M = 2, 15
 class _Params: pass
 def llama_model_quantize_default_params(): return _Params()
 def llama_model_quantize(src, dst, params):
     shutil.copy(src.decode(), dst.decode()); return 0
+_LOGITS = (ctypes.c_float * 49152)()
+def llama_get_logits_ith(ctx, i):
+    assert i == -1
+    return ctypes.cast(_LOGITS, ctypes.POINTER(ctypes.c_float))
 class Llama:
     def __init__(self, model_path, n_threads, n_ctx, **kw):
-        self.answer = json.load(open(model_path))["answer"]; self.n_tokens = 0; self.start = 0
-        self.scores = np.zeros((n_ctx, 49152), np.float32)
+        self.answer = json.load(open(model_path))["answer"]; self.n_tokens = 0; self.start = 0; self.ctx = object()
+    def n_vocab(self): return 49152
     def reset(self): self.n_tokens = 0
     def eval(self, ids):
         if self.n_tokens == 0: self.start = len(ids)
         self.n_tokens += len(ids)
         k = self.n_tokens - self.start
-        self.scores[self.n_tokens - 1] = 0
-        self.scores[self.n_tokens - 1, self.answer[min(k, len(self.answer) - 1)]] = 1
-'''
+        ctypes.memset(_LOGITS, 0, ctypes.sizeof(_LOGITS))
+        _LOGITS[self.answer[min(k, len(self.answer) - 1)]] = 1.0
+"""
 
 
 def fake_environment(cache: Path, kind: str, broken: bool = False) -> None:
@@ -94,7 +97,9 @@ def fake_environment(cache: Path, kind: str, broken: bool = False) -> None:
     else:
         (packages / "llama_cpp").mkdir(parents=True)
         (packages / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA)
-        (root / "converter" / "gguf-py").mkdir(parents=True)
+        for name in peers.CONVERTER:  # what a ready converter holds (the driver script is the stand-in)
+            (root / "converter" / name).mkdir(parents=True)
+        (root / "converter" / "convert_hf_to_gguf.py").rmdir()
         (root / "converter" / "convert_hf_to_gguf.py").write_text(FAKE_CONVERTER)
     python = root / "venv" / "bin" / "python"
     python.write_text(f'#!/bin/sh\nexport PYTHONPATH="{packages}:$PYTHONPATH"\nexec "{sys.executable}" "$@"\n')
@@ -165,6 +170,7 @@ def test_a_peer_that_cannot_be_built_is_a_skip_line(
 def test_the_llama_build_asks_for_this_cpus_features_only() -> None:
     args = peers.cmake_args()
     assert args.startswith("-DGGML_NATIVE=OFF")
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
     assert ("-DGGML_AVX2=ON" in args) == (" avx2" in flags)
     assert ("-DGGML_AVX512=ON" in args) == (" avx512f" in flags)

@@ -958,7 +958,7 @@ class DecoderGenerator:
         """Greedy continuations of several prompts in one batch; a row stops at EOS, `stop` or the limit, the
         batch when every row has."""
         _check_new_tokens(max_new_tokens)
-        if len(prompts) > 1 and not self.can_pad:
+        if self.kv is not None or (len(prompts) > 1 and not self.can_pad):
             return [self.generate_ids(p, max_new_tokens, stop)[0] for p in prompts]
         logits, past, mask, nxt = self._prefill(prompts)
         out: list[list[int]] = [[] for _ in prompts]

@@ -61,6 +61,7 @@ def genai(job: dict[str, Any]) -> Generate:
 def llama(job: dict[str, Any]) -> Generate:
     """llama.cpp through llama-cpp-python's Llama: eval the prompt, then one token at a time, greedy on the last
     position's logits."""
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -75,15 +76,21 @@ def llama(job: dict[str, Any]) -> Generate:
         verbose=False,
     )
 
+    vocab = llm.n_vocab()
+
+    def last_logits() -> Any:
+        # with logits_all=False Llama.eval no longer copies the logits into llm.scores (0.3.36): read the context's
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
     def generate(prompt: list[int], n: int) -> tuple[list[int], float, float]:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        out = [int(np.argmax(last_logits()))]
         t1 = time.perf_counter()
         while len(out) < n:
             llm.eval([out[-1]])
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            out.append(int(np.argmax(last_logits())))
         return out, t1 - t0, time.perf_counter() - t1
 
     return generate

@@ -7,7 +7,7 @@ or on a generation recipe's first use, never by `make test`.
   declare.
 - `llama.cpp`: llama-cpp-python built from its sdist (the registry has no wheel) with the CPU features this machine has
   (GGML_NATIVE crashed at the first evaluation on a Sapphire Rapids VM), and the converter that the sdist vendors
-  (vendor/llama.cpp/convert_hf_to_gguf.py with its gguf-py), kept beside the environment.
+  (vendor/llama.cpp/convert_hf_to_gguf.py with its conversion package and gguf-py), kept beside the environment.
 
 Each environment's stamp (what it holds) is written last: an interrupted build leaves a folder without one, which the
 next build deletes and starts again.
@@ -71,9 +71,16 @@ def stamp(kind: str) -> dict[str, object]:
     return spec
 
 
+CONVERTER = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")  # what the converter needs of the sdist
+
+
 def ready(kind: str) -> bool:
     path = folder(kind) / "stamp.json"
-    return path.is_file() and json.loads(path.read_text()) == stamp(kind)
+    return path.is_file() and json.loads(path.read_text()) == stamp(kind) and converter_ready(kind)
+
+
+def converter_ready(kind: str) -> bool:
+    return kind != LLAMA or all((folder(kind) / "converter" / name).exists() for name in CONVERTER)
 
 
 def cmake_args() -> str:
@@ -104,6 +111,15 @@ def build(kind: str) -> Path:
     """Build `kind`'s environment if it is not ready; returns its folder. RuntimeError (naming the log) on failure."""
     target = folder(kind)
     if ready(kind):
+        return target
+    if (
+        kind == LLAMA
+        and (target / "stamp.json").is_file()
+        and json.loads((target / "stamp.json").read_text()) == stamp(kind)
+    ):  # the built library is fine, the converter's files are not all there: fetch them again
+        logfile = home() / f"{kind}.build.log"
+        shutil.rmtree(target / "converter", ignore_errors=True)
+        _converter(target, str(SPECS[kind]["sdist"]), logfile)
         return target
     home().mkdir(parents=True, exist_ok=True)
     work = target
@@ -138,14 +154,17 @@ def _converter(work: Path, sdist: str, logfile: Path) -> None:
         tar.extractall(download, members=members, filter="data")
     root = next(download.glob("*/vendor/llama.cpp"))
     (work / "converter").mkdir()
-    shutil.copy2(root / "convert_hf_to_gguf.py", work / "converter" / "convert_hf_to_gguf.py")
-    shutil.copytree(root / "gguf-py", work / "converter" / "gguf-py")
+    for name in CONVERTER:
+        if (root / name).is_dir():
+            shutil.copytree(root / name, work / "converter" / name)
+        else:
+            shutil.copy2(root / name, work / "converter" / name)
     shutil.rmtree(download)
 
 
 def _needed(name: str) -> bool:
     tail = name.split("/vendor/llama.cpp/", 1)[1]
-    return tail == "convert_hf_to_gguf.py" or tail.startswith("gguf-py/")
+    return any(tail == c or tail.startswith(c + "/") for c in CONVERTER)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,7 @@ GGUF = {"llama.cpp-q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "llama.cpp-q4_k_m": "LLAMA_
 
 class LlmPeerConfig(StageConfig):
     peer: str  # ort-genai | llama.cpp
-    environment: dict[str, Any]  # the peer environment's stamp: its packages (and llama.cpp's build flags)
-    threads: int
+    environment: dict[str, Any]  # the peer environment's packages
 
 
 def model_path(art: Artifact, variant: str) -> Path:
@@ -75,7 +74,8 @@ def llm_peer(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
                       "--outtype", "f16"], logfile, (str(converter / "gguf-py"),))  # fmt: skip
     outputs = {str(out / f"model-{name.split('-', 1)[1]}.gguf"): ftype for name, ftype in GGUF.items()}
     job = out / "quantize.json"
-    job.write_text(json.dumps({"mode": "quantize", "model": str(f16), "outputs": outputs, "threads": c.threads}))
+    threads = os.cpu_count() or 1  # the quantized files do not depend on it
+    job.write_text(json.dumps({"mode": "quantize", "model": str(f16), "outputs": outputs, "threads": threads}))
     run_peer(c.peer, ["-m", "toolchain.llm.peer_child", str(job)], logfile)
     f16.unlink()
     job.unlink()
