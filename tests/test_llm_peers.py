@@ -36,9 +36,14 @@ class Generator:
     def append_tokens(self, ids): self.ids = list(ids); self.start = len(ids)
     def generate_next_token(self):
         k = len(self.ids) - self.start
-        self.ids.append(self.answer[min(k, len(self.answer) - 1)])
+        token = self.answer[min(k, len(self.answer) - 1)]
+        if token == 2 and len(self.ids) < self.params.min_length:
+            token = 1000  # as genai: the end of turn suppressed below min_length, the next best token instead
+        self.ids.append(token)
     def get_next_tokens(self): return [self.ids[-1]]
-    def is_done(self): return len(self.ids) >= self.params.max_length
+    def is_done(self):  # genai stops at its end-of-turn id unless min_length is not reached yet
+        ended = self.ids[-1] == 2 and len(self.ids) >= self.params.min_length
+        return ended or len(self.ids) >= self.params.max_length
 """
 FAKE_BUILDER = """
 import json, pathlib, sys

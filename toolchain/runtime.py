@@ -739,7 +739,7 @@ class KvCache:
         self.capacity = 0
         self.binding = session.io_binding()
         self._buffers: dict[str, np.ndarray] = {}
-        vocab = session.get_outputs()[0].shape[-1]
+        vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == "logits")
         self._logits = np.zeros((1, 1, int(vocab)), np.float32)
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)

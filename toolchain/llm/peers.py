@@ -167,6 +167,20 @@ def _needed(name: str) -> bool:
     return any(tail == c or tail.startswith(c + "/") for c in CONVERTER)
 
 
+def run(kind: str, args: list[str], logfile: Path, path: tuple[str, ...] = ()) -> None:
+    """`args` run by `kind`'s python with the project (and `path`) importable, its output appended to `logfile`;
+    StageError naming the log's last lines when it fails."""
+    from toolchain.errors import StageError
+    from toolchain.paths import PROJECT_ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(PROJECT_ROOT)])}
+    with logfile.open("a") as f:
+        proc = subprocess.run([str(python(kind)), *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = " | ".join(logfile.read_text(errors="replace").splitlines()[-4:])
+        raise StageError("llm-peer", f"{kind}: {' '.join(args[:3])} failed ({proc.returncode}): {tail}; log {logfile}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m toolchain.llm.peers [kind ...]`: build the peers' environments (all by default)."""
     logging.basicConfig(level=logging.INFO, format="[peers] %(message)s")

@@ -228,13 +228,6 @@ class ExportSection(Strict):
     opset: int = Field(17, ge=14, le=21, description="ONNX opset for the export.")
     atol: float = Field(1e-4, gt=0, description="Largest allowed |ONNX - PyTorch| logit difference on the parity rows.")
     parity_rows: int = Field(64, gt=0, description="Eval rows used for the parity check.")
-    graph: Literal["auto", "fused", "optimum"] = Field(
-        "auto",
-        description="Generation recipes: the decoder graph. 'fused' is the toolchain's own (GroupQueryAttention with "
-        "rotary, fused residual + RMSNorm, merged projections, the embedding shared with a quantized LM head: "
-        "Llama-family models), 'optimum' is optimum's text-generation-with-past export, 'auto' the fused graph where "
-        "the model type is covered, else optimum's.",
-    )
 
 
 class DistillSection(TrainingSettings):
@@ -607,6 +600,20 @@ class GenerationSection(Strict):
     bench_rounds: int = Field(
         3, ge=1, le=20, description="Each variant is timed in a fresh process per round, rounds in rotating order."
     )
+    bench_passes: int = Field(
+        2,
+        ge=1,
+        le=10,
+        description="Each timing process runs its prompts this many times and its fastest pass's decode counts "
+        "(the least disturbed by the machine's other work; the same for every variant and peer).",
+    )
+    graph: Literal["auto", "fused", "optimum"] = Field(
+        "auto",
+        description="The decoder graph llm-export writes. 'fused': the toolchain's own (GroupQueryAttention with "
+        "rotary, fused residual + RMSNorm, merged projections, the embedding shared with a quantized LM head; "
+        "Llama-family models); 'optimum': optimum's text-generation-with-past export; 'auto': the fused graph where "
+        "the model type is covered, else optimum's.",
+    )
     peers: list[Literal["ort-genai-int4", "llama.cpp-q4_0", "llama.cpp-q4_k_m"]] = Field(
         ["ort-genai-int4", "llama.cpp-q4_0", "llama.cpp-q4_k_m"],
         description="Peer rows, built from the tuned weights by each tool with its defaults and measured like every "
@@ -759,8 +766,6 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _generation_fits(self) -> Recipe:
         if self.generation is None:
-            if self.compile.export.graph != "auto":
-                raise ValueError("compile.export.graph is for generation recipes (the decoder graph); remove it")
             if any(q.mode == "int8-weight" for q in self.compile.quantize):
                 raise ValueError("compile.quantize mode 'int8-weight' is for generation recipes; use dynamic-int8")
             if any(q.int8_nodes for q in self.compile.quantize):

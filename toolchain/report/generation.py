@@ -31,7 +31,7 @@ def write(ctx: RunContext, rows: list[GeneratorRow], choice: Choice[GeneratorRow
         "generation": g.model_dump(mode="json"),
         "export": ctx.artifacts["llm-export"].meta,
         "quantize": {k: a.meta for k, a in ctx.artifacts.items() if k.startswith("llm-quantize.")},
-        "bench": {"threads": bench["threads"], "rounds": bench["rounds"]},
+        "bench": {"threads": bench["threads"], "rounds": bench["rounds"], "passes": bench.get("passes", 1)},
         "peers": peer_comparison(rows, choice.shipped),
         "skipped": dict(ctx.skipped),
         "training": {"loss_curve": json.loads(train_log.read_text()).get("loss_curve", [])}
@@ -178,9 +178,14 @@ def markdown(data: dict[str, Any]) -> str:
         "against onnx-fp32's tokens (identical sequences; share of tokens before the first difference). "
         f"Timing: {data['bench']['threads']} threads, {g['bench_prompts']} eval prompts per round "
         f"({prompt_tokens or '?'}+ tokens), {g['bench_new_tokens']} new tokens each (end of turn ignored), "
-        f"{data['bench']['rounds']} rounds, each variant in a fresh process per round; decode tokens/s is the median "
-        "of the rounds (range in brackets); TTFT is the prompt's forward pass. PyTorch is eager fp32 with its KV "
-        "cache, the same greedy loop.",
+        f"{data['bench']['rounds']} rounds, each variant in a fresh process per round"
+        + (
+            f" that times its prompts {data['bench']['passes']} times, its fastest pass counting"
+            if data["bench"].get("passes", 1) > 1
+            else ""
+        )
+        + "; decode tokens/s is the median of the rounds (range in brackets); TTFT is the prompt's forward pass. "
+        "PyTorch is eager fp32 with its KV cache, the same greedy loop.",
         "",
         *peers_section(data),
         "## Verdicts",

@@ -32,6 +32,7 @@ class LlmBenchConfig(PromptConfig):
     prompts: int  # eval prompts timed per variant and round
     new_tokens: int  # greedy tokens decoded per prompt
     rounds: int
+    passes: int = 1  # the prompts timed this many times per process; the fastest pass's decode counts
 
 
 @register(
@@ -67,6 +68,7 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
             "threads": c.threads,
             "prompts": prompts,
             "new_tokens": c.new_tokens,
+            "passes": c.passes,
         }
         (out / f"job-{v.name}.json").write_text(json.dumps(job))
         jobs.append(v.name)
@@ -110,7 +112,13 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
             variants[name]["peak_rss_bytes"] / 1e6,
         )
 
-    data = {"threads": c.threads, "rounds": c.rounds, "git_commit": git_commit(), "variants": variants}
+    data = {
+        "threads": c.threads,
+        "rounds": c.rounds,
+        "passes": c.passes,
+        "git_commit": git_commit(),
+        "variants": variants,
+    }
     (out / "bench.json").write_text(json.dumps(data, indent=2))
     return {"threads": c.threads, "rounds": c.rounds, "variants": list(variants)}
 

@@ -40,7 +40,7 @@ def llm_export(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], 
     cfg = ctx.config(LlmExportConfig)
     src = inputs["llm-finetune"].path
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    reason = fused.supports(model.config) if cfg.graph != "optimum" else "compile.export.graph: optimum"
+    reason = fused.supports(model.config) if cfg.graph != "optimum" else "generation.graph: optimum"
     if reason is None:
         positions = min(int(getattr(model.config, "max_position_embeddings", 0) or 8192), 8192)
         graph = fused.build(model, out, max_positions=positions, opset=cfg.opset)
@@ -49,7 +49,7 @@ def llm_export(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], 
     elif cfg.graph == "fused":
         raise StageError(
             "llm-export",
-            f"compile.export.graph is 'fused' but the fused graph does not cover this model: {reason}; set it to "
+            f"generation.graph is 'fused' but the fused graph does not cover this model: {reason}; set it to "
             "'auto' or 'optimum'",
         )
     else:

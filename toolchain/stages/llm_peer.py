@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from toolchain.core.artifact import Artifact, StageCall
 from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
-from toolchain.errors import StageError
 from toolchain.llm import peers
-from toolchain.paths import PROJECT_ROOT
 
 log = logging.getLogger("toolchain")
 
@@ -40,16 +37,6 @@ def model_bytes(art: Artifact, variant: str) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def run_peer(kind: str, args: list[str], logfile: Path, path: tuple[str, ...] = ()) -> None:
-    """`args` run by the peer environment's python, the project (and `path`) importable, output to `logfile`."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(PROJECT_ROOT)])}
-    with logfile.open("a") as f:
-        proc = subprocess.run([str(peers.python(kind)), *args], stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = " | ".join(logfile.read_text(errors="replace").splitlines()[-4:])
-        raise StageError("llm-peer", f"{kind}: {' '.join(args[:3])} failed ({proc.returncode}): {tail}; log {logfile}")
-
-
 @register(
     "llm-peer",
     kind="onnx",
@@ -64,19 +51,19 @@ def llm_peer(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
     logfile = out / "build.log"
     if c.peer == peers.GENAI:
         # the builder's documented CPU int4 command, its defaults otherwise (RTN, block 32, accuracy level 4)
-        run_peer(c.peer, ["-m", "onnxruntime_genai.models.builder", "-i", str(tuned), "-o", str(out / "model"),
+        peers.run(c.peer, ["-m", "onnxruntime_genai.models.builder", "-i", str(tuned), "-o", str(out / "model"),
                           "-p", "int4", "-e", "cpu", "-c", str(out / "cache")], logfile)  # fmt: skip
         return {"peer": c.peer, "files": sorted(p.name for p in (out / "model").iterdir())}
     converter = peers.folder(c.peer) / "converter"
     f16 = out / "model-f16.gguf"
     # the converter imports the gguf-py it was vendored with
-    run_peer(c.peer, [str(converter / "convert_hf_to_gguf.py"), str(tuned), "--outfile", str(f16),
+    peers.run(c.peer, [str(converter / "convert_hf_to_gguf.py"), str(tuned), "--outfile", str(f16),
                       "--outtype", "f16"], logfile, (str(converter / "gguf-py"),))  # fmt: skip
     outputs = {str(out / f"model-{name.split('-', 1)[1]}.gguf"): ftype for name, ftype in GGUF.items()}
     job = out / "quantize.json"
     threads = os.cpu_count() or 1  # the quantized files do not depend on it
     job.write_text(json.dumps({"mode": "quantize", "model": str(f16), "outputs": outputs, "threads": threads}))
-    run_peer(c.peer, ["-m", "toolchain.llm.peer_child", str(job)], logfile)
+    peers.run(c.peer, ["-m", "toolchain.llm.peer_child", str(job)], logfile)
     f16.unlink()
     job.unlink()
     return {"peer": c.peer, "files": sorted(Path(p).name for p in outputs)}
