@@ -25,10 +25,12 @@ from conftest import (
     tiny_tagging_recipe,
     write_recipe,
 )
+from fake_peers import fake_environment
 
 from toolchain.cli import main
 from toolchain.core.faults import ENV
 from toolchain.engine import load_all
+from toolchain.llm import peers
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +59,11 @@ def _classifier_recipe(tiny_model: Path, folder: Path) -> Path:
 
 
 def _generation_recipe(model: Path, folder: Path) -> Path:
+    """The generation recipe with one int4 variant and a llama.cpp peer (a stand-in environment under folder/cache,
+    tests/fake_peers.py: the peer stage is walked like the others)."""
     data = tiny_generation_recipe(model)
     data["compile"]["quantize"] = [{"mode": "int4", "block_size": 32}]
+    data["generation"]["peers"] = ["llama.cpp-q4_0"]
     data["budget"]["max_size_mb"] = 12.85  # only int4 fits (12.7 MB; fp32 13.0), whatever decodes faster
     return write_recipe(folder, data)
 
@@ -107,6 +112,8 @@ def artifacts(run: Path) -> dict[str, Any]:
             name = rel.rsplit("/", 1)[-1]
             if name in ("bench.json", "manifest.json", "train_log.json", "metrics.json"):
                 files[rel] = _timeless(name, json.loads((record.parent / rel).read_text()))
+            elif name.endswith(".log"):  # a peer tool's output: its timings and the folder it wrote in
+                files[rel] = "log"
             else:
                 files[rel] = digest
         out[data["key"]] = {"id": data["id"], "files": files}
@@ -145,7 +152,10 @@ def classifier_reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFact
 def generation_reference(tiny_chat_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("reference-gen")
     recipe = _generation_recipe(tiny_chat_llama, folder)
-    assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
+    fake_environment(folder / "cache", peers.LLAMA)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLCHAIN_CACHE", str(folder / "cache"))
+        assert main(["run", str(recipe), "--runs", str(folder / "runs")]) == 0
     return recipe, artifacts(folder / "runs" / "tiny-gen")
 
 
@@ -196,8 +206,9 @@ def test_every_classifier_stage_stopped_at_each_point_resumes_to_the_same_files(
 def test_every_generation_stage_stopped_at_each_point_resumes_to_the_same_files(
     generation_reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
+    monkeypatch.setenv("TOOLCHAIN_CACHE", str(generation_reference[0].parent / "cache"))  # its stand-in peer
     walked = _walk(generation_reference, "tiny-gen", tmp_path, monkeypatch, capsys)
-    assert walked[0] == "llm-base" and walked[-1] == "llm-bundle"
+    assert walked[0] == "llm-base" and walked[-1] == "llm-bundle" and "llm-peer" in walked
 
 
 @pytest.mark.parametrize("kind", sorted(TASK_RECIPES))

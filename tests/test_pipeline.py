@@ -309,6 +309,7 @@ def test_damaged_artifact_is_rebuilt(first_run, tmp_path: Path) -> None:
 EXERCISED_ELSEWHERE = {
     "teacher-logits": "test_distill.py::test_distill_recipe_exports_and_quantizes_the_student",
     "distill": "test_distill.py::test_distill_recipe_exports_and_quantizes_the_student",
+    "llm-peer": "test_llm_peers.py::test_peer_rows_are_built_measured_and_compared_never_shipped",
     **{
         stage: "test_llm_pipeline.py::test_generation_recipe_runs_end_to_end"
         for stage in (

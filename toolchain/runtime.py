@@ -746,8 +746,7 @@ class KvCache:
         self._token = np.zeros((1, 1), np.int64)
         self._token_bound = False
         self.run_seconds = 0.0
-        for name, array in (("logits", self._logits),):
-            self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
         self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self._seqlens))
         self.binding.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self._total))
         self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)

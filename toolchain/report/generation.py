@@ -197,25 +197,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"- Export ({_graph(data['export'])}): parity with PyTorch over the prompt and "
         f"{data['export']['parity']['steps']} decode steps: max |diff| {data['export']['parity']['max_abs_diff']:.2e}, "
         f"greedy tokens agree: {data['export']['parity']['greedy_agree']}.",
-        *[
-            f"- {key.removeprefix('llm-quantize.')}: {m['bits']}-bit MatMulNBits on {m['matmulnbits_nodes']} MatMuls"
-            + (
-                f" ({m['int8_weight_nodes']} of them 8-bit: {m['int8_nodes'][:3]}...)"
-                if m.get("int8_weight_nodes")
-                else ""
-            )
-            + ", "
-            f"{m['float_matmul_nodes']} left in float"
-            + (
-                ", the embedding read from the quantized LM head (GatherBlockQuantized: one table)"
-                if m.get("embedding_shared_with_lm_head")
-                else " (MatMuls without a constant weight: attention's scores and context, and a tied lm_head, which "
-                "reads the embedding through a Transpose)"
-            )
-            + (f", excluded: {m['excluded']}" if m["excluded"] else "")
-            + f"; {m['size_bytes'] / 1e6:.1f} MB."
-            for key, m in data["quantize"].items()
-        ],
+        *_quantize_lines(data),
         *_sensitivity(data),
         "",
         "## Environment",
@@ -289,3 +271,22 @@ def _graph(export: Mapping[str, Any]) -> str:
         )
     why = f"; {graph['why']}" if graph.get("why") else ""
     return f"optimum text-generation-with-past{why}"
+
+
+def _quantize_lines(data: dict[str, Any]) -> list[str]:
+    """One line per quantized variant: the MatMuls quantized and at which bits, those left in float, the embedding."""
+    return [
+        f"- {key.removeprefix('llm-quantize.')}: {m['bits']}-bit MatMulNBits on {m['matmulnbits_nodes']} MatMuls"
+        + (f" ({m['int8_weight_nodes']} of them 8-bit: {m['int8_nodes'][:3]}...)" if m.get("int8_weight_nodes") else "")
+        + ", "
+        f"{m['float_matmul_nodes']} left in float"
+        + (
+            ", the embedding read from the quantized LM head (GatherBlockQuantized: one table)"
+            if m.get("embedding_shared_with_lm_head")
+            else " (MatMuls without a constant weight: attention's scores and context, and a tied lm_head, which "
+            "reads the embedding through a Transpose)"
+        )
+        + (f", excluded: {m['excluded']}" if m["excluded"] else "")
+        + f"; {m['size_bytes'] / 1e6:.1f} MB."
+        for key, m in data["quantize"].items()
+    ]
