@@ -46,6 +46,10 @@ def test_peer_rows_are_built_measured_and_compared_never_shipped(
                            .read_text())  # fmt: skip
         assert set(share) == {["negative", "positive"][word]}
         assert report["verdicts"][name].startswith("peer")
+        timed = json.loads(next((tmp_path / "runs" / "tiny-gen" / "stages").glob("llm-bench-*/bench.json")).read_text())
+        passes = timed["variants"][name]["decode_tokens_per_second_passes"]
+        assert [len(p) for p in passes] == [recipe["generation"].get("bench_passes", 2)]  # one round, each pass kept
+        assert timed["variants"][name]["decode_tokens_per_second_rounds"] == [max(p) for p in passes]  # the fastest
         compared = report["peers"][name]
         assert len(compared["decode_ratio_rounds"]) == 1 and compared["decode_ratio_lowest"] > 0
     assert report["shipped"] not in report["peers"] and not rows[report["shipped"]].get("peer")

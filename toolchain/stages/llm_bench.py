@@ -98,6 +98,10 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
             },
             "decode_tokens_per_second": float(np.median(per_round_tps)),
             "decode_tokens_per_second_rounds": per_round_tps,
+            # every pass of every round (the fastest pass of a round is the one counted above)
+            "decode_tokens_per_second_passes": [
+                [r["decode_tokens"] / s for s in r.get("decode_seconds_passes", [r["decode_seconds"]])] for r in rounds
+            ],
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
             "load_seconds": float(np.median([r["load_seconds"] for r in rounds])),
             "decode_outside_run_share": _median_or_none([r.get("decode_outside_run_share") for r in rounds]),
