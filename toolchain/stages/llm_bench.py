@@ -88,26 +88,7 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
             f.unlink()
     variants = {}
     for name, rounds in results.items():
-        ttft = [x for r in rounds for x in r["first_token_seconds"]]
-        per_round_tps = [r["decode_tokens"] / r["decode_seconds"] for r in rounds]
-        variants[name] = {
-            "ttft_ms": {
-                "p50": 1e3 * float(np.median(ttft)),
-                "p90": 1e3 * float(np.percentile(ttft, 90)),
-                "n": len(ttft),
-            },
-            "decode_tokens_per_second": float(np.median(per_round_tps)),
-            "decode_tokens_per_second_rounds": per_round_tps,
-            # every pass of every round (the fastest pass of a round is the one counted above)
-            "decode_tokens_per_second_passes": [
-                [r["decode_tokens"] / s for s in r.get("decode_seconds_passes", [r["decode_seconds"]])] for r in rounds
-            ],
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
-            "load_seconds": float(np.median([r["load_seconds"] for r in rounds])),
-            "decode_outside_run_share": _median_or_none([r.get("decode_outside_run_share") for r in rounds]),
-            "prompt_tokens": [len(p) for p in prompts],
-            "new_tokens": c.new_tokens,
-        }
+        variants[name] = _summary(rounds, [len(p) for p in prompts], c.new_tokens)
         log.info(
             "llm-bench: %-24s TTFT p50 %.0f ms  decode %.1f tokens/s  peak RSS %.0f MB",
             name,
@@ -125,6 +106,31 @@ def llm_bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], o
     }
     (out / "bench.json").write_text(json.dumps(data, indent=2))
     return {"threads": c.threads, "rounds": c.rounds, "variants": list(variants)}
+
+
+def _summary(rounds: list[dict[str, Any]], prompt_tokens: list[int], new_tokens: int) -> dict[str, Any]:
+    """One variant's rounds as bench.json keeps them: time to first token over every prompt of every pass, decode
+    tokens/s as the median of the rounds (each round's fastest pass), every pass kept, peak memory, load time."""
+    ttft = [x for r in rounds for x in r["first_token_seconds"]]
+    per_round_tps = [r["decode_tokens"] / r["decode_seconds"] for r in rounds]
+    return {
+        "ttft_ms": {
+            "p50": 1e3 * float(np.median(ttft)),
+            "p90": 1e3 * float(np.percentile(ttft, 90)),
+            "n": len(ttft),
+        },
+        "decode_tokens_per_second": float(np.median(per_round_tps)),
+        "decode_tokens_per_second_rounds": per_round_tps,
+        # every pass of every round (the fastest pass of a round is the one counted above)
+        "decode_tokens_per_second_passes": [
+            [r["decode_tokens"] / s for s in r.get("decode_seconds_passes", [r["decode_seconds"]])] for r in rounds
+        ],
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
+        "load_seconds": float(np.median([r["load_seconds"] for r in rounds])),
+        "decode_outside_run_share": _median_or_none([r.get("decode_outside_run_share") for r in rounds]),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+    }
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
