@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 from conftest import tiny_generation_recipe, write_recipe
 
@@ -27,7 +28,7 @@ def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
         "pytorch-fp32",
         "onnx-fp32",
         "onnx-int4-b32",
-        "onnx-int4-b32-mixed8",
+        "onnx-int4-b32-awq-head16-mixed8",
         "onnx-int8-weight-b32",
     ]
     rows = {r["name"]: r for r in report["variants"]}
@@ -35,7 +36,8 @@ def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
     # the export is the tuned model: the same greedy continuations as PyTorch on the agreement prompts
     assert rows["pytorch-fp32"]["agreement_with_onnx_fp32"]["identical"] == 3
     assert rows["onnx-fp32"]["agreement_with_onnx_fp32"]["identical_rate"] == 1.0
-    for name in ("pytorch-fp32", "onnx-fp32", "onnx-int4-b32", "onnx-int4-b32-mixed8", "onnx-int8-weight-b32"):
+    quantized = ("onnx-int4-b32", "onnx-int4-b32-awq-head16-mixed8", "onnx-int8-weight-b32")
+    for name in ("pytorch-fp32", "onnx-fp32", *quantized):
         assert rows[name]["decode_tokens_per_second"] > 0 and rows[name]["ttft_ms"]["p50"] > 0
     assert "decode_tokens_per_second" not in rows["pytorch-untuned"]  # accuracy only
     assert rows["onnx-int4-b32"]["size_bytes"] < rows["onnx-int8-weight-b32"]["size_bytes"]
@@ -58,8 +60,16 @@ def test_quantized_variants_use_matmulnbits_with_their_bits(tiny_run: Path) -> N
     q = report["quantize"]
     assert q["llm-quantize.onnx-int4-b32"]["bits"] == 4 and q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] > 0
     assert q["llm-quantize.onnx-int8-weight-b32"]["bits"] == 8
-    mixed = q["llm-quantize.onnx-int4-b32-mixed8"]
+    mixed = q["llm-quantize.onnx-int4-b32-awq-head16-mixed8"]
     assert mixed["int8_weight_nodes"] == 2 and all("/qkv_proj/" in n for n in mixed["int8_nodes"])  # 2 layers
+    # activation-aware on 8 training prompts: 4 projections per layer (o_proj clipped only), never worse than rounding
+    assert mixed["awq"]["calibration_prompts"] == 8 and len(mixed["awq"]["projections"]) == 2 * 4
+    assert mixed["awq"]["mean_relative_error_awq"] <= mixed["awq"]["mean_relative_error_rtn"]
+    assert mixed["lm_head_block_size"] == 16 and q["llm-quantize.onnx-int4-b32"]["lm_head_block_size"] == 32
+    graph = onnx.load(str(next((tiny_run / "stages").glob("llm-quantize.onnx-int4-b32-awq-head16-*")) / "model.onnx"))
+    blocks = {n.name: a.i for n in graph.graph.node for a in n.attribute if a.name == "block_size"}
+    assert blocks["/lm_head/MatMul_Q4"] == blocks["/model/embed_tokens/GatherBlockQuantized"] == 16
+    assert blocks["/model/layers.0/mlp/down_proj/MatMul_Q4"] == 32
     # the fused graph: q/k/v, o, gate/up and down per layer, and the LM head (its weights the embedding's too)
     assert mixed["matmulnbits_nodes"] == q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] == 2 * 4 + 1
     assert all(v["embedding_shared_with_lm_head"] for v in q.values())
@@ -153,6 +163,12 @@ def test_a_changed_generation_bundle_is_refused(tiny_run: Path, tmp_path: Path) 
         ({"budget": {"max_latency_ms": 5}}, "budget.max_latency_ms"),
         ({"compile": {"quantize": [{"mode": "int4", "sensitivity": True}]}}, "sensitivity needs auto_file"),
         ({"compile": {"quantize": [{"mode": "int8-weight", "int8_nodes": ["v"]}]}}, "int8_nodes applies to mode int4"),
+        ({"compile": {"quantize": [{"mode": "int8-weight", "awq": True}]}}, "awq applies to mode int4"),
+        ({"compile": {"quantize": [{"mode": "int4", "lm_head_block_size": 48}]}}, "must be a power of two"),
+        (
+            {"generation": {"graph": "optimum"}, "compile": {"quantize": [{"mode": "int4", "awq": True}]}},
+            "onnx-int4-b32-awq: awq scales the fused graph's projections; set generation.graph: auto",
+        ),
     ],
 )
 def test_generation_recipe_errors_name_the_field_and_the_fix(

@@ -130,6 +130,10 @@ def test_quantize_shorthand_and_latency_case(tmp_path: Path, tiny_model: Path) -
     ]
     data["compile"]["quantize"] = ["dynamic-int8", "dynamic-int8"]
     assert any("same variant" in p for p in _problems(tmp_path, data))
+    data["compile"]["quantize"] = [{"mode": "int4", "awq": True}]
+    assert any("awq is for generation recipes" in p for p in _problems(tmp_path, data))
+    data["compile"]["quantize"] = [{"mode": "int4", "lm_head_block_size": 64}]
+    assert any("lm_head_block_size is for generation recipes" in p for p in _problems(tmp_path, data))
     data["compile"]["quantize"] = ["dynamic-int8"]
     data["budget"]["latency_case"] = "b3_s7"
     assert any("latency_case" in p and "b1_s32" in p for p in _problems(tmp_path, data))

@@ -307,12 +307,22 @@ class QuantizeSpec(Strict):
         "minmax", description="static-int8 only: how activation ranges are computed from the calibration rows."
     )
     calibration_rows: int = Field(
-        200, gt=0, le=5000, description="static-int8, nncf-int8: training rows used for calibration (bounds memory)."
+        200,
+        gt=0,
+        le=5000,
+        description="static-int8, nncf-int8, int4 with awq: training rows used for calibration (bounds memory).",
     )
     calibration_length: int = Field(
         128, gt=0, le=512, description="static-int8 only: tokens per calibration row (rows are padded to it)."
     )
     block_size: int = Field(32, ge=16, description="int4 only: weights per quantization block (a power of two).")
+    lm_head_block_size: int | None = Field(
+        None,
+        ge=16,
+        description="int4/int8-weight in generation recipes: the LM head's block size when it differs from "
+        "block_size (a power of two). The head is the most sensitive MatMul of a small LM, and a tied head's weights "
+        "are the embedding table too: blocks of 64 elsewhere with the head at 32 (docs/generation.md).",
+    )
     accuracy_level: int | None = Field(
         4, ge=0, le=4, description="int4 only: onnxruntime's compute type for MatMulNBits (4 = int8 on the CPU)."
     )
@@ -323,6 +333,13 @@ class QuantizeSpec(Strict):
         description="int4 in generation recipes: MatMuls whose node name contains one of these strings (e.g. "
         "'/v_proj/') get 8-bit weights instead of 4: mixed precision for the most sensitive projections, as "
         "llama.cpp's Q4_K_M keeps attn_v and ffn_down at higher precision. The report ranks the projections.",
+    )
+    awq: bool = Field(
+        False,
+        description="int4 in generation recipes: activation-aware weight scaling and clipping (AWQ) before the "
+        "weights go to 4 bits, calibrated on `calibration_rows` training prompts; the scaling is folded into the "
+        "RMSNorm weights, so the graph is as fast as plain int4. Lets 64-weight blocks (faster, smaller) keep the "
+        "accuracy that round-to-nearest only keeps at 32 (docs/generation.md).",
     )
     exclude: list[str] | Literal["auto"] | None = Field(
         None,
@@ -361,10 +378,10 @@ class QuantizeSpec(Strict):
         "layers (MiniLM-L6 on SST-2: 0.12 with every prediction equal).",
     )
 
-    @field_validator("block_size")
+    @field_validator("block_size", "lm_head_block_size")
     @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
+    def _power_of_two(cls, v: int | None) -> int | None:
+        if v is not None and v & (v - 1):
             raise ValueError("block_size must be a power of two (16, 32, 64, 128, ...)")
         return v
 
@@ -372,6 +389,10 @@ class QuantizeSpec(Strict):
     def _exclusion_fits_mode(self) -> QuantizeSpec:
         if self.int8_nodes is not None and self.mode != "int4":
             raise ValueError(f"int8_nodes applies to mode int4 (8-bit weights for some MatMuls), not '{self.mode}'")
+        if self.lm_head_block_size is not None and self.weight_bits is None:
+            raise ValueError(f"lm_head_block_size applies to modes int4 and int8-weight, not '{self.mode}'")
+        if self.awq and self.mode != "int4":
+            raise ValueError(f"awq applies to mode int4 (activation-aware 4-bit weights), not '{self.mode}'")
         if self.mode == "nncf-int8" and (self.exclude == "auto" or self.sensitivity):
             raise ValueError(
                 "mode 'nncf-int8' takes a list of node names to keep in float (NNCF's ignored scope), not 'auto' or "
@@ -397,6 +418,16 @@ class QuantizeSpec(Strict):
     def ranks_nodes(self) -> bool:
         return self.sensitivity or self.exclude == "auto"
 
+    def stage_config(self) -> dict[str, Any]:
+        """The classifier-family `quantize` stage's config (what its id hashes): every field but the
+        generation-only ones, which such recipes refuse, so that adding them left the cached ids as they were."""
+        return self.model_dump(mode="json", exclude={"awq", "lm_head_block_size"})
+
+    @property
+    def head_suffix(self) -> str:
+        head = self.lm_head_block_size
+        return f"-head{head}" if head is not None and head != self.block_size else ""
+
     @property
     def variant_name(self) -> str:
         if self.name:
@@ -408,9 +439,10 @@ class QuantizeSpec(Strict):
         if self.mode == "static-int8":
             return f"onnx-int8-static-{self.calibration_method}" + self._exclude_suffix
         if self.mode == "int4":
-            return f"onnx-int4-b{self.block_size}" + ("-mixed8" if self.int8_nodes else "") + self._exclude_suffix
+            name = f"onnx-int4-b{self.block_size}" + ("-awq" if self.awq else "") + self.head_suffix
+            return name + ("-mixed8" if self.int8_nodes else "") + self._exclude_suffix
         if self.mode == "int8-weight":
-            return f"onnx-int8-weight-b{self.block_size}" + self._exclude_suffix
+            return f"onnx-int8-weight-b{self.block_size}" + self.head_suffix + self._exclude_suffix
         if self.mode == "fp16":
             return "onnx-fp16"
         name = "onnx-int8-dynamic"
@@ -770,6 +802,14 @@ class Recipe(Strict):
                 raise ValueError("compile.quantize mode 'int8-weight' is for generation recipes; use dynamic-int8")
             if any(q.int8_nodes for q in self.compile.quantize):
                 raise ValueError("compile.quantize int8_nodes is for generation recipes (decoder projections)")
+            if any(q.lm_head_block_size for q in self.compile.quantize):
+                raise ValueError(
+                    "compile.quantize lm_head_block_size is for generation recipes (the decoder's LM head)"
+                )
+            if any(q.awq for q in self.compile.quantize):
+                raise ValueError(
+                    "compile.quantize awq is for generation recipes (the fused decoder graph's projections)"
+                )
             if self.budget.target == "openvino" and not any(q.mode == "nncf-int8" for q in self.compile.quantize):
                 raise ValueError(
                     "budget.target 'openvino' ships an OpenVINO variant: add one to compile.quantize "
@@ -807,6 +847,11 @@ class Recipe(Strict):
                 problems.append(
                     f"compile.quantize {q.variant_name}: sensitivity needs auto_file, labelled rows apart from the "
                     "eval split to rank the projections on (e.g. auto_file: sst2/heldout.tsv)"
+                )
+            if q.awq and self.generation.graph == "optimum":
+                problems.append(
+                    f"compile.quantize {q.variant_name}: awq scales the fused graph's projections; set "
+                    "generation.graph: auto (or fused), or remove awq"
                 )
         wrong = [q.mode for q in self.compile.quantize if q.weight_bits is None]
         if wrong:

@@ -1,13 +1,18 @@
 """The `llm-quantize` stage. Weight-only MatMulNBits (4 or 8 bits, blocks) of the decoder's MatMuls; in the fused
 graph the embedding then reads the quantized LM head's weights (GatherBlockQuantized).
 
+With `awq`, the fp32 weights are first scaled and clipped activation-aware (`toolchain.llm.awq`).
+
 Helpers: `toolchain.llm.helpers`."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from toolchain.compile.graph import matmul_nbits
 from toolchain.core.artifact import Artifact, StageCall
@@ -15,8 +20,10 @@ from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
 from toolchain.data import read_split
 from toolchain.errors import StageError
-from toolchain.llm import fused
-from toolchain.llm.helpers import PromptConfig, prompt_task, rank_projections
+from toolchain.llm import awq, fused
+from toolchain.llm.helpers import PromptConfig, load_tokenizer, prompt_task, rank_projections
+
+log = logging.getLogger("toolchain")
 
 
 class LlmQuantizeConfig(StageConfig):
@@ -26,6 +33,9 @@ class LlmQuantizeConfig(StageConfig):
     accuracy_level: int | None
     exclude: list[str] | None = None
     int8_nodes: list[str] | None = None
+    lm_head_block_size: int | None = None
+    awq: bool = False  # activation-aware scaling first, calibrated on the first calibration_rows training prompts
+    calibration_rows: int | None = None
     # sensitivity ranking: the rows it reads (their hash is in the identity with the prompt and the label columns)
     sensitivity: bool = False
     auto_file: str | None = None
@@ -48,6 +58,17 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
     src = inputs["llm-export"].file("model.onnx")
     exclude = list(c.exclude or [])
     args = (c.block_size, c.symmetric, c.accuracy_level)
+    scaled = None
+    if c.awq:  # the fp32 weights scaled (the same function), then quantized like any
+        scaled = activation_aware(ctx, call, inputs, src, out / "awq.onnx", c)
+        src = out / "awq.onnx"
+    if c.lm_head_block_size and c.lm_head_block_size != c.block_size:  # the head first, at its own block size
+        heads = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+        heads = [n for n in heads if n.startswith("/lm_head/") and n not in exclude]
+        if not heads:
+            raise StageError("llm-quantize", "compile.quantize lm_head_block_size: the graph has no /lm_head/ MatMul")
+        matmul_nbits(src, out / "head.onnx", c.lm_head_block_size, c.symmetric, c.accuracy_level, heads, bits=c.bits)
+        src = out / "head.onnx"
     eight: list[str] = []
     if c.int8_nodes:  # mixed precision: the named MatMuls to 8 bits first, the rest to c.bits
         names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
@@ -63,6 +84,8 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
         src = out / "mixed.onnx"
     matmul_nbits(src, out / "model.onnx", *args, None, exclude, bits=c.bits)
     (out / "mixed.onnx").unlink(missing_ok=True)
+    for scratch in ("awq.onnx", "head.onnx"):
+        (out / scratch).unlink(missing_ok=True)
     shared = False
     if fused.is_fused(out / "model.onnx"):  # the embedding read from the quantized LM head: one table
         shared = fused.share_embedding(out / "model.onnx", out / "shared.onnx")
@@ -82,9 +105,49 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
         "matmulnbits_nodes": len(nbits),
         "int8_weight_nodes": nbits.count(8) if c.bits != 8 else 0,
         "int8_nodes": eight,
+        "lm_head_block_size": c.lm_head_block_size or c.block_size,
         "float_matmul_nodes": sum(n.op_type == "MatMul" for n in graph.node),
         "excluded": exclude,
         "embedding_shared_with_lm_head": shared,
         "size_bytes": (out / "model.onnx").stat().st_size,
         **({"sensitivity": ranking} if ranking is not None else {}),
+        **({"awq": scaled} if scaled is not None else {}),
+    }
+
+
+def activation_aware(
+    ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], src: Path, out: Path, c: LlmQuantizeConfig
+) -> dict[str, Any]:
+    """`src` with AWQ-scaled weights written to `out`, calibrated on the tuned model's own prompts and answers (the
+    first `calibration_rows` training rows); returns what the search chose and the errors it measured."""
+    if not fused.is_fused(src):
+        raise StageError(
+            "llm-quantize",
+            "compile.quantize awq needs the toolchain's fused decoder graph, and this model was exported with "
+            "optimum's (generation.graph, or a model type the fused graph does not cover): remove awq",
+        )
+    assert c.calibration_rows
+    task = prompt_task(PromptConfig.model_validate(call.identity))
+    tokenizer = load_tokenizer(inputs["llm-finetune"].path)
+    rows = ctx.train.head(c.calibration_rows)
+    prompts = [
+        tokenizer(task.prompt(tokenizer, t) + task.answer(tokenizer, int(y)), add_special_tokens=False)["input_ids"]
+        for t, y in zip(rows.texts, rows.labels, strict=True)
+    ]
+    report = awq.apply(src, out, prompts, c.block_size)
+    rtn, scaled = (np.mean(list(report[k].values())) for k in ("error_rtn", "error_awq"))
+    log.info(
+        "llm-quantize: awq on %d prompts: relative output error of the 4-bit projections %.4f -> %.4f",
+        len(rows),
+        rtn,
+        scaled,
+    )
+    return {
+        "calibration_prompts": len(rows),
+        "mean_relative_error_rtn": float(rtn),
+        "mean_relative_error_awq": float(scaled),
+        "projections": [  # per projection: the scale exponent chosen and the output error before and after
+            {"node": n, "alpha": a, "error_rtn": report["error_rtn"][n], "error_awq": report["error_awq"][n]}
+            for n, a in report["alpha"].items()
+        ],
     }

@@ -156,7 +156,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             identity["finetune"] = ctx.training_config(ft)
         # the reference logits come from the export, the tokenizer from the fine-tuned model
         inputs = tuple(dict.fromkeys((source, "export", "finetune")))
-        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), inputs, identity))
+        calls.append(StageCall(key, "quantize", q.stage_config(), inputs, identity))
         variants.append(Variant(q.variant_name, key, "openvino" if q.mode == "nncf-int8" else "onnx", q.precision))
     # The peers are built from the reference's weights (the fine-tuned model), as a user of each tool would: with a
     # distilled student that is a second export, of the teacher.

@@ -89,7 +89,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         for q in comp.quantize:
             key = f"quantize.{q.variant_name}{tag}"
             inputs = (fp32, export, "finetune")  # the graph, its PyTorch reference, the tokenizer
-            calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), inputs, compiled | {"seed": ft.seed}))
+            calls.append(StageCall(key, "quantize", q.stage_config(), inputs, compiled | {"seed": ft.seed}))
             variants.append(Variant(f"{q.variant_name}{suffix}", key, "onnx", q.precision))
 
     compile_branch("finetune", "")

@@ -99,6 +99,12 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             config |= {"sensitivity": True, "auto_file": q.auto_file, "sensitivity_rows": q.sensitivity_rows}
             inputs = ("llm-export", "llm-finetune")
             identity = {**task_identity, "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file)}
+        if q.lm_head_block_size is not None:  # only when set, as awq: the ids of the other variants stay as they were
+            config["lm_head_block_size"] = q.lm_head_block_size
+        if q.awq:  # only when set: the ids of the other variants stay as they were
+            config |= {"awq": True, "calibration_rows": q.calibration_rows}
+            inputs = ("llm-export", "llm-finetune")
+            identity = {**task_identity, **identity, "train_sha256": train.sha256}
         calls.append(StageCall(key, "llm-quantize", config, inputs, identity))
         variants.append(Variant(q.variant_name, key, "onnx", q.precision))
     for name in g.peers:  # built by the peer's tool from the tuned weights (a peer that cannot be built: skipped)

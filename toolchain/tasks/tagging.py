@@ -84,7 +84,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             "seed": ft.seed,
         }
         key = f"quantize.{q.variant_name}"
-        calls.append(StageCall(key, "quantize", q.model_dump(mode="json"), (fp32, "export", "finetune"), identity))
+        calls.append(StageCall(key, "quantize", q.stage_config(), (fp32, "export", "finetune"), identity))
         variants.append(Variant(q.variant_name, key, "onnx", q.precision))
     measured = eval_identity | {
         "test_sha256": test.sha256 if test is not None else None,
