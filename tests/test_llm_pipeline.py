@@ -79,7 +79,9 @@ def test_quantized_variants_use_matmulnbits_with_their_bits(tiny_run: Path) -> N
     assert "/model/layers.*/attn/qkv_proj/MatMul" in groups and "/layers.1/*_proj" in groups
     assert len(ranking) == 6 and all(r["rows"] == 4 for r in ranking)
     assert [r["margin_mse"] for r in ranking] == sorted((r["margin_mse"] for r in ranking), reverse=True)
-    assert "Projection sensitivity" in (tiny_run / "report.md").read_text()
+    md = (tiny_run / "report.md").read_text()
+    assert "Projection sensitivity" in md
+    assert "activation-aware (AWQ, 8 calibration prompts" in md and "blocks of 32 weights, the LM head's of 16" in md
 
 
 def test_second_run_reuses_every_stage(tiny_run: Path) -> None:

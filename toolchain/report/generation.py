@@ -287,6 +287,22 @@ def _quantize_lines(data: dict[str, Any]) -> list[str]:
             "reads the embedding through a Transpose)"
         )
         + (f", excluded: {m['excluded']}" if m["excluded"] else "")
+        + _awq_and_head(m)
         + f"; {m['size_bytes'] / 1e6:.1f} MB."
         for key, m in data["quantize"].items()
     ]
+
+
+def _awq_and_head(m: dict[str, Any]) -> str:
+    """The LM head's own block size, and what activation-aware scaling did, where a variant has them."""
+    out = ""
+    if m.get("awq"):
+        a = m["awq"]
+        out += (
+            f", activation-aware (AWQ, {a['calibration_prompts']} calibration prompts: the projections' mean relative "
+            f"output error {a['mean_relative_error_rtn']:.4f} rounded, {a['mean_relative_error_awq']:.4f} scaled and "
+            "clipped)"
+        )
+    if m.get("block_size") and m.get("lm_head_block_size", m["block_size"]) != m["block_size"]:
+        out += f", blocks of {m['block_size']} weights, the LM head's of {m['lm_head_block_size']}"
+    return out

@@ -105,6 +105,7 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
         "matmulnbits_nodes": len(nbits),
         "int8_weight_nodes": nbits.count(8) if c.bits != 8 else 0,
         "int8_nodes": eight,
+        "block_size": c.block_size,
         "lm_head_block_size": c.lm_head_block_size or c.block_size,
         "float_matmul_nodes": sum(n.op_type == "MatMul" for n in graph.node),
         "excluded": exclude,
