@@ -101,3 +101,8 @@ def test_a_graph_that_is_not_the_fused_one_is_refused(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     with pytest.raises(StageError, match="not the toolchain's fused decoder graph"):
         awq.apply(tmp_path / "m.onnx", tmp_path / "o.onnx", PROMPTS, block_size=32)
+
+
+def test_a_block_size_that_does_not_divide_the_projections_is_named(graphs: Path, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="128 input channels, not a multiple of block_size 256"):
+        awq.apply(graphs / "fp32" / "model.onnx", tmp_path / "o.onnx", PROMPTS, block_size=256)

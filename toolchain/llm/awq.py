@@ -198,6 +198,12 @@ def apply(
     def search(node: Any, scaled: bool) -> np.ndarray:
         mean_abs, x = acts[node.name]
         w = fused.array(node.input[1])
+        if w.shape[0] % block_size:
+            raise StageError(
+                "llm-quantize",
+                f"awq: {node.name} has {w.shape[0]} input channels, not a multiple of block_size {block_size}; "
+                "choose a block_size that divides the model's hidden and intermediate sizes",
+            )
         ref = float(np.square(x @ w).mean())
         s, alpha = search_scale(x, mean_abs, w, block_size) if scaled else (np.ones(w.shape[0], np.float32), None)
         new = search_clip(x / s, w * s[:, None], block_size) if clip else w * s[:, None]
