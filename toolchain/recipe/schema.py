@@ -338,8 +338,9 @@ class QuantizeSpec(Strict):
         False,
         description="int4 in generation recipes: activation-aware weight scaling and clipping (AWQ) before the "
         "weights go to 4 bits, calibrated on `calibration_rows` training prompts; the scaling is folded into the "
-        "RMSNorm weights, so the graph is as fast as plain int4. Lets 64-weight blocks (faster, smaller) keep the "
-        "accuracy that round-to-nearest only keeps at 32 (docs/generation.md).",
+        "RMSNorm weights, so the graph is as fast as plain int4. Recovers much of what round-to-nearest loses at "
+        "64-weight blocks (faster, smaller): SmolLM2 on SST-2 dev 82.0 % -> 84.2-87.6 % by calibration rows, fp32 "
+        "88.5 % (docs/generation.md).",
     )
     exclude: list[str] | Literal["auto"] | None = Field(
         None,
