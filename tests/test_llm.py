@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_llama
 
 from toolchain.compile.graph import matmul_nbits
 from toolchain.llm.export import decode_parity, export_with_past
@@ -16,22 +17,7 @@ from toolchain.runtime import DecoderGenerator
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as SmolLM2
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = random_llama()
     folder = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(folder / "hf")
     export_with_past(folder / "hf", folder / "onnx")

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import random_llama
 
 from toolchain.compile.graph import matmul_nbits
 from toolchain.errors import StageError
@@ -22,22 +23,7 @@ HELD_OUT = [[1, *range(300 + 5 * k, 330 + 5 * k)] for k in range(4)]
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = random_llama(hidden_size=128, intermediate_size=256)
     with torch.no_grad():  # outlier channels in every norm's output, as in trained LMs
         for layer in model.model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):

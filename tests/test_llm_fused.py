@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import random_llama
 
 from toolchain.compile.graph import matmul_nbits
 from toolchain.llm import fused
@@ -19,23 +20,7 @@ from toolchain.runtime import DecoderGenerator
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = random_llama(rope_theta=10000.0)
     folder = tmp_path_factory.mktemp("fused")
     info = fused.build(model, folder / "fp32", max_positions=256)
     assert info["ops"]["GroupQueryAttention"] == 2 and info["ops"]["SkipSimplifiedLayerNormalization"] == 4
