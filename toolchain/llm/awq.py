@@ -16,8 +16,11 @@ follow. The attention output projection is clipped only (its input comes from gr
 channel would have to be shared by the query heads of a group). The LM head is left as it is: its quantized weights
 are the embedding table too, and clipping them cost 1.6 points on SST-2 dev (docs/generation.md).
 
-onnxruntime's own AWQ path (`NVAWQWeightOnlyQuantizer`) needs NVIDIA ModelOpt and a GPU-oriented stack, and Intel
-Neural Compressor's ONNX weight-only AWQ matches patterns of optimum-style graphs (LayerNorm + MatMul), not this one.
+onnxruntime's own AWQ path (`NVAWQWeightOnlyQuantizer`) needs NVIDIA ModelOpt. onnx-neural-compressor 1.0 has AWQ
+(and GPTQ) for ONNX graphs, but folds its scales only into a parent LayerNormalization, SimplifiedLayerNormalization,
+MatMul, Gemm, Mul or Conv holding an initializer (`algorithms/weight_only/awq.py`); here the parents are
+SkipSimplifiedLayerNormalization (com.microsoft) and an initializer-free Mul, so it would insert a Mul node before
+nearly every projection. Its GPTQ is the next thing to try for this graph (not tried yet).
 """
 
 from __future__ import annotations
