@@ -147,6 +147,7 @@ def tiny_generation_recipe(model: Path, name: str = "tiny-gen") -> dict:
                     "block_size": 32,
                     "int8_nodes": ["/qkv_proj/"],
                     "awq": True,
+                    "gptq": True,
                     "calibration_rows": 8,
                     "lm_head_block_size": 16,
                 },

@@ -28,7 +28,7 @@ def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
         "pytorch-fp32",
         "onnx-fp32",
         "onnx-int4-b32",
-        "onnx-int4-b32-awq-head16-mixed8",
+        "onnx-int4-b32-awq-gptq-head16-mixed8",
         "onnx-int8-weight-b32",
     ]
     rows = {r["name"]: r for r in report["variants"]}
@@ -36,7 +36,7 @@ def test_generation_recipe_runs_end_to_end(tiny_run: Path) -> None:
     # the export is the tuned model: the same greedy continuations as PyTorch on the agreement prompts
     assert rows["pytorch-fp32"]["agreement_with_onnx_fp32"]["identical"] == 3
     assert rows["onnx-fp32"]["agreement_with_onnx_fp32"]["identical_rate"] == 1.0
-    quantized = ("onnx-int4-b32", "onnx-int4-b32-awq-head16-mixed8", "onnx-int8-weight-b32")
+    quantized = ("onnx-int4-b32", "onnx-int4-b32-awq-gptq-head16-mixed8", "onnx-int8-weight-b32")
     for name in ("pytorch-fp32", "onnx-fp32", *quantized):
         assert rows[name]["decode_tokens_per_second"] > 0 and rows[name]["ttft_ms"]["p50"] > 0
     assert "decode_tokens_per_second" not in rows["pytorch-untuned"]  # accuracy only
@@ -60,13 +60,17 @@ def test_quantized_variants_use_matmulnbits_with_their_bits(tiny_run: Path) -> N
     q = report["quantize"]
     assert q["llm-quantize.onnx-int4-b32"]["bits"] == 4 and q["llm-quantize.onnx-int4-b32"]["matmulnbits_nodes"] > 0
     assert q["llm-quantize.onnx-int8-weight-b32"]["bits"] == 8
-    mixed = q["llm-quantize.onnx-int4-b32-awq-head16-mixed8"]
+    mixed = q["llm-quantize.onnx-int4-b32-awq-gptq-head16-mixed8"]
     assert mixed["int8_weight_nodes"] == 2 and all("/qkv_proj/" in n for n in mixed["int8_nodes"])  # 2 layers
     # activation-aware on 8 training prompts: 4 projections per layer (o_proj clipped only), never worse than rounding
     assert mixed["awq"]["calibration_prompts"] == 8 and len(mixed["awq"]["projections"]) == 2 * 4
     assert mixed["awq"]["mean_relative_error_awq"] <= mixed["awq"]["mean_relative_error_rtn"]
+    # then the remaining 4-bit projections rounded with error compensation: the 2 q/k/v are 8-bit, the head apart
+    assert mixed["gptq"]["calibration_prompts"] == 8 and mixed["gptq"]["projections"] == 2 * 3
+    assert mixed["gptq"]["mean_relative_error_gptq"] < mixed["gptq"]["mean_relative_error_rtn"]
     assert mixed["lm_head_block_size"] == 16 and q["llm-quantize.onnx-int4-b32"]["lm_head_block_size"] == 32
-    graph = onnx.load(str(next((tiny_run / "stages").glob("llm-quantize.onnx-int4-b32-awq-head16-*")) / "model.onnx"))
+    stage = next((tiny_run / "stages").glob("llm-quantize.onnx-int4-b32-awq-gptq-head16-*"))
+    graph = onnx.load(str(stage / "model.onnx"))
     blocks = {n.name: a.i for n in graph.graph.node for a in n.attribute if a.name == "block_size"}
     assert blocks["/lm_head/MatMul_Q4"] == blocks["/model/embed_tokens/GatherBlockQuantized"] == 16
     assert blocks["/model/layers.0/mlp/down_proj/MatMul_Q4"] == 32
@@ -169,7 +173,15 @@ def test_a_changed_generation_bundle_is_refused(tiny_run: Path, tmp_path: Path) 
         ({"compile": {"quantize": [{"mode": "int4", "lm_head_block_size": 48}]}}, "must be a power of two"),
         (
             {"generation": {"graph": "optimum"}, "compile": {"quantize": [{"mode": "int4", "awq": True}]}},
-            "onnx-int4-b32-awq: awq scales the fused graph's projections; set generation.graph: auto",
+            "onnx-int4-b32-awq: awq works on the fused graph's projections; set generation.graph: auto",
+        ),
+        (
+            {"compile": {"quantize": [{"mode": "int4", "gptq": True, "symmetric": False}]}},
+            "gptq applies to mode int4 with symmetric: true",
+        ),
+        (
+            {"generation": {"graph": "optimum"}, "compile": {"quantize": [{"mode": "int4", "gptq": True}]}},
+            "onnx-int4-b32-gptq: gptq works on the fused graph's projections; set generation.graph: auto",
         ),
     ],
 )

@@ -132,6 +132,8 @@ def test_quantize_shorthand_and_latency_case(tmp_path: Path, tiny_model: Path) -
     assert any("same variant" in p for p in _problems(tmp_path, data))
     data["compile"]["quantize"] = [{"mode": "int4", "awq": True}]
     assert any("awq is for generation recipes" in p for p in _problems(tmp_path, data))
+    data["compile"]["quantize"] = [{"mode": "int4", "gptq": True}]
+    assert any("gptq is for generation recipes" in p for p in _problems(tmp_path, data))
     data["compile"]["quantize"] = [{"mode": "int4", "lm_head_block_size": 64}]
     assert any("lm_head_block_size is for generation recipes" in p for p in _problems(tmp_path, data))
     data["compile"]["quantize"] = ["dynamic-int8"]

@@ -25,6 +25,7 @@ nearly every projection. Its GPTQ is the next thing to try for this graph (not t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +137,10 @@ class _Fused:
         onnx.save(self.model, str(out))
 
 
-def calibration_inputs(
-    model_path: Path, prompts: list[list[int]], names: list[str], rows: int = SAMPLE_TOKENS, seed: int = 0
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per named MatMul, over the prompts' tokens (one prompt per run, empty cache): (mean |input| per channel over
-    every token, `rows` input rows drawn at random): memory stays bounded however many prompts calibrate."""
+def run_activations(
+    model_path: Path, prompts: list[list[int]], names: list[str]
+) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """Per prompt (one run each, empty cache): (its ids, the inputs of the named MatMuls)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -153,11 +153,6 @@ def calibration_inputs(
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors keep their names
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    rng = np.random.default_rng(seed)
-    per_prompt = -(-2 * rows // max(len(prompts), 1))  # twice what the sample needs, drawn evenly over the prompts
-    sums: dict[str, np.ndarray] = {}
-    kept: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    count = 0
     for ids in prompts:
         feed: dict[str, np.ndarray] = {
             "input_ids": np.array([ids], np.int64),
@@ -166,7 +161,20 @@ def calibration_inputs(
         }
         for p in pasts:
             feed[p.name] = np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32)
-        values = session.run(tensors, feed)
+        yield ids, session.run(tensors, feed)
+
+
+def calibration_inputs(
+    model_path: Path, prompts: list[list[int]], names: list[str], rows: int = SAMPLE_TOKENS, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per named MatMul, over the prompts' tokens: (mean |input| per channel over every token, `rows` input rows
+    drawn at random): memory stays bounded however many prompts calibrate."""
+    rng = np.random.default_rng(seed)
+    per_prompt = -(-2 * rows // max(len(prompts), 1))  # twice what the sample needs, drawn evenly over the prompts
+    sums: dict[str, np.ndarray] = {}
+    kept: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    count = 0
+    for ids, values in run_activations(model_path, prompts, names):
         count += len(ids)
         pick = rng.choice(len(ids), min(per_prompt, len(ids)), replace=False)
         for n, v in zip(names, values, strict=True):

@@ -310,7 +310,8 @@ class QuantizeSpec(Strict):
         200,
         gt=0,
         le=5000,
-        description="static-int8, nncf-int8, int4 with awq: training rows used for calibration (bounds memory).",
+        description="static-int8, nncf-int8, int4 with awq or gptq: training rows used for calibration (bounds "
+        "memory).",
     )
     calibration_length: int = Field(
         128, gt=0, le=512, description="static-int8 only: tokens per calibration row (rows are padded to it)."
@@ -341,6 +342,12 @@ class QuantizeSpec(Strict):
         "RMSNorm weights, so the graph is as fast as plain int4. Recovers much of what round-to-nearest loses at "
         "64-weight blocks (faster, smaller): SmolLM2 on SST-2 dev 82.0 % -> 84.2-87.6 % by calibration rows, fp32 "
         "88.5 % (docs/generation.md).",
+    )
+    gptq: bool = Field(
+        False,
+        description="int4 in generation recipes: error-compensating rounding (GPTQ, act-order, static blocks) of the "
+        "decoder layers' projections, calibrated on `calibration_rows` training prompts (after AWQ's scaling when "
+        "both are set); same graph and speed as plain int4 (docs/generation.md).",
     )
     exclude: list[str] | Literal["auto"] | None = Field(
         None,
@@ -394,6 +401,8 @@ class QuantizeSpec(Strict):
             raise ValueError(f"lm_head_block_size applies to modes int4 and int8-weight, not '{self.mode}'")
         if self.awq and self.mode != "int4":
             raise ValueError(f"awq applies to mode int4 (activation-aware 4-bit weights), not '{self.mode}'")
+        if self.gptq and (self.mode != "int4" or not self.symmetric):
+            raise ValueError(f"gptq applies to mode int4 with symmetric: true, not '{self.mode}'")
         if self.mode == "nncf-int8" and (self.exclude == "auto" or self.sensitivity):
             raise ValueError(
                 "mode 'nncf-int8' takes a list of node names to keep in float (NNCF's ignored scope), not 'auto' or "
@@ -422,7 +431,7 @@ class QuantizeSpec(Strict):
     def stage_config(self) -> dict[str, Any]:
         """The classifier-family `quantize` stage's config (what its id hashes): every field but the
         generation-only ones, which such recipes refuse, so that adding them left the cached ids as they were."""
-        return self.model_dump(mode="json", exclude={"awq", "lm_head_block_size"})
+        return self.model_dump(mode="json", exclude={"awq", "gptq", "lm_head_block_size"})
 
     @property
     def head_suffix(self) -> str:
@@ -440,7 +449,12 @@ class QuantizeSpec(Strict):
         if self.mode == "static-int8":
             return f"onnx-int8-static-{self.calibration_method}" + self._exclude_suffix
         if self.mode == "int4":
-            name = f"onnx-int4-b{self.block_size}" + ("-awq" if self.awq else "") + self.head_suffix
+            name = (
+                f"onnx-int4-b{self.block_size}"
+                + ("-awq" if self.awq else "")
+                + ("-gptq" if self.gptq else "")
+                + self.head_suffix
+            )
             return name + ("-mixed8" if self.int8_nodes else "") + self._exclude_suffix
         if self.mode == "int8-weight":
             return f"onnx-int8-weight-b{self.block_size}" + self.head_suffix + self._exclude_suffix
@@ -807,10 +821,11 @@ class Recipe(Strict):
                 raise ValueError(
                     "compile.quantize lm_head_block_size is for generation recipes (the decoder's LM head)"
                 )
-            if any(q.awq for q in self.compile.quantize):
-                raise ValueError(
-                    "compile.quantize awq is for generation recipes (the fused decoder graph's projections)"
-                )
+            for what in ("awq", "gptq"):
+                if any(getattr(q, what) for q in self.compile.quantize):
+                    raise ValueError(
+                        f"compile.quantize {what} is for generation recipes (the fused decoder graph's projections)"
+                    )
             if self.budget.target == "openvino" and not any(q.mode == "nncf-int8" for q in self.compile.quantize):
                 raise ValueError(
                     "budget.target 'openvino' ships an OpenVINO variant: add one to compile.quantize "
@@ -849,11 +864,12 @@ class Recipe(Strict):
                     f"compile.quantize {q.variant_name}: sensitivity needs auto_file, labelled rows apart from the "
                     "eval split to rank the projections on (e.g. auto_file: sst2/heldout.tsv)"
                 )
-            if q.awq and self.generation.graph == "optimum":
-                problems.append(
-                    f"compile.quantize {q.variant_name}: awq scales the fused graph's projections; set "
-                    "generation.graph: auto (or fused), or remove awq"
-                )
+            for what in ("awq", "gptq"):
+                if getattr(q, what) and self.generation.graph == "optimum":
+                    problems.append(
+                        f"compile.quantize {q.variant_name}: {what} works on the fused graph's projections; set "
+                        f"generation.graph: auto (or fused), or remove {what}"
+                    )
         wrong = [q.mode for q in self.compile.quantize if q.weight_bits is None]
         if wrong:
             problems.append(f"compile.quantize modes {wrong}: generation recipes take int4 and int8-weight")

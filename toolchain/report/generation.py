@@ -294,7 +294,7 @@ def _quantize_lines(data: dict[str, Any]) -> list[str]:
 
 
 def _awq_and_head(m: dict[str, Any]) -> str:
-    """The LM head's own block size, and what activation-aware scaling did, where a variant has them."""
+    """The LM head's own block size, and what activation-aware scaling and GPTQ did, where a variant has them."""
     out = ""
     if m.get("awq"):
         a = m["awq"]
@@ -302,6 +302,13 @@ def _awq_and_head(m: dict[str, Any]) -> str:
             f", activation-aware (AWQ, {a['calibration_prompts']} calibration prompts: the projections' mean relative "
             f"output error {a['mean_relative_error_rtn']:.4f} rounded, {a['mean_relative_error_awq']:.4f} scaled and "
             "clipped)"
+        )
+    if m.get("gptq"):
+        g = m["gptq"]
+        out += (
+            f", error-compensated rounding (GPTQ, {g['calibration_prompts']} calibration prompts, {g['projections']} "
+            f"projections: mean relative output error {g['mean_relative_error_rtn']:.5f} rounded to nearest, "
+            f"{g['mean_relative_error_gptq']:.5f} GPTQ)"
         )
     if m.get("block_size") and m.get("lm_head_block_size", m["block_size"]) != m["block_size"]:
         out += f", blocks of {m['block_size']} weights, the LM head's of {m['lm_head_block_size']}"

@@ -1,7 +1,8 @@
 """The `llm-quantize` stage. Weight-only MatMulNBits (4 or 8 bits, blocks) of the decoder's MatMuls; in the fused
 graph the embedding then reads the quantized LM head's weights (GatherBlockQuantized).
 
-With `awq`, the fp32 weights are first scaled and clipped activation-aware (`toolchain.llm.awq`).
+With `awq`, the fp32 weights are first scaled and clipped activation-aware (`toolchain.llm.awq`); with `gptq`, the
+decoder layers' 4-bit weights are rounded with error compensation (`toolchain.llm.gptq`) instead of to nearest.
 
 Helpers: `toolchain.llm.helpers`."""
 
@@ -20,7 +21,7 @@ from toolchain.core.context import StageContext
 from toolchain.core.registry import StageConfig, register
 from toolchain.data import read_split
 from toolchain.errors import StageError
-from toolchain.llm import awq, fused
+from toolchain.llm import awq, fused, gptq
 from toolchain.llm.helpers import PromptConfig, load_tokenizer, prompt_task, rank_projections
 
 log = logging.getLogger("toolchain")
@@ -35,6 +36,7 @@ class LlmQuantizeConfig(StageConfig):
     int8_nodes: list[str] | None = None
     lm_head_block_size: int | None = None
     awq: bool = False  # activation-aware scaling first, calibrated on the first calibration_rows training prompts
+    gptq: bool = False  # the layers' 4-bit weights rounded with error compensation, calibrated on the same prompts
     calibration_rows: int | None = None
     # sensitivity ranking: the rows it reads (their hash is in the identity with the prompt and the label columns)
     sensitivity: bool = False
@@ -58,9 +60,10 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
     src = inputs["llm-export"].file("model.onnx")
     exclude = list(c.exclude or [])
     args = (c.block_size, c.symmetric, c.accuracy_level)
-    scaled = None
+    scaled = compensated = None
+    prompts = calibration_prompts(ctx, call, inputs, src, c) if c.awq or c.gptq else []
     if c.awq:  # the fp32 weights scaled (the same function), then quantized like any
-        scaled = activation_aware(ctx, call, inputs, src, out / "awq.onnx", c)
+        scaled = activation_aware(src, out / "awq.onnx", prompts, c)
         src = out / "awq.onnx"
     if c.lm_head_block_size and c.lm_head_block_size != c.block_size:  # the head first, at its own block size
         heads = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
@@ -82,9 +85,12 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
             )
         matmul_nbits(src, out / "mixed.onnx", *args, only=eight, bits=8)
         src = out / "mixed.onnx"
+    if c.gptq:  # the layers' remaining float projections, error-compensated; the head (if still float) below
+        compensated = error_compensated(src, out / "gptq.onnx", prompts, c)
+        src = out / "gptq.onnx"
     matmul_nbits(src, out / "model.onnx", *args, None, exclude, bits=c.bits)
     (out / "mixed.onnx").unlink(missing_ok=True)
-    for scratch in ("awq.onnx", "head.onnx"):
+    for scratch in ("awq.onnx", "head.onnx", "gptq.onnx"):
         (out / scratch).unlink(missing_ok=True)
     shared = False
     if fused.is_fused(out / "model.onnx"):  # the embedding read from the quantized LM head: one table
@@ -113,42 +119,68 @@ def llm_quantize(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact]
         "size_bytes": (out / "model.onnx").stat().st_size,
         **({"sensitivity": ranking} if ranking is not None else {}),
         **({"awq": scaled} if scaled is not None else {}),
+        **({"gptq": compensated} if compensated is not None else {}),
     }
 
 
-def activation_aware(
-    ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], src: Path, out: Path, c: LlmQuantizeConfig
-) -> dict[str, Any]:
-    """`src` with AWQ-scaled weights written to `out`, calibrated on the tuned model's own prompts and answers (the
-    first `calibration_rows` training rows); returns what the search chose and the errors it measured."""
+def calibration_prompts(
+    ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], src: Path, c: LlmQuantizeConfig
+) -> list[list[int]]:
+    """The tuned model's own prompts and answers, token ids, of the first `calibration_rows` training rows: what AWQ
+    and GPTQ calibrate on. Both work on the toolchain's fused graph only."""
     if not fused.is_fused(src):
+        what = "awq" if c.awq else "gptq"
         raise StageError(
             "llm-quantize",
-            "compile.quantize awq needs the toolchain's fused decoder graph, and this model was exported with "
-            "optimum's (generation.graph, or a model type the fused graph does not cover): remove awq",
+            f"compile.quantize {what} needs the toolchain's fused decoder graph, and this model was exported with "
+            f"optimum's (generation.graph, or a model type the fused graph does not cover): remove {what}",
         )
     assert c.calibration_rows
     task = prompt_task(PromptConfig.model_validate(call.identity))
     tokenizer = load_tokenizer(inputs["llm-finetune"].path)
     rows = ctx.train.head(c.calibration_rows)
-    prompts = [
+    return [
         tokenizer(task.prompt(tokenizer, t) + task.answer(tokenizer, int(y)), add_special_tokens=False)["input_ids"]
         for t, y in zip(rows.texts, rows.labels, strict=True)
     ]
+
+
+def activation_aware(src: Path, out: Path, prompts: list[list[int]], c: LlmQuantizeConfig) -> dict[str, Any]:
+    """`src` with AWQ-scaled weights written to `out`; returns what the search chose and the errors it measured."""
     report = awq.apply(src, out, prompts, c.block_size)
     rtn, scaled = (np.mean(list(report[k].values())) for k in ("error_rtn", "error_awq"))
     log.info(
         "llm-quantize: awq on %d prompts: relative output error of the 4-bit projections %.4f -> %.4f",
-        len(rows),
+        len(prompts),
         rtn,
         scaled,
     )
     return {
-        "calibration_prompts": len(rows),
+        "calibration_prompts": len(prompts),
         "mean_relative_error_rtn": float(rtn),
         "mean_relative_error_awq": float(scaled),
         "projections": [  # per projection: the scale exponent chosen and the output error before and after
             {"node": n, "alpha": a, "error_rtn": report["error_rtn"][n], "error_awq": report["error_awq"][n]}
             for n, a in report["alpha"].items()
         ],
+    }
+
+
+def error_compensated(src: Path, out: Path, prompts: list[list[int]], c: LlmQuantizeConfig) -> dict[str, Any]:
+    """`src` with the decoder layers' float projections (not excluded) as GPTQ 4-bit MatMulNBits, written to `out`;
+    returns the output errors it measured."""
+    errors = gptq.apply(src, out, prompts, c.block_size, c.accuracy_level, set(c.exclude or []))
+    rtn, compensated = (float(np.mean([e[k] for e in errors.values()])) for k in ("rtn", "gptq"))
+    log.info(
+        "llm-quantize: gptq on %d prompts, %d projections: relative output error %.5f rounded -> %.5f",
+        len(prompts),
+        len(errors),
+        rtn,
+        compensated,
+    )
+    return {
+        "calibration_prompts": len(prompts),
+        "projections": len(errors),
+        "mean_relative_error_rtn": rtn,
+        "mean_relative_error_gptq": compensated,
     }

@@ -101,8 +101,9 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
             identity = {**task_identity, "auto_file_sha256": sha256_file(recipe.data_root() / q.auto_file)}
         if q.lm_head_block_size is not None:  # only when set, as awq: the ids of the other variants stay as they were
             config["lm_head_block_size"] = q.lm_head_block_size
-        if q.awq:  # only when set: the ids of the other variants stay as they were
-            config |= {"awq": True, "calibration_rows": q.calibration_rows}
+        if q.awq or q.gptq:  # only when set: the ids of the other variants stay as they were
+            config |= {"calibration_rows": q.calibration_rows}
+            config |= {what: True for what in ("awq", "gptq") if getattr(q, what)}
             inputs = ("llm-export", "llm-finetune")
             identity = {**task_identity, **identity, "train_sha256": train.sha256}
         calls.append(StageCall(key, "llm-quantize", config, inputs, identity))
