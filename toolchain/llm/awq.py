@@ -20,7 +20,8 @@ onnxruntime's own AWQ path (`NVAWQWeightOnlyQuantizer`) needs NVIDIA ModelOpt. o
 (and GPTQ) for ONNX graphs, but folds its scales only into a parent LayerNormalization, SimplifiedLayerNormalization,
 MatMul, Gemm, Mul or Conv holding an initializer (`algorithms/weight_only/awq.py`); here the parents are
 SkipSimplifiedLayerNormalization (com.microsoft) and an initializer-free Mul, so it would insert a Mul node before
-nearly every projection. Its GPTQ is the next thing to try for this graph (not tried yet).
+nearly every projection. Its GPTQ had not finished after 20 minutes on this graph; `toolchain.llm.gptq` is the
+toolchain's own, run after this scaling when a recipe sets both.
 """
 
 from __future__ import annotations
