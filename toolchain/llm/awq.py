@@ -26,13 +26,13 @@ toolchain's own, run after this scaling when a recipe sets both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolchain.errors import StageError
+from toolchain.llm.calibration import run_activations
 
 ALPHAS = np.linspace(0.0, 1.0, 11)
 CLIP_RATIOS = np.linspace(1.0, 0.55, 10)
@@ -136,33 +136,6 @@ class _Fused:
         for name, value in self.arrays.items():
             self.inits[name].CopyFrom(self._np.from_array(value.astype(np.float32), name))
         onnx.save(self.model, str(out))
-
-
-def run_activations(
-    model_path: Path, prompts: list[list[int]], names: list[str]
-) -> Iterator[tuple[list[int], list[np.ndarray]]]:
-    """Per prompt (one run each, empty cache): (its ids, the inputs of the named MatMuls)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(model_path))
-    nodes = {n.name: n for n in model.graph.node}
-    tensors = [nodes[n].input[0] for n in names]
-    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors keep their names
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    for ids in prompts:
-        feed: dict[str, np.ndarray] = {
-            "input_ids": np.array([ids], np.int64),
-            "seqlens_k": np.array([len(ids) - 1], np.int32),
-            "total_sequence_length": np.array(len(ids), np.int32),
-        }
-        for p in pasts:
-            feed[p.name] = np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32)
-        yield ids, session.run(tensors, feed)
 
 
 def calibration_inputs(

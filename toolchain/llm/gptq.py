@@ -10,6 +10,13 @@ clipping, the clipped ones), so that blocks stay contiguous runs of K as MatMulN
 The codes and scales follow onnxruntime's symmetric MatMulNBits convention (scale = the block's largest-magnitude
 weight / -8, codes -8..7 stored + 8, two per byte, low nibble first, no zero points) and are packed here, since
 handing the dequantized weights to onnxruntime's quantizer would round them again with scales of its own.
+
+onnxruntime 1.32 ships a GPTQ (`GPTQWeightOnlyQuantConfig`, vendored from Intel Neural Compressor, the same code as
+onnx-neural-compressor's). It is not used here: it runs the whole model over every calibration input once per
+distinct MatMul input (121 here: 24,200 runs for 200 prompts; onnx-neural-compressor's copy had not finished after
+20 minutes on this graph), its symmetric scale is 2 max|w| / 15 rather than the C++ quantizer's, and it rounds the
+GPTQ result again with scales computed from it, stored as unsigned codes with zero points (which
+`fused.share_embedding` does not take).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from toolchain.errors import StageError
+from toolchain.llm.calibration import run_activations
 
 DAMP = 0.01  # of the mean H diagonal, added to it: keeps the inverse defined for channels the calibration never moves
 COLUMNS = 128  # channels updated together (the lazy batch of the paper); any size: the scales are fixed beforehand
@@ -73,8 +81,6 @@ def quantize(
 
 def hessians(model_path: Path, prompts: list[list[int]], names: list[str]) -> dict[str, np.ndarray]:
     """Per named MatMul, X^T X / tokens over the prompts' tokens (one prompt per run, empty cache)."""
-    from toolchain.llm.awq import run_activations
-
     sums: dict[str, np.ndarray] = {}
     count = 0
     for ids, values in run_activations(model_path, prompts, names):
@@ -92,7 +98,9 @@ def pack(codes: np.ndarray, block_size: int) -> np.ndarray:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
-def to_matmul_nbits(model: Any, node: Any, codes: np.ndarray, scales: np.ndarray, block_size: int, level: int | None):
+def to_matmul_nbits(
+    model: Any, node: Any, codes: np.ndarray, scales: np.ndarray, block_size: int, level: int | None
+) -> None:
     """Replace the MatMul `node` of `model` (its weight initializer dropped) by a 4-bit MatMulNBits of `codes`."""
     from onnx import helper, numpy_helper
 
