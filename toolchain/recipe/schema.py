@@ -402,7 +402,10 @@ class QuantizeSpec(Strict):
         if self.awq and self.mode != "int4":
             raise ValueError(f"awq applies to mode int4 (activation-aware 4-bit weights), not '{self.mode}'")
         if self.gptq and (self.mode != "int4" or not self.symmetric):
-            raise ValueError(f"gptq applies to mode int4 with symmetric: true, not '{self.mode}'")
+            raise ValueError(
+                f"gptq applies to mode int4 with symmetric: true (here mode '{self.mode}', symmetric "
+                f"{str(self.symmetric).lower()}): set both, or remove gptq"
+            )
         if self.mode == "nncf-int8" and (self.exclude == "auto" or self.sensitivity):
             raise ValueError(
                 "mode 'nncf-int8' takes a list of node names to keep in float (NNCF's ignored scope), not 'auto' or "

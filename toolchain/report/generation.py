@@ -287,14 +287,15 @@ def _quantize_lines(data: dict[str, Any]) -> list[str]:
             "reads the embedding through a Transpose)"
         )
         + (f", excluded: {m['excluded']}" if m["excluded"] else "")
-        + _awq_and_head(m)
+        + _rounding_and_head(m)
         + f"; {m['size_bytes'] / 1e6:.1f} MB."
         for key, m in data["quantize"].items()
     ]
 
 
-def _awq_and_head(m: dict[str, Any]) -> str:
-    """The LM head's own block size, and what activation-aware scaling and GPTQ did, where a variant has them."""
+def _rounding_and_head(m: dict[str, Any]) -> str:
+    """How a variant's 4-bit weights were rounded (AWQ scaling, GPTQ) and the LM head's own block size, where it
+    has them."""
     out = ""
     if m.get("awq"):
         a = m["awq"]
