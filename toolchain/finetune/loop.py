@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from toolchain.data import bucketed_batches
+from toolchain.finetune.train import adamw
 
 log = logging.getLogger("toolchain")
 
@@ -32,7 +33,7 @@ def fit(
     torch.manual_seed(cfg["seed"])
     total = max(1, math.ceil(math.ceil(len(lengths) / cfg["batch_size"]) * cfg["epochs"]))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = adamw(params, cfg["lr"], cfg["weight_decay"])
     schedule = get_linear_schedule_with_warmup(optimizer, int(total * cfg["warmup_ratio"]), total)
     model.train()
     losses: list[float] = []

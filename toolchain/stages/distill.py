@@ -49,7 +49,8 @@ class DistillConfig(DistillSection):
     kind="hf-model",
     help="Distil the fine-tuned teacher into a student with fewer layers and, optionally, narrower FFNs (logit, "
     "hidden-state, attention losses).",
-    version=2,  # 2: with hidden/attention transfer, soft targets from the teacher running beside the student
+    # 2: with hidden/attention transfer, soft targets from the teacher running beside the student; 3: fused AdamW
+    version=3,
     config=DistillConfig,
 )
 def distill(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

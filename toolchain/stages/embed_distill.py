@@ -35,6 +35,7 @@ class EmbedDistillConfig(DistillSection):
     "embed-distill",
     kind="hf-model",
     help="Distil the embedder into a student with some of its layers (MSE to the teacher's embeddings).",
+    version=2,  # 2: fused AdamW
     config=EmbedDistillConfig,
 )
 def embed_distill(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

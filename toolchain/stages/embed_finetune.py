@@ -43,6 +43,7 @@ class EmbedFinetuneConfig(FinetuneSection):
     kind="hf-model",
     help="The embedder: the source encoder with mean pooling and normalization, fine-tuned on scored pairs with the "
     "cosine-similarity loss (method full) or as it is (method none).",
+    version=2,  # 2: fused AdamW
     config=EmbedFinetuneConfig,
 )
 def embed_finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

@@ -41,7 +41,7 @@ log = logging.getLogger("toolchain")
     "finetune",
     kind="hf-model",
     help="Fine-tune the source model on the train split (full, lora, qlora, qat).",
-    version=2,  # 2: QAT keeps Linear outputs in float
+    version=3,  # 2: QAT keeps Linear outputs in float; 3: fused AdamW
     config=FinetuneConfig,
 )
 def finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class LlmFinetuneConfig(FinetuneSection, PromptConfig):
     "llm-finetune",
     kind="hf-model",
     help="LoRA (or full) tuning on prompt + label word, the loss on the answer tokens; adapters merged.",
+    version=2,  # 2: fused AdamW
     config=LlmFinetuneConfig,
 )
 def llm_finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

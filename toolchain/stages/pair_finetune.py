@@ -44,6 +44,7 @@ class PairFinetuneConfig(FinetuneSection):
     "pair-finetune",
     kind="hf-model",
     help="Fine-tune the source encoder as a cross-encoder on (text, text_pair) rows: classification or regression.",
+    version=2,  # 2: fused AdamW
     config=PairFinetuneConfig,
 )
 def pair_finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:

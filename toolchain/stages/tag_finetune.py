@@ -41,6 +41,7 @@ class TagFinetuneConfig(FinetuneSection):
     "tag-finetune",
     kind="hf-model",
     help="Fine-tune the source encoder with a token-classification head on tagged words.",
+    version=2,  # 2: fused AdamW
     config=TagFinetuneConfig,
 )
 def tag_finetune(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: Path) -> dict[str, Any]:
