@@ -100,3 +100,25 @@ def test_the_fused_graph_gets_4_bit_projections_closer_to_float(fp32_graph: Path
 def test_a_block_size_that_does_not_divide_the_projections_is_named(fp32_graph: Path, tmp_path: Path) -> None:
     with pytest.raises(StageError, match="128 input channels, not a multiple of block_size 256"):
         gptq.apply(fp32_graph, tmp_path / "o.onnx", PROMPTS, 256, 4, set())
+
+
+@pytest.mark.parametrize("what", ["awq", "gptq"])
+def test_the_stage_refuses_calibrated_rounding_on_a_graph_that_is_not_the_fused_one(what: str, tmp_path: Path) -> None:
+    """A graph optimum exported (generation.graph: optimum, or a model type the fused graph does not cover): the
+    stage names the field to remove before it reads a prompt."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toolchain.stages.llm_quantize import LlmQuantizeConfig, calibration_prompts
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/mlp/down_proj/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    spec = {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "calibration_rows": 8, what: True}
+    c = LlmQuantizeConfig.model_validate(spec)
+    with pytest.raises(StageError, match=f"{what} needs the toolchain's fused decoder graph.*remove {what}"):
+        calibration_prompts(None, None, {}, tmp_path / "model.onnx", c)  # type: ignore[arg-type]
