@@ -11,11 +11,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import write_recipe
 
-from toolchain import engine
+from toolchain import engine, model_inputs
 from toolchain.paths import PROJECT_ROOT
 from toolchain.recipe.load import load_recipe
 from toolchain.runtime import CPU_SESSION_CONFIG
@@ -50,6 +51,25 @@ def test_the_openvino_target_ships_the_openvino_variant(openvino_run) -> None:
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert "model.onnx" not in manifest["files"] and "mobile" not in manifest
     assert manifest["app"]["runtime"] == "openvino" and manifest["app"]["cold_start_seconds"] > 0
+    # bundle.shape_buckets' default under max_length 128: what evaluation and bench ran, named for the app
+    assert manifest["preprocessing"]["shape_buckets"] == [32, 64, 128]
+
+
+def test_shape_buckets_run_static_shapes_with_the_logits_of_the_dynamic_model(openvino_run) -> None:
+    from toolchain.compile.parity import graph_file
+    from toolchain.runtime import OpenVinoClassifier
+
+    ctx, _ = openvino_run
+    graph = graph_file(ctx.artifacts["quantize.openvino-int8-nncf"].path)
+    tokenizer = ctx.artifacts["finetune"].file("tokenizer.json")
+    texts = ctx.eval.texts[:40]
+    dynamic = OpenVinoClassifier(graph, tokenizer, 128, 1, fields=model_inputs.ENCODING_FIELD)
+    bucketed = OpenVinoClassifier(graph, tokenizer, 128, 1, fields=model_inputs.ENCODING_FIELD, buckets=[16, 128])
+    assert bucketed.encoder.encode(texts[:4])["input_ids"].shape[1] in (16, 128)
+    # padding is masked: only kernel rounding differs (0.0025 at most here)
+    np.testing.assert_allclose(bucketed.logits(texts, 4), dynamic.logits(texts, 4), atol=1e-2)
+    assert bucketed.static_shapes and {length for _, length in bucketed.static_shapes} <= {16, 128}
+    assert dynamic.static_shapes == []  # one model of dynamic shape, each batch at its own length
 
 
 def test_an_openvino_bundle_runs_with_openvino_alone_and_predicts_what_was_measured(openvino_run) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,10 +127,13 @@ class TextEncoder:
     the arrays are for -> the `tokenizers` Encoding field it comes from (a bundle manifest's inputs' `from`; the
     toolchain's own runs pass toolchain.model_inputs.ENCODING_FIELD, every input a text model may take)."""
 
-    def __init__(self, tokenizer_file: Path | str, max_length: int, *, fields: dict[str, str]):
+    def __init__(
+        self, tokenizer_file: Path | str, max_length: int, *, fields: dict[str, str], buckets: Sequence[int] = ()
+    ):
         from tokenizers import Tokenizer
 
         self.fields = dict(fields)
+        self.buckets = sorted(buckets)  # a batch is padded up to the smallest of these that holds it
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_length)
@@ -148,7 +151,8 @@ class TextEncoder:
         return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
 
     def encode(self, texts: list[Any]) -> dict[str, np.ndarray]:
-        """One (B, T) int64 array per input in `fields`, T = the longest text in the batch; padding positions hold
+        """One (B, T) int64 array per input in `fields`, T = the longest text in the batch, or the smallest of
+        `buckets` that holds it; padding positions hold
         the pad id in the ids and 0 elsewhere. A graph is fed the ones it declares. An item may be a pair of texts,
         (text, text_pair): the tokenizer joins them ([CLS] a [SEP] b [SEP], segment ids 0 then 1) and cuts the longer
         first when they pass max_length together."""
@@ -157,6 +161,7 @@ class TextEncoder:
         if empty:  # a tokenizer without [CLS]/[SEP] and a text of nothing but spaces: no input for the graph
             raise ValueError(f"texts {empty[:5]} encode to no tokens; give each text at least one word")
         width = max(len(e.ids) for e in encs)
+        width = next((b for b in self.buckets if b >= width), width)
         out = {}
         for name, field in self.fields.items():
             arr = np.full((len(encs), width), self.pad_id if field == "ids" else 0, dtype=np.int64)
@@ -300,7 +305,12 @@ class OpenVinoClassifier(_Classifier):
     """A sequence classifier run by OpenVINO on the CPU: an ONNX file or an OpenVINO IR (model.xml + model.bin).
     `precision` is OpenVINO's INFERENCE_PRECISION_HINT (f32, bf16: bf16 runs on AMX/AVX512-BF16 CPUs, elsewhere
     OpenVINO keeps f32; None: OpenVINO's default for the CPU); `PERFORMANCE_HINT: LATENCY`, as for one app request
-    at a time."""
+    at a time.
+
+    `buckets` (a bundle's `preprocessing.shape_buckets`): texts are padded up to the smallest of these lengths that
+    holds them, and each input shape runs as a model compiled for that static shape at its first use (OpenVINO runs
+    a static shape faster than its dynamic-shape model, which also pays whenever the length changes). Empty: one
+    dynamic-shape model, each batch at its own length."""
 
     def __init__(
         self,
@@ -311,26 +321,47 @@ class OpenVinoClassifier(_Classifier):
         precision: str | None = None,
         *,
         fields: dict[str, str],
+        buckets: Sequence[int] = (),
     ):
         import openvino as ov
 
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        self._config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if precision:
-            config["INFERENCE_PRECISION_HINT"] = precision
+            self._config["INFERENCE_PRECISION_HINT"] = precision
         if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
-        self.encoder = TextEncoder(tokenizer_file, max_length, fields=fields)
-        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))  # what it runs at here
-        self._local = threading.local()  # an infer request per thread: one request is not safe to share
+            self._config["INFERENCE_NUM_THREADS"] = threads
+        self._core = ov.Core()
+        self._model = self._core.read_model(str(model_path))
+        self.encoder = TextEncoder(tokenizer_file, max_length, fields=fields, buckets=buckets)
+        self.input_names = [i.get_any_name() for i in self._model.inputs]
+        self.compiled = self._core.compile_model(self._model, "CPU", self._config) if not buckets else None
+        self._static: dict[tuple[int, int], Any] = {}  # (batch, length) -> the model compiled for that shape
+        self._lock = threading.Lock()
+        self._local = threading.local()  # infer requests per thread: one request is not safe to share
+
+    @property
+    def static_shapes(self) -> list[tuple[int, int]]:
+        """The (batch, length) shapes compiled so far (none without buckets: one dynamic-shape model)."""
+        return sorted(self._static)
+
+    def _compiled_for(self, shape: tuple[int, int]) -> Any:
+        if self.compiled is not None:
+            return self.compiled
+        with self._lock:
+            if shape not in self._static:
+                model = self._model.clone()
+                model.reshape({name: list(shape) for name in self.input_names})
+                self._static[shape] = self._core.compile_model(model, "CPU", self._config)
+            return self._static[shape]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        result = request.infer(self.feeds(feeds))
-        return np.asarray(result[self.compiled.output(0)])
+        feeds = self.feeds(feeds)
+        shape = next(iter(feeds.values())).shape
+        compiled = self._compiled_for((int(shape[0]), int(shape[1])))
+        requests = self._local.__dict__.setdefault("requests", {})
+        if id(compiled) not in requests:
+            requests[id(compiled)] = compiled.create_infer_request()
+        return np.asarray(requests[id(compiled)].infer(feeds)[compiled.output(0)])
 
 
 def openvino_hint(precision: str) -> str | None:
@@ -349,11 +380,14 @@ def make_classifier(
     precision: str | None = None,
     *,
     fields: dict[str, str],
+    buckets: Sequence[int] = (),
 ) -> OnnxClassifier | OpenVinoClassifier:
-    """The classifier for a runtime: `onnxruntime` (with its execution providers) or `openvino` (precision hint).
-    `fields`: as TextEncoder's."""
+    """The classifier for a runtime: `onnxruntime` (with its execution providers) or `openvino` (precision hint,
+    shape buckets). `fields`: as TextEncoder's."""
     if runtime == "openvino":
-        return OpenVinoClassifier(model_path, tokenizer_file, max_length, threads, precision, fields=fields)
+        return OpenVinoClassifier(
+            model_path, tokenizer_file, max_length, threads, precision, fields=fields, buckets=buckets
+        )
     if runtime != "onnxruntime":
         raise BundleError(f"unknown runtime {runtime!r}: onnxruntime or openvino")
     return OnnxClassifier(model_path, tokenizer_file, max_length, threads, providers, fields=fields)
@@ -482,6 +516,7 @@ class Predictor:
             providers,
             runtime.get("precision"),
             fields=input_fields(manifest, manifest_path),
+            buckets=pre.get("shape_buckets", []),  # OpenVINO bundles: the lengths it was measured at
         )
         return cls(folder, manifest, classifier)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +43,20 @@ def time_calls(
     return samples
 
 
-def case_inputs(tokenizer_file: Path, max_length: int, texts: list[Any], batch: int, seq: int | str) -> list[Feeds]:
+def case_inputs(
+    tokenizer_file: Path, max_length: int, texts: list[Any], batch: int, seq: int | str, buckets: Sequence[int] = ()
+) -> list[Feeds]:
     """Encoded batches for one case.
 
-    'real': consecutive eval rows at their own lengths (padded to the longest in each batch), cycled; a row given as
-    [text, text_pair] is encoded as the pair.
+    'real': consecutive eval rows at their own lengths (padded to the longest in each batch, or up to the smallest of
+    `buckets` that holds it, as the variant's runtime pads), cycled; a row given as [text, text_pair] is encoded as
+    the pair.
     N: every row is N tokens of real eval text (sentences joined, then cut), no padding.
     """
     if texts and isinstance(texts[0], list):  # pairs (a cross-encoder): tuples for the tokenizer, joined for N
         texts = [tuple(t) for t in texts] if seq == "real" else [" ".join(t) for t in texts]
     if seq == "real":
-        encoder = TextEncoder(tokenizer_file, max_length, fields=model_inputs.ENCODING_FIELD)
+        encoder = TextEncoder(tokenizer_file, max_length, fields=model_inputs.ENCODING_FIELD, buckets=buckets)
         return [encoder.encode(texts[i : i + batch]) for i in range(0, len(texts) - batch + 1, batch)][:256]
     feeds = TextEncoder(tokenizer_file, int(seq), fields=model_inputs.ENCODING_FIELD).encode(
         [" ".join(texts[:200])] * batch
@@ -107,6 +110,7 @@ class Variant:
                 threads,
                 job.get("precision"),
                 fields=model_inputs.ENCODING_FIELD,
+                buckets=job.get("buckets", []),
             )
             self.step = ov_classifier.run
             convert = lambda f: f  # noqa: E731
@@ -123,12 +127,16 @@ class Variant:
             self.step = classifier.run
             convert = lambda f: f  # noqa: E731
         texts = json.loads(Path(job["texts"]).read_text())
-        self.step(convert(case_inputs(tokenizer, job["max_length"], texts, 1, "real")[0]))
+        buckets = job.get("buckets", [])
+        self.step(convert(case_inputs(tokenizer, job["max_length"], texts, 1, "real", buckets)[0]))
         self.first_result_at = time.time()  # wall clock: the parent subtracts the moment it started this process
         self.cases = {
-            case_name(b, s): [convert(f) for f in case_inputs(tokenizer, job["max_length"], texts, b, s)]
+            case_name(b, s): [convert(f) for f in case_inputs(tokenizer, job["max_length"], texts, b, s, buckets)]
             for b, s in job["cases"]
         }
+        if buckets:  # a shape's model is compiled at its first run: once for each shape here, before any timing
+            for feeds in {next(iter(f.values())).shape: f for c in self.cases.values() for f in c}.values():
+                self.step(feeds)
 
     def time(self, case: str, warmup: int, min_iters: int, min_seconds: float, max_iters: int) -> list[float]:
         return time_calls(self.step, self.cases[case], warmup, min_iters, min_seconds, max_iters)

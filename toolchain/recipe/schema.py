@@ -756,6 +756,22 @@ class BundleSection(Strict):
         "model.strings.onnx, the tokenizer inside the graph (onnxruntime-extensions): raw text in, label and scores "
         "out, one text per run; the bundle stage checks it agrees with model.onnx on every eval row.",
     )
+    shape_buckets: list[Annotated[int, Field(gt=0)]] = Field(
+        [32, 64],
+        description="Sequence lengths an OpenVINO variant of the toolchain's (nncf-int8) runs at: a batch is padded "
+        "up to the smallest that holds it (max_length is always the last) and each length runs as a model compiled "
+        "for that static shape, at its first use (about 0.3 s each): OpenVINO runs a static shape faster than its "
+        "dynamic-shape model, which also pays whenever the input length changes. Evaluation and bench run it so, "
+        "and the bundle's manifest names them for the app. []: one dynamic-shape model fed each batch at its own "
+        "length. The OpenVINO peers run as OpenVINO's defaults, without. onnxruntime on the CPU runs every length "
+        "as it is.",
+    )
+
+    def buckets(self) -> list[int]:
+        """The lengths inputs are padded to: shape_buckets under max_length, then max_length ([]: no buckets)."""
+        if not self.shape_buckets:
+            return []
+        return sorted({b for b in self.shape_buckets if b < self.max_length} | {self.max_length})
 
 
 RECIPE_NAME_PATTERN = r"^[A-Za-z0-9][\w.-]*$"  # names recipes/NAME.yaml, runs/NAME/ and the make target

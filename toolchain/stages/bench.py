@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 
 from toolchain.compile.parity import check_onnx, graph_bytes, graph_file
@@ -40,6 +40,8 @@ class BenchConfig(BenchSection):
     max_length: int
     variants: list[Variant]
     pairs: bool = False  # the variants read (text, text_pair) pairs: timed on the eval pairs
+    # variant -> the sequence lengths it runs at (OpenVINO: bundle.shape_buckets)
+    buckets: dict[str, list[int]] = Field(default_factory=dict)
 
 
 # long: one measurement protocol (jobs, interleaved rounds, statistics) in one read
@@ -86,6 +88,7 @@ def bench(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out: 
                 "model": str(model),
                 "providers": [PROVIDERS[target], "CPUExecutionProvider"],
                 "precision": openvino_hint(v.precision) if v.format == "openvino" else None,
+                "buckets": cfg.buckets.get(v.name, []),
                 "tokenizer": str(hf_dir / "tokenizer.json"),
                 "texts": str(texts),
                 "cases": cases,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from toolchain import model_inputs
 from toolchain.bundle_files import app_forms, build_strings_model, io_spec, ort_format
@@ -40,6 +41,8 @@ class BundleConfig(StageConfig):
     format: str  # the shipped variant's: onnx (onnxruntime) | openvino
     precision: str
     eval_text: str  # the first eval row: the one text the app start is measured with
+    # openvino: the sequence lengths inputs are padded to (bundle.shape_buckets)
+    shape_buckets: list[int] = Field(default_factory=list)
 
 
 @register(
@@ -91,7 +94,11 @@ def bundle(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], out:
             "max_length": cfg.max_length,
             "batch_size": cfg.batch_size,
             "truncation": "longest_first, at max_length tokens (special tokens included)",
-            "padding": "right, to the longest text in the batch, attention_mask 0 on padding",
+            "padding": "right, to the longest text in the batch, attention_mask 0 on padding"
+            if not cfg.shape_buckets
+            else "right, to the smallest of shape_buckets that holds the batch's longest text, attention_mask 0 on "
+            "padding; each of those lengths runs as a model compiled for that static shape",
+            **({"shape_buckets": cfg.shape_buckets} if cfg.shape_buckets else {}),
             "outputs": "logits; softmax gives the label probabilities in the order of labels",
         },
         **io,

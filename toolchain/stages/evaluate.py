@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from toolchain import model_inputs
@@ -26,6 +27,8 @@ class EvaluateConfig(StageConfig):
     precision: str | None = None  # openvino: the precision it runs at (its INFERENCE_PRECISION_HINT)
     max_length: int  # tokens per text, as the bundle runs it
     batch_size: int
+    # openvino: the sequence lengths it runs at (bundle.shape_buckets), as the bundle does
+    buckets: list[int] = Field(default_factory=list)
 
 
 @register(
@@ -63,6 +66,7 @@ def evaluate(ctx: StageContext, call: StageCall, inputs: dict[str, Artifact], ou
             ctx.threads,
             precision=hint,
             fields=model_inputs.ENCODING_FIELD,
+            buckets=cfg.buckets,
         )
         logits = clf.logits(texts, batch_size, bar.update)
     bar.close()

@@ -197,6 +197,12 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         )
         variants.append(Variant(OPENVINO_NNCF, "openvino-nncf-baseline", "openvino", "int8"))
     eval_cfg = {"max_length": recipe.bundle.max_length, "batch_size": recipe.evaluate.batch_size}
+    # the toolchain's OpenVINO variants run at the bundle's shape buckets; the peers as OpenVINO's defaults
+    buckets = {
+        v.name: recipe.bundle.buckets()
+        for v in variants
+        if v.format == "openvino" and v.name not in PEERS and recipe.bundle.buckets()
+    }
     for v in variants:
         inputs = tuple(dict.fromkeys((v.source, "finetune")))
         calls.append(
@@ -204,7 +210,8 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
                 f"evaluate.{v.name}",
                 "evaluate",
                 {**eval_cfg, "variant": v.name, "format": v.format}
-                | ({"precision": v.precision} if v.format == "openvino" else {}),
+                | ({"precision": v.precision} if v.format == "openvino" else {})
+                | ({"buckets": buckets[v.name]} if v.name in buckets else {}),
                 inputs,
                 eval_identity,
             )
@@ -214,6 +221,7 @@ def plan(ctx: RunContext) -> tuple[list[StageCall], list[Variant]]:
         "threads": ctx.threads,
         "max_length": recipe.bundle.max_length,
         "variants": [v.__dict__ for v in variants],
+        **({"buckets": buckets} if buckets else {}),
     }
     calls.append(
         StageCall(
@@ -353,6 +361,7 @@ class Classification:
                 "eval_text": ctx.eval.texts[0],
                 "format": variant.format,
                 "precision": variant.precision,
+                **({"shape_buckets": recipe.bundle.buckets()} if variant.format == "openvino" else {}),
             },
             tuple(dict.fromkeys(["finetune", *shipped, *(f"evaluate.{v.name}" for v in variants), "bench"])),
             {
