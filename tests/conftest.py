@@ -52,6 +52,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
+def one_matmul_graph(path: Path, node_name: str) -> Path:
+    """An ONNX file holding one 4x4 MatMul named `node_name`: a graph that is not the toolchain's fused decoder."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name=node_name)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
 def random_llama(**config: Any) -> Any:
     """A 2-layer Llama with random weights (seed 0): hidden 64, grouped-query attention (4 heads, 2 key/value heads, as
     SmolLM2), tied embeddings; `config` overrides LlamaConfig's fields."""

@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from conftest import random_llama
+from conftest import one_matmul_graph, random_llama
 
 from toolchain.compile.graph import matmul_nbits
 from toolchain.errors import StageError
@@ -75,16 +74,7 @@ def test_clipping_lowers_the_quantized_error_further(graphs: Path, tmp_path: Pat
 
 
 def test_a_graph_that_is_not_the_fused_one_is_refused(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/lm_head/MatMul")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")],
-    )
-    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    one_matmul_graph(tmp_path / "m.onnx", "/lm_head/MatMul")
     with pytest.raises(StageError, match="not the toolchain's fused decoder graph"):
         awq.apply(tmp_path / "m.onnx", tmp_path / "o.onnx", PROMPTS, block_size=32)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import random_llama
+from conftest import one_matmul_graph, random_llama
 
 from toolchain.compile.graph import matmul_nbits
 from toolchain.errors import StageError
@@ -106,18 +106,9 @@ def test_a_block_size_that_does_not_divide_the_projections_is_named(fp32_graph: 
 def test_the_stage_refuses_calibrated_rounding_on_a_graph_that_is_not_the_fused_one(what: str, tmp_path: Path) -> None:
     """A graph optimum exported (generation.graph: optimum, or a model type the fused graph does not cover): the
     stage names the field to remove before it reads a prompt."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from toolchain.stages.llm_quantize import LlmQuantizeConfig, calibration_prompts
 
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/mlp/down_proj/MatMul")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")],
-    )
-    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    one_matmul_graph(tmp_path / "model.onnx", "/model/layers.0/mlp/down_proj/MatMul")
     spec = {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "calibration_rows": 8, what: True}
     c = LlmQuantizeConfig.model_validate(spec)
     with pytest.raises(StageError, match=f"{what} needs the toolchain's fused decoder graph.*remove {what}"):
