@@ -97,6 +97,19 @@ def test_an_openvino_bundle_runs_with_openvino_alone_and_predicts_what_was_measu
     assert json.loads(out.stdout) == measured["predictions"]
 
 
+@pytest.mark.parametrize("bad", ["64", [32, "64"], [0, 64], [True]])
+def test_a_hand_edited_shape_buckets_field_is_a_bundle_error(openvino_run, tmp_path: Path, bad) -> None:
+    from toolchain.runtime import BundleError, Predictor
+
+    _, run = openvino_run
+    bundle = shutil.copytree(run / "bundle", tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["preprocessing"]["shape_buckets"] = bad
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json: preprocessing\.shape_buckets must be a list"):
+        Predictor.load(bundle, threads=1)
+
+
 def test_a_classifier_onnxruntime_bundle_names_its_runtime(first_run) -> None:
     _, runs, _ = first_run
     manifest = json.loads((runs / "tiny" / "bundle" / "manifest.json").read_text())

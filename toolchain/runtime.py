@@ -61,6 +61,18 @@ def clean_texts(texts: object) -> list[str]:
     return [clean_text(t, f"texts[{i}]") for i, t in enumerate(items)]
 
 
+def _shape_buckets(pre: dict, manifest_path: Path) -> list[int]:
+    """A manifest's preprocessing.shape_buckets: positive ints ([] when absent)."""
+    buckets = pre.get("shape_buckets", [])
+    counts = isinstance(buckets, list) and all(type(b) is int and b > 0 for b in buckets)
+    if not counts:
+        raise BundleError(
+            f"{manifest_path}: preprocessing.shape_buckets must be a list of positive token counts, got {buckets!r}; "
+            "rebuild the bundle or restore the manifest"
+        )
+    return buckets
+
+
 def _check_batch_size(batch_size: object) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
@@ -516,7 +528,7 @@ class Predictor:
             providers,
             runtime.get("precision"),
             fields=input_fields(manifest, manifest_path),
-            buckets=pre.get("shape_buckets", []),  # OpenVINO bundles: the lengths it was measured at
+            buckets=_shape_buckets(pre, manifest_path),  # OpenVINO bundles: the lengths it was measured at
         )
         return cls(folder, manifest, classifier)
 
