@@ -154,8 +154,20 @@ def compare_generation(bundle: Path, texts: list[str], threads: int | None = 1, 
             continue
         py, k = where[0]
         k = min(len(py) - 1, len(py) if k is None else k)
-        ids = d.encode(gen.prompt(text)) + py[:k]
-        logits = np.sort(d.step(np.array([ids]), d.empty_past(), len(ids))[0])
+        # the logits at step k on the path generation takes: the shared prefix, the rest of the prompt, then one
+        # token per run (onnxruntime's MatMulNBits gives a row results that depend on how many rows share the run,
+        # up to about 1 logit on a 4-bit SmolLM2: a gap read from one run over prompt + tokens is not the one that
+        # decided the token)
+        prompt = d.encode(gen.prompt(text))
+        n = len(d.prefix_ids)
+        past, start = d.empty_past(), 0
+        if n and len(prompt) > n and prompt[:n] == d.prefix_ids:
+            _, past = d.step(np.array([prompt[:n]]), past, n)
+            start = n
+        logits, past = d.step(np.array([prompt[start:]]), past, len(prompt))
+        for n, token in enumerate(py[:k], start=len(prompt) + 1):
+            logits, past = d.step(np.array([[token]]), past, n)
+        logits = np.sort(logits)
         gaps[i] = float(logits[-1] - logits[-2])
         (ties if gaps[i] < TIE else differ).append(i)
     return {

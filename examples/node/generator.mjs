@@ -61,29 +61,50 @@ export async function loadGenerator(dir, { threads, verifyHashes = true } = {}) 
     return text;
   }
 
+  const emptyPast = () =>
+    Object.fromEntries(pastNames.map((n) => [n, new ort.Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]));
+  const presents = (result) =>
+    Object.fromEntries(pastNames.map((n) => [n, result[n.replace("past_key_values.", "present.")]]));
+
+  // one run: `feed` ids after `total - feed.length` cached positions
+  function run(feed, past, total) {
+    const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(feed, BigInt), [1, feed.length]), ...past };
+    if (fused) {
+      feeds.seqlens_k = new ort.Tensor("int32", Int32Array.from([total - 1]), [1]);
+      feeds.total_sequence_length = new ort.Tensor("int32", Int32Array.from([total]), []);
+    } else {
+      feeds.attention_mask = new ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]);
+      if (session.inputNames.includes("position_ids")) {
+        const positions = feed.map((_, i) => BigInt(total - feed.length + i));
+        feeds.position_ids = new ort.Tensor("int64", BigInt64Array.from(positions), [1, feed.length]);
+      }
+    }
+    return session.run(feeds);
+  }
+
+  // The prompt beginning every prompt shares (generation.json prefix_ids): its key/values computed once, and a
+  // prompt that starts with it and goes on runs only its own tokens, as the Python runtime does. Same chunks, same
+  // numbers: onnxruntime's 4-bit MatMul gives a row slightly different results depending on how many rows share
+  // the run, enough to flip a close greedy choice.
+  const prefixIds = settings.prefix_ids ?? [];
+  let prefixPast = null;
+  const hasPrefix = (ids) =>
+    prefixIds.length > 0 && ids.length > prefixIds.length && prefixIds.every((t, i) => ids[i] === t);
+
   // greedy token ids after `promptIds`, each yielded when decoded
   async function* streamIds(promptIds, { maxNewTokens, stopStrings = [], ignoreEos = false }) {
     if (!promptIds.length) throw new BundleError("the prompt encodes to no tokens");
-    let past = Object.fromEntries(
-      pastNames.map((n) => [n, new ort.Tensor("float32", new Float32Array(0), [1, kvHeads, 0, headDim])]),
-    );
+    let past = emptyPast();
     let feed = promptIds;
     let total = 0;
+    if (hasPrefix(promptIds)) {
+      prefixPast ??= presents(await run(prefixIds, emptyPast(), prefixIds.length));
+      [past, feed, total] = [prefixPast, promptIds.slice(prefixIds.length), prefixIds.length];
+    }
     const out = [];
     while (true) {
       total += feed.length;
-      const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(feed, BigInt), [1, feed.length]), ...past };
-      if (fused) {
-        feeds.seqlens_k = new ort.Tensor("int32", Int32Array.from([total - 1]), [1]);
-        feeds.total_sequence_length = new ort.Tensor("int32", Int32Array.from([total]), []);
-      } else {
-        feeds.attention_mask = new ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]);
-        if (session.inputNames.includes("position_ids")) {
-          const positions = feed.map((_, i) => BigInt(total - feed.length + i));
-          feeds.position_ids = new ort.Tensor("int64", BigInt64Array.from(positions), [1, feed.length]);
-        }
-      }
-      const result = await session.run(feeds);
+      const result = await run(feed, past, total);
       const logits = result.logits.data;
       const vocab = result.logits.dims.at(-1);
       let token = 0;
@@ -93,7 +114,7 @@ export async function loadGenerator(dir, { threads, verifyHashes = true } = {}) 
       out.push(token);
       yield token;
       if ((!ignoreEos && eos.has(token)) || stopped(out, stopStrings) || out.length >= maxNewTokens) return;
-      past = Object.fromEntries(pastNames.map((n) => [n, result[n.replace("past_key_values.", "present.")]]));
+      past = presents(result);
       feed = [token];
     }
   }
