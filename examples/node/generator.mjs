@@ -9,7 +9,8 @@
 //   for await (const piece of gen.stream(gen.prompt("a tired mess"))) process.stdout.write(piece);
 //
 // Both graphs run: the toolchain's fused one (GroupQueryAttention: seqlens_k and total_sequence_length, no mask) and
-// optimum's (attention_mask, position_ids). Each run gets the previous run's present key/values as its past.
+// optimum's (attention_mask, position_ids). Each run gets the previous run's present key/values as its past; the
+// prompt beginning all prompts share (generation.json prefix_ids) runs once, as in the Python runtime.
 
 import path from "node:path";
 
