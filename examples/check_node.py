@@ -165,8 +165,8 @@ def compare_generation(bundle: Path, texts: list[str], threads: int | None = 1, 
             _, past = d.step(np.array([prompt[:n]]), past, n)
             start = n
         logits, past = d.step(np.array([prompt[start:]]), past, len(prompt))
-        for n, token in enumerate(py[:k], start=len(prompt) + 1):
-            logits, past = d.step(np.array([[token]]), past, n)
+        for total, token in enumerate(py[:k], start=len(prompt) + 1):
+            logits, past = d.step(np.array([[token]]), past, total)
         logits = np.sort(logits)
         gaps[i] = float(logits[-1] - logits[-2])
         (ties if gaps[i] < TIE else differ).append(i)
