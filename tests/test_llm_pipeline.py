@@ -231,6 +231,38 @@ def test_node_generates_the_tokens_python_generates(tiny_run: Path) -> None:
     assert len(found["near_ties"]) <= 2, found["gaps"]
 
 
+def test_node_runs_the_shared_prefix_once_as_python_does(tiny_run: Path) -> None:
+    """The Node app feeds the bundle's prefix_ids once and then only each prompt's own tokens: the chunks the Python
+    runtime runs (onnxruntime's 4-bit MatMul gives a row results that depend on how many rows share a run)."""
+    import shutil
+
+    from conftest import node_app_compare
+
+    from toolchain.paths import PROJECT_ROOT
+
+    node_app_compare()  # installs the Node packages, or skips where node is missing (fails under .ci/run)
+    settings = json.loads((tiny_run / "bundle" / "generation.json").read_text())
+    script = f"""
+        import {{ loadGenerator }} from {json.dumps(str(PROJECT_ROOT / "examples" / "node" / "generator.mjs"))};
+        const gen = await loadGenerator({json.dumps(str(tiny_run / "bundle"))}, {{ threads: 1 }});
+        const counts = [];
+        for (const text of ["a gorgeous movie", "a tired, overlong mess of a film"]) {{
+          const before = gen.work.tokensRun;
+          await gen.generate(gen.prompt(text), {{ maxNewTokens: 3, stopStrings: [], ignoreEos: true }});
+          counts.push([gen.encode(gen.prompt(text)).length, gen.work.tokensRun - before]);
+        }}
+        console.log(JSON.stringify(counts));
+    """
+    node = shutil.which("node")
+    assert node is not None
+    out = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, check=True)
+    (first_len, first_run), (second_len, second_run) = json.loads(out.stdout)
+    n = len(settings["prefix_ids"])
+    assert n > 10
+    assert first_run == first_len + 2  # the prefix, then the rest of the prompt, then 2 decode steps of one token
+    assert second_run == second_len - n + 2  # the prefix's key/values reused
+
+
 def test_the_generator_streams_the_text_it_generates(tiny_run: Path) -> None:
     from toolchain.runtime import Generator
 

@@ -67,8 +67,12 @@ export async function loadGenerator(dir, { threads, verifyHashes = true } = {}) 
   const presents = (result) =>
     Object.fromEntries(pastNames.map((n) => [n, result[n.replace("past_key_values.", "present.")]]));
 
+  // token ids fed to the graph so far, over all runs (the shared prefix counts once): what the prefix saves
+  const work = { tokensRun: 0 };
+
   // one run: `feed` ids after `total - feed.length` cached positions
   function run(feed, past, total) {
+    work.tokensRun += feed.length;
     const feeds = { input_ids: new ort.Tensor("int64", BigInt64Array.from(feed, BigInt), [1, feed.length]), ...past };
     if (fused) {
       feeds.seqlens_k = new ort.Tensor("int32", Int32Array.from([total - 1]), [1]);
@@ -157,5 +161,5 @@ export async function loadGenerator(dir, { threads, verifyHashes = true } = {}) 
     return { label: k === null ? null : settings.labels[k], ...answer };
   }
 
-  return { manifest, settings, labels: settings.labels, prompt, encode, generate, stream, classify };
+  return { manifest, settings, labels: settings.labels, prompt, encode, generate, stream, classify, work };
 }
